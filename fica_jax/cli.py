@@ -1,0 +1,50 @@
+"""The `fica` command line.
+
+Each command group lives beside the code it drives and exposes `add_commands(subparsers)`;
+a handler is stored as `func` on its parser and receives `(args, extra)` where `extra` holds the
+unparsed `--config.key=value` overrides. A `UserError` becomes one `error: ...` line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fica_jax.errors import UserError
+
+# Modules contributing sub-commands (each defines add_commands(subparsers)).
+COMMAND_MODULES = (
+    "data_pipelines.cli",  # fica data synth | inspect | convert
+    "fica_jax.train.cli",  # fica train STAGE, fica plan
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fica", description="FiCA in JAX: data, training, planning and avatars."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if not e.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognised arguments: {' '.join(bad)}")
+    try:
+        return int(args.func(args, extra) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
