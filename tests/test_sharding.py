@@ -44,16 +44,31 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
 def test_fit_spec_drops_axes_that_do_not_divide():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
     assert shd.fit_spec(P("fsdp", None), (3, 8), mesh) == P(None, None)
-    assert shd.fit_spec(P(("data", "fsdp"),), (8,), mesh) == P(("data", "fsdp"))
-    assert shd.fit_spec(P(("data", "fsdp"),), (6,), mesh) == P("data")
+    assert shd.fit_spec(
+        P(
+            ("data", "fsdp"),
+        ),
+        (8,),
+        mesh,
+    ) == P(("data", "fsdp"))
+    assert shd.fit_spec(
+        P(
+            ("data", "fsdp"),
+        ),
+        (6,),
+        mesh,
+    ) == P("data")
 
 
 class _MLP(nnx.Module):
     def __init__(self, rngs):
         init = nnx.initializers.lecun_normal()
         self.up = nnx.Linear(
-            16, 32, kernel_init=nnx.with_partitioning(init, (shd.EMBED, shd.MLP)),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros, (shd.MLP,)), rngs=rngs,
+            16,
+            32,
+            kernel_init=nnx.with_partitioning(init, (shd.EMBED, shd.MLP)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, (shd.MLP,)),
+            rngs=rngs,
         )
 
 
