@@ -1,0 +1,47 @@
+"""Fields every stage config shares; a stage config starts from `base_config()` and fills `model`.
+
+Launch (any stage): `fica train STAGE --config configs/STAGE.py:VARIANT --workdir DIR`.
+"""
+
+import ml_collections
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+
+    # Mesh axes sizes; -1 takes the remaining devices (see fica_jax/sharding.py).
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # shards written by `fica data synth` or `fica data convert`
+    c.data.batch_size = 8  # global batch (all hosts)
+    c.data.workers = 0  # grain worker processes per host (0: in-process)
+    c.data.shuffle_seed = 0
+    c.data.augment = True
+
+    c.model = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # "cosine" | "constant"
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0
+    c.optim.ema_decay = 0.0  # 0 disables the EMA of params
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.grad_accum = 1
+    c.train.param_dtype = "float32"
+    c.train.compute_dtype = "float32"  # "bfloat16" on accelerators
+    c.train.remat = "none"  # policy name, see fica_jax/train
+    c.train.log_every = 10
+    c.train.eval_every = 0
+    c.train.ckpt_every = 100
+    c.train.keep = 3
+    c.train.keep_every = 0
+    return c
