@@ -1,0 +1,111 @@
+"""Grain input pipelines for every training stage (big_vision/MaxText style host input).
+
+records (CaptureSource or a tfds data source)
+  -> this host's contiguous slice [i*n/k, (i+1)*n/k)   (host sharding, disjoint, covers all)
+  -> shuffle(seed)  (grain reseeds every epoch: epoch e uses seed+e)
+  -> repeat(num_epochs)
+  -> random_map(StageTransform(stage))  (per-element rng from (seed, index): augmentation is
+                                         reproducible and independent of worker count)
+  -> batch(global_batch_size // process_count, drop_remainder)
+  -> to_iter_dataset -> mp_prefetch(workers)
+
+Everything up to the batch is a MapDataset, so Grain's workers each take whole batches
+(worker j computes batches j, j+W, ...) and the output is identical for any worker count. The
+iterator's `get_state()/set_state()` is what the train loop saves beside the model in Orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines.source import CaptureSource
+from data_pipelines.transforms import STAGE_TRANSFORMS, StageTransform, TransformOptions
+from fica_jax.errors import UserError
+
+
+def open_source(data_dir: str | os.PathLike, split: str) -> Any:
+    """A random-access source of schema records: our shards, or a prepared tfds directory."""
+    data_dir = Path(data_dir)
+    if (data_dir / "dataset_info.json").is_file():
+        from data_pipelines.tfds_builder import TfdsRecordSource
+
+        return TfdsRecordSource(data_dir, split)
+    return CaptureSource(data_dir, split)
+
+
+def host_slice(n: int, process_index: int, process_count: int) -> slice:
+    """Contiguous, disjoint slices over all hosts that cover [0, n) (sizes differ by <= 1)."""
+    if not 0 <= process_index < process_count:
+        raise UserError(f"process_index {process_index} not in [0, {process_count})")
+    return slice(process_index * n // process_count, (process_index + 1) * n // process_count)
+
+
+def _mark_flags_parsed() -> None:
+    # grain 0.2.18 workers read absl flags; without this they fail when the main program did not
+    # parse absl flags (grain issue 1355).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_pipeline(
+    data_dir: str | os.PathLike,
+    stage: str,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workers: int = 0,
+    augment: bool = True,
+    num_epochs: int | None = None,
+    image_size: int | None = None,
+    shuffle: bool = True,
+    source: Any = None,
+) -> grain.IterDataset:
+    """This host's batches for `stage`: dicts of numpy arrays with leading dim
+    global_batch_size // process_count. `num_epochs=None` repeats forever. `source` overrides
+    the source opened from `data_dir` (tests, custom sources)."""
+    if stage not in STAGE_TRANSFORMS:
+        raise UserError(f"unknown data stage {stage!r}; expected one of {sorted(STAGE_TRANSFORMS)}")
+    if global_batch_size % process_count:
+        raise UserError(
+            f"global batch size {global_batch_size} is not divisible by {process_count} hosts"
+        )
+    per_host = global_batch_size // process_count
+    src = source if source is not None else open_source(data_dir, split)
+    ds = grain.MapDataset.source(src)[host_slice(len(src), process_index, process_count)]
+    if len(ds) < per_host:
+        raise UserError(
+            f"{data_dir} split {split!r}: host {process_index} of {process_count} gets "
+            f"{len(ds)} records, fewer than its batch of {per_host}"
+        )
+    if shuffle:
+        # Different hosts shuffle their own slices; the seed mixes in the host for independence.
+        ds = ds.shuffle(seed=(seed * 1_000_003 + process_index) % 2**32)
+    ds = ds.repeat(num_epochs)
+    options = TransformOptions(augment=augment, image_size=image_size)
+    ds = ds.random_map(StageTransform(stage, options), seed=seed)
+    ds = ds.batch(per_host, drop_remainder=True)
+    it = ds.to_iter_dataset()
+    if workers > 0:
+        _mark_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def first_batch(ds: grain.IterDataset) -> dict[str, np.ndarray]:
+    it = iter(ds)
+    try:
+        return next(it)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,270 @@
+"""Per-stage example transforms and the paper's augmentations (FiCA supp., Sapiens fine-tuning).
+
+FiCA fine-tunes Sapiens "with per-frame importance sampling, random cropping/scaling, and
+photometric distortion". Here:
+- geometric: a random zoom (crop of 1/s of the frame, s ~ U(scale_range)) and shift, applied as
+  one axis-aligned affine map to the image (bilinear), to the mask and dense targets uv/vtx/nrm
+  (nearest: targets are per-pixel attributes that must not be blended across silhouettes), to the
+  keypoints (exact) and, for the UPM stage, to the intrinsics K;
+- photometric (image only, mmseg's PhotoMetricDistortion defaults, each with p=0.5): brightness,
+  contrast, saturation, hue rotation.
+
+Each stage is a function `(record, rng, opts) -> {name: np.ndarray}` registered in
+`STAGE_TRANSFORMS`; `StageTransform` is the picklable Grain `RandomMap` that dispatches to it,
+so a new stage plugs in by adding one entry. Images are float32 in [0, 1]; UV textures are float32
+in [-1, 1] for the latent stages (VAE/DiT input convention) and in [0, 1] for UPM (the Gaussian
+base colour is compared with frame images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import grain
+import numpy as np
+
+from fica_jax.errors import UserError
+
+Record = Mapping[str, np.ndarray]
+Example = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    scale_range: tuple[float, float] = (0.8, 1.25)  # zoom factor s: crop 1/s of the frame
+    max_shift: float = 0.1  # crop centre shift, fraction of the frame size
+    p: float = 0.5  # probability of each photometric op
+    brightness: float = 32 / 255  # additive delta, image units
+    contrast: tuple[float, float] = (0.5, 1.5)
+    saturation: tuple[float, float] = (0.5, 1.5)
+    hue_deg: float = 18.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformOptions:
+    augment: bool = True
+    image_size: int | None = None  # output image side; None keeps the stored size
+    aug: AugmentConfig = AugmentConfig()
+
+
+# ------------------------------------------------------------------------- geometry
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """Axis-aligned map from output to input pixel coords: x_in = ax * x_out + bx (same in y)."""
+
+    ax: float
+    bx: float
+    ay: float
+    by: float
+
+
+def sample_affine(
+    rng: np.random.Generator | None,
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    aug: AugmentConfig,
+) -> Affine:
+    """Identity resize when rng is None; otherwise a random zoom+shift crop."""
+    (hi, wi), (ho, wo) = in_hw, out_hw
+    if rng is None:
+        return Affine(wi / wo, 0.0, hi / ho, 0.0)
+    s = rng.uniform(*aug.scale_range)
+    cw, ch = wi / s, hi / s
+    cx = wi / 2 + rng.uniform(-aug.max_shift, aug.max_shift) * wi
+    cy = hi / 2 + rng.uniform(-aug.max_shift, aug.max_shift) * hi
+    return Affine(cw / wo, cx - cw / 2, ch / ho, cy - ch / 2)
+
+
+def _axis_nearest(n_in: int, n_out: int, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    x = a * (np.arange(n_out) + 0.5) + b  # output pixel centres in input coords
+    idx = np.floor(x).astype(np.int64)
+    ok = (idx >= 0) & (idx < n_in)
+    return np.clip(idx, 0, n_in - 1), ok
+
+
+def warp_nearest(arr: np.ndarray, aff: Affine, out_hw: tuple[int, int]) -> np.ndarray:
+    """[H, W, ...] -> [h, w, ...]; zeros where the crop leaves the frame."""
+    iy, oky = _axis_nearest(arr.shape[0], out_hw[0], aff.ay, aff.by)
+    ix, okx = _axis_nearest(arr.shape[1], out_hw[1], aff.ax, aff.bx)
+    out = arr[iy][:, ix]
+    ok = (oky[:, None] & okx[None, :]).reshape(out_hw + (1,) * (arr.ndim - 2))
+    return np.where(ok, out, np.zeros((), arr.dtype))
+
+
+def _axis_linear(n_in: int, n_out: int, a: float, b: float) -> np.ndarray:
+    """[n_out, n_in] interpolation matrix; rows are zero-padded outside the frame."""
+    x = a * (np.arange(n_out) + 0.5) + b - 0.5  # in index space (pixel centres at integers)
+    i0 = np.floor(x).astype(np.int64)
+    w1 = (x - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    for idx, w in ((i0, 1 - w1), (i0 + 1, w1)):
+        ok = (idx >= 0) & (idx < n_in)
+        np.add.at(m, (rows[ok], idx[ok]), w[ok])
+    return m
+
+
+def warp_bilinear(img: np.ndarray, aff: Affine, out_hw: tuple[int, int]) -> np.ndarray:
+    """[H, W, C] float -> [h, w, C]; separable because the map has no rotation."""
+    my = _axis_linear(img.shape[0], out_hw[0], aff.ay, aff.by)
+    mx = _axis_linear(img.shape[1], out_hw[1], aff.ax, aff.bx)
+    return np.einsum("yH,HWC,xW->yxC", my, img.astype(np.float32), mx, optimize=True)
+
+
+def warp_points(pts: np.ndarray, aff: Affine) -> np.ndarray:
+    """[..., 2] pixel (x, y) in the input -> output pixel coords."""
+    x = (pts[..., 0] - aff.bx) / aff.ax
+    y = (pts[..., 1] - aff.by) / aff.ay
+    return np.stack([x, y], -1).astype(np.float32)
+
+
+def warp_intrinsics(K: np.ndarray, aff: Affine) -> np.ndarray:
+    """[3, 3] K of the input camera -> K of the warped image (pixel centres at +0.5 preserved)."""
+    S = np.array([[1 / aff.ax, 0, -aff.bx / aff.ax], [0, 1 / aff.ay, -aff.by / aff.ay], [0, 0, 1]])
+    return (S @ K).astype(np.float32)
+
+
+def points_inside(pts: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    return (pts[..., 0] >= 0) & (pts[..., 0] < hw[1]) & (pts[..., 1] >= 0) & (pts[..., 1] < hw[0])
+
+
+# ------------------------------------------------------------------------- photometric
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
+    """[H, W, 3] float in [0, 1] -> same, randomly distorted (mmseg PhotoMetricDistortion)."""
+    img = img.astype(np.float32)
+    if rng.random() < aug.p:
+        img = img + rng.uniform(-aug.brightness, aug.brightness)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < aug.p:
+        img = img * rng.uniform(*aug.contrast)
+    if rng.random() < aug.p:
+        gray = img @ _YIQ[0].astype(np.float32)
+        img = gray[..., None] + rng.uniform(*aug.saturation) * (img - gray[..., None])
+    if rng.random() < aug.p:
+        t = np.deg2rad(rng.uniform(-aug.hue_deg, aug.hue_deg))
+        rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+        img = img @ (_YIQ_INV @ rot @ _YIQ).T.astype(np.float32)
+    if not contrast_first and rng.random() < aug.p:
+        img = img * rng.uniform(*aug.contrast)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------- stages
+def _out_hw(record: Record, opts: TransformOptions) -> tuple[int, int]:
+    h, w = record["view_image"].shape[1:3]
+    return (opts.image_size, opts.image_size) if opts.image_size else (int(h), int(w))
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _tex(x: np.ndarray, signed: bool) -> np.ndarray:
+    t = _f32(x) / 255.0
+    return t * 2.0 - 1.0 if signed else t
+
+
+def _uv_maps(record: Record, signed_texture: bool) -> Example:
+    return {
+        "uv_texture": _tex(record["uv_texture"], signed_texture),
+        "uv_geometry": _f32(record["uv_geometry"]),
+        "uv_normal": _f32(record["uv_normal"]),
+        "uv_mask": _f32(record["uv_mask"]),
+    }
+
+
+def _view(
+    record: Record, v: int, rng: np.random.Generator, opts: TransformOptions, geometric: bool
+) -> tuple[Example, Affine]:
+    """Warps view v's image, mask, keypoints (and returns the affine for other targets)."""
+    out_hw = _out_hw(record, opts)
+    in_hw = tuple(record["view_image"].shape[1:3])
+    aff = sample_affine(rng if (opts.augment and geometric) else None, in_hw, out_hw, opts.aug)
+    kpts = warp_points(_f32(record["view_kpts"][v]), aff)
+    vis = record["view_kpts_visible"][v].astype(bool) & points_inside(kpts, out_hw)
+    ex = {
+        "image": warp_bilinear(_f32(record["view_image"][v]) / 255.0, aff, out_hw),
+        "mask": _f32(warp_nearest(record["view_mask"][v], aff, out_hw)),
+        "kpts": kpts,
+        "kpts_visible": _f32(vis),
+    }
+    return ex, aff
+
+
+def dense_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
+    """Dense predictor (fine-tuned Sapiens): one random view with its per-pixel targets."""
+    v = int(rng.integers(record["view_image"].shape[0]))
+    ex, aff = _view(record, v, rng, opts, geometric=True)
+    hw = ex["mask"].shape
+    for key in ("uv", "vtx", "nrm"):
+        ex[key] = _f32(warp_nearest(record[f"view_{key}"][v], aff, hw))
+    if opts.augment:
+        ex["image"] = photometric(ex["image"], rng, opts.aug)
+    ex["view"] = np.int32(v)
+    return ex
+
+
+def vae_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
+    """SDXL-VAE fine-tuning on UV maps; no augmentation (UV atlas positions are meaningful)."""
+    return _uv_maps(record, signed_texture=True)
+
+
+def dit_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
+    """Portrait -> UV diffusion. The partial UV maps were unwrapped from the stored portrait, so
+    the portrait is only resized, never cropped or recoloured (that would break the pairing)."""
+    ex, _ = _view(record, 0, rng, opts, geometric=False)
+    out = {"image": ex["image"], "partial_uv": _f32(record["partial_uv"])}
+    out.update(_uv_maps(record, signed_texture=True))
+    return out
+
+
+def upm_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
+    """UPM: identity UV maps + one random dome frame (views 1..) with its camera and codes.
+    Crop/scale is applied to the frame and folded into K; no photometric change because the
+    rendered Gaussians' colour must match the frame."""
+    n_views = record["view_image"].shape[0]
+    if n_views < 2:
+        raise UserError(
+            f"record {str(record['identity'])!r} has no dome frames (1 view); "
+            "the UPM stage needs views 1.. (re-create the data with --frames >= 1)"
+        )
+    v = int(rng.integers(1, n_views))
+    ex, aff = _view(record, v, rng, opts, geometric=True)
+    out = _uv_maps(record, signed_texture=False)
+    out.update({f"frame_{k}": x for k, x in ex.items()})
+    out["frame_K"] = warp_intrinsics(_f32(record["view_K"][v]), aff)
+    out["frame_viewmat"] = _f32(record["view_viewmat"][v])
+    out["frame_expression"] = _f32(record["view_expression"][v])
+    out["frame_gaze"] = _f32(record["view_gaze"][v])
+    out["frame_uv_geometry"] = _f32(record["view_uv_geometry"][v])
+    out["frame_view"] = np.int32(v)
+    return out
+
+
+StageFn = Callable[[Record, np.random.Generator, TransformOptions], Example]
+STAGE_TRANSFORMS: dict[str, StageFn] = {
+    "dense": dense_example,
+    "vae": vae_example,
+    "dit": dit_example,
+    "upm": upm_example,
+}
+
+
+class StageTransform(grain.transforms.RandomMap):
+    """Grain RandomMap applying `STAGE_TRANSFORMS[stage]`; pickles by stage name."""
+
+    def __init__(self, stage: str, options: TransformOptions = TransformOptions()):
+        if stage not in STAGE_TRANSFORMS:
+            raise UserError(
+                f"unknown data stage {stage!r}; expected one of {sorted(STAGE_TRANSFORMS)}"
+            )
+        self.stage = stage
+        self.options = options
+
+    def random_map(self, element: Record, rng: np.random.Generator) -> Example:
+        return STAGE_TRANSFORMS[self.stage](element, rng, self.options)
