@@ -1,0 +1,119 @@
+"""Orbax checkpoints: train state + Grain iterator state + config in one step directory.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config}` written by an async `CheckpointManager`.
+Orbax writes each step into a temporary directory and renames it only once every item is complete,
+so a process killed mid-save leaves no half checkpoint that `latest_step()` would pick; the tmp
+directory is removed on the next start (`cleanup_tmp_directories`).
+
+Retention: the newest `cfg.train.keep` steps, plus every step divisible by `cfg.train.keep_every`
+(when > 0). Restoring takes target shardings from the *current* mesh, so a run saved on
+(data=2, fsdp=4) resumes on (data=8) or any other layout.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fica_jax.errors import UserError
+
+
+def _options(cfg: ml_collections.ConfigDict, read_only: bool = False):
+    keep_every = int(cfg.train.keep_every)
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=max(int(cfg.train.keep), 1),
+        keep_period=keep_every if keep_every > 0 else None,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+
+
+class Checkpointer:
+    """Saves and restores `(state, data iterator, config)` under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict):
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.cfg = cfg
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(cfg))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_iter: Any, force: bool = False) -> bool:
+        """Starts an async save; returns once arrays are copied off the devices."""
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(self.cfg.to_dict()),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: dict, data_iter: Any) -> dict:
+        """Restores `state` onto `abstract_state`'s shardings and sets `data_iter` in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-host preemption notice agreed by all processes (jax's sync point)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_params(run_dir: str | pathlib.Path, abstract_params: dict) -> tuple[int, dict]:
+    """Params only from another run's latest checkpoint (`--init_from DIR`), on our shardings.
+
+    `run_dir` is that run's workdir (or its `checkpoints/` folder). Optimizer state, step and data
+    position are not taken, so fine-tuning starts fresh from the given weights.
+    """
+    root = pathlib.Path(run_dir).absolute()
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        raise UserError(f"--init_from {run_dir}: no such directory")
+    manager = ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise UserError(f"--init_from {run_dir}: no complete checkpoint found in {root}")
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        abstract_params,
+    )
+    try:
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+    except (ValueError, KeyError) as e:
+        raise UserError(
+            f"--init_from {run_dir}: step {step} params do not match this model ({e})"
+        ) from None
+    manager.close()
+    return step, out["state"]["params"]

@@ -1,0 +1,182 @@
+"""The one shared train loop (big_vision's train.py sections), driven by a stage's `Stage`.
+
+Sections: mesh -> input -> model + optimizer + sharding (`fica_jax/train/step.py`) -> checkpoint
+(resume / `--init_from`) -> loop (update step, NaN guard, logging, eval, checkpoint, preemption).
+
+Every host runs this same program (multi-controller JAX): each reads its own slice of the data
+(`make_data(cfg, split, process_index, process_count)`) and `put_batch` assembles the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import signal
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from fica_jax import sharding as shd
+from fica_jax.errors import UserError
+from fica_jax.train import metrics as mlib
+from fica_jax.train.checkpoint import Checkpointer, load_params
+from fica_jax.train.stage import get_stage
+from fica_jax.train.step import Setup, build
+
+
+class NonFiniteError(UserError):
+    """Training stopped because a logged metric became NaN/Inf (one line from the CLI)."""
+
+
+class _Preemption:
+    """SIGTERM -> flag checked after every step (single process; multi-host uses jax's sync point,
+    whose coordination service catches SIGTERM itself)."""
+
+    def __init__(self, install: bool):
+        self.flag = False
+        self._old = None
+        if install:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_finite(step: int, scalars: dict[str, float], ckpt: Checkpointer) -> None:
+    bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+    if scalars.get("finite", 1.0) != 1.0 or bad:
+        name = bad[0] if bad else "loss"
+        ckpt.wait()
+        last = ckpt.latest_step()
+        kept = f"last good checkpoint is step {last}" if last is not None else "no checkpoint"
+        raise NonFiniteError(
+            f"step {step}: {name} is {scalars.get(name)} (not finite); stopped without saving, "
+            f"{kept} in {ckpt.directory}"
+        )
+
+
+def _evaluate(setup: Setup, state: dict, cfg: ml_collections.ConfigDict, step: int, workdir):
+    """Means of `stage.eval_fn` over the eval split (once), plus the optional sample hook."""
+    stage = setup.stage
+    data = stage.make_data(cfg, "eval", jax.process_index(), jax.process_count())
+    params = state["ema"] if state["ema"] else state["params"]
+
+    def one(params, rest, batch, rng):
+        return stage.eval_fn(setup.model(params, rest), batch, rng)
+
+    with setup.context():
+        fn = jax.jit(one)
+        totals, n, batch = {}, 0, None
+        for host_batch in data:
+            batch = shd.put_batch(host_batch, setup.mesh)
+            out = jax.device_get(fn(params, state["rest"], batch, state["rng"]))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n += 1
+        if stage.sample_fn is not None and batch is not None:
+            stage.sample_fn(setup.model(params, state["rest"]), batch, state["rng"], workdir, step)
+    return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    init_from: str | None = None,
+    profile_steps: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Trains `cfg.stage` in `workdir` until `cfg.train.steps`, resuming from its last checkpoint.
+
+    Returns the last logged scalars. Stops early (exit 0 from the CLI) after saving on SIGTERM.
+    """
+    workdir = pathlib.Path(workdir)
+    stage = get_stage(cfg.stage)
+    pi, pc, primary = jax.process_index(), jax.process_count(), jax.process_index() == 0
+    if cfg.data.batch_size % pc:
+        raise UserError(f"config data.batch_size={cfg.data.batch_size} must divide by {pc} hosts")
+
+    # ------------------------------------------------------------------ mesh, model, sharding
+    mesh = shd.make_mesh(dict(cfg.mesh))
+    setup = build(cfg, stage, mesh)
+
+    # ------------------------------------------------------------------ input
+    data_iter = iter(stage.make_data(cfg, "train", pi, pc))
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    ckpt = Checkpointer(workdir, cfg)
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, setup.abstract_state, data_iter)
+        print(f"resumed from step {start} in {ckpt.directory}", flush=True) if primary else None
+    else:
+        start = 0
+        state = setup.init()
+        if init_from:
+            src_step, params = load_params(init_from, setup.abstract_state["params"])
+            state["params"] = params
+            if state["ema"]:
+                state["ema"] = jax.tree.map(lambda p: p.copy(), params)
+            print(f"params from {init_from} (step {src_step})", flush=True) if primary else None
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(cfg.to_json(indent=2))
+
+    # ------------------------------------------------------------------ observability
+    total = int(cfg.train.steps)
+    writer = mlib.MetricsWriter(workdir, enabled=primary)
+    flops = mlib.compiled_flops(setup.lower().compile())
+    meter = mlib.Throughput(int(cfg.data.batch_size), flops, mlib.peak_flops())
+    bar = mlib.Progress(total, start, enabled=primary)
+    profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
+    preempt = _Preemption(install=pc == 1)
+    log_every, ckpt_every = max(int(cfg.train.log_every), 1), int(cfg.train.ckpt_every)
+    eval_every = int(cfg.train.eval_every)
+
+    # ------------------------------------------------------------------ loop
+    last: dict[str, float] = {}
+    step = start
+    try:
+        while step < total:
+            profile.before(step)
+            batch = shd.put_batch(next(data_iter), mesh)
+            state, m = setup.train_step(state, batch)
+            step += 1
+            meter.tick()
+            profile.after(step, state["step"])
+            # One scalar fetch per step keeps the NaN guard exact: nothing after a bad step runs.
+            scalars = {k: float(v) for k, v in jax.device_get(m).items()}
+            _check_finite(step, scalars, ckpt)
+            bar.update(1, loss=scalars["loss"])
+            if step % log_every == 0 or step == total:
+                scalars.update(meter.read())
+                writer.write(step, scalars)
+                last = scalars
+            if eval_every and stage.eval_fn is not None and step % eval_every == 0:
+                writer.write(step, _evaluate(setup, state, cfg, step, workdir))
+            stop = preempt.flag if pc == 1 else ckpt.reached_preemption(step)
+            if stop or step == total or (ckpt_every and step % ckpt_every == 0):
+                ckpt.save(step, state, data_iter, force=stop)
+            if stop:
+                if primary:
+                    print(f"preempted: saved step {step}, exiting", flush=True)
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        bar.close()
+        preempt.restore()
+        if profile.active:
+            jax.profiler.stop_trace()
+    return last
+
+
+def param_values(state: dict) -> dict[str, np.ndarray]:
+    """Flat {path: host array} of the params (tests compare runs with it)."""
+    flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in flat}
