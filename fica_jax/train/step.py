@@ -201,8 +201,8 @@ def make_step_fn(cfg: ml_collections.ConfigDict, stage: Stage, graphdef, tx) -> 
 
             def body(carry, xs):
                 mb, i = xs
-                (l, a), g = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (l, a, g)), None
+                (lm, am), gm = grad_fn(params, rest, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (lm, am, gm)), None
 
             init = (zeros(l_shape), zeros(a_shape), zeros(g_shape))
             total, _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
