@@ -70,7 +70,10 @@ class CaptureSource:
         except RuntimeError as e:
             raise UserError(f"{path}: corrupt or truncated shard ({_first_line(e)})") from None
         if n != self._counts[shard]:
-            reader.close()
+            try:
+                reader.close()
+            except RuntimeError:  # closing re-checks the file, which is what we report
+                pass
             raise UserError(
                 f"{path}: holds {n} records but metadata.json says {self._counts[shard]}; "
                 "the file is truncated or corrupt"

@@ -93,15 +93,17 @@ def warp_nearest(arr: np.ndarray, aff: Affine, out_hw: tuple[int, int]) -> np.nd
 
 
 def _axis_linear(n_in: int, n_out: int, a: float, b: float) -> np.ndarray:
-    """[n_out, n_in] interpolation matrix; rows are zero-padded outside the frame."""
-    x = a * (np.arange(n_out) + 0.5) + b - 0.5  # in index space (pixel centres at integers)
+    """[n_out, n_in] interpolation matrix. Samples inside the frame replicate the edge pixel;
+    samples outside it are zero, exactly where `warp_nearest` (masks, targets) is zero."""
+    xc = a * (np.arange(n_out) + 0.5) + b  # output pixel centres in input coords
+    x = xc - 0.5  # index space: pixel centres at integers
     i0 = np.floor(x).astype(np.int64)
     w1 = (x - i0).astype(np.float32)
     m = np.zeros((n_out, n_in), np.float32)
     rows = np.arange(n_out)
+    inside = (xc >= 0) & (xc < n_in)
     for idx, w in ((i0, 1 - w1), (i0 + 1, w1)):
-        ok = (idx >= 0) & (idx < n_in)
-        np.add.at(m, (rows[ok], idx[ok]), w[ok])
+        np.add.at(m, (rows[inside], np.clip(idx, 0, n_in - 1)[inside]), w[inside])
     return m
 
 

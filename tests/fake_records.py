@@ -76,3 +76,8 @@ def write_fake_dataset(out_dir, n: int = 10, records_per_shard: int = 3, **kw) -
     ) as w:
         for i in range(n):
             w.add(fake_record(i, **kw))
+
+
+def fake_make_identity(index: int, cfg: dict, seed: int) -> dict[str, np.ndarray]:
+    """Stand-in for `generator.make_identity` (top-level, so process pools can pickle it)."""
+    return fake_record(index, seed=seed, **cfg)

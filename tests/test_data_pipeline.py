@@ -1,0 +1,194 @@
+"""Grain stage pipelines: determinism, resumable state, host sharding, workers, augmentation."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from fake_records import fake_record, write_fake_dataset
+from jax.sharding import PartitionSpec as P
+
+from data_pipelines import transforms as T
+from data_pipelines.pipeline import host_slice, make_pipeline
+from fica_jax.errors import UserError
+from fica_jax.sharding import make_mesh, put_batch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe") / "ds"
+    write_fake_dataset(d, n=20, records_per_shard=4)  # 16 train, 4 test
+    return d
+
+
+def _batches(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stage", ["dense", "vae", "dit", "upm"])
+def test_stage_shapes_and_determinism(data_dir, stage):
+    kw = dict(global_batch_size=4, seed=3, image_size=12)
+    a = _batches(make_pipeline(data_dir, stage, "train", **kw), 2)
+    b = _batches(make_pipeline(data_dir, stage, "train", **kw), 2)
+    for x, y in zip(a, b, strict=True):
+        _same(x, y)
+    c = _batches(make_pipeline(data_dir, stage, "train", **{**kw, "seed": 4}), 2)
+    assert any(not np.array_equal(a[i][k], c[i][k]) for i in range(2) for k in a[i])
+    first = a[0]
+    assert all(isinstance(v, np.ndarray) and v.shape[0] == 4 for v in first.values())
+    if stage in ("dense", "dit"):
+        assert first["image"].shape == (4, 12, 12, 3) and first["image"].dtype == np.float32
+        assert 0 <= first["image"].min() and first["image"].max() <= 1
+    if stage in ("vae", "dit"):
+        assert first["uv_texture"].min() >= -1 and first["uv_texture"].min() < 0
+    if stage == "upm":
+        assert first["frame_image"].shape == (4, 12, 12, 3)
+        assert (first["frame_view"] >= 1).all()  # never the portrait
+
+
+def test_resume_from_state(data_dir):
+    ds = make_pipeline(data_dir, "dense", "train", global_batch_size=4, seed=0)
+    it = iter(ds)
+    for _ in range(5):  # crosses an epoch boundary (16 records / 4 per batch)
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    it2 = iter(make_pipeline(data_dir, "dense", "train", global_batch_size=4, seed=0))
+    it2.set_state(state)
+    for w in want:
+        _same(next(it2), w)
+
+
+def _marker(batch):
+    # fake_record writes the record index into uv_texture[0, 0]; vae maps it to [-1, 1]
+    return np.rint((batch["uv_texture"][:, 0, 0, 0] + 1) / 2 * 255).astype(int).tolist()
+
+
+def test_host_sharding_disjoint_and_complete(data_dir):
+    seen = []
+    for host in range(3):
+        ds = make_pipeline(
+            data_dir,
+            "vae",
+            "train",
+            global_batch_size=3,
+            seed=0,
+            process_index=host,
+            process_count=3,
+            num_epochs=1,
+            shuffle=False,
+        )
+        seen.append([m for b in ds for m in _marker(b)])
+    train_ids = [i for i in range(20) if i % 5 != 4]
+    # batch 1 per host: nothing dropped; slices are disjoint and cover every record
+    assert sorted(sum(seen, [])) == train_ids
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    sl = [host_slice(10, i, 4) for i in range(4)]
+    assert [(s.start, s.stop) for s in sl] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    with pytest.raises(UserError, match="not divisible"):
+        make_pipeline(data_dir, "vae", "train", global_batch_size=4, seed=0, process_count=3)
+
+
+def test_epoch_reshuffle(data_dir):
+    ds = make_pipeline(data_dir, "vae", "train", global_batch_size=16, seed=0, num_epochs=2)
+    e1, e2 = (_marker(b) for b in ds)
+    assert sorted(e1) == sorted(e2) and e1 != e2
+
+
+def test_workers_match_in_process(data_dir):
+    kw = dict(global_batch_size=2, seed=1, num_epochs=1, image_size=8)
+    ref = list(make_pipeline(data_dir, "dense", "test", **kw))
+    got = list(make_pipeline(data_dir, "dense", "test", workers=2, **kw))
+    assert len(ref) == len(got) == 2
+    for a, b in zip(ref, got, strict=True):
+        _same(a, b)
+
+
+def test_put_batch_on_data_fsdp_mesh(data_dir):
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    batch = next(iter(make_pipeline(data_dir, "dense", "train", global_batch_size=8, seed=0)))
+    arrays = put_batch(batch, mesh)
+    assert arrays["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
+    assert arrays["kpts"].sharding.spec == P(("data", "fsdp"), None, None)
+    assert arrays["view"].sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(jax.device_get(arrays["image"]), batch["image"])
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _coded_record(size=32):
+    """A record whose image, uv and vtx all encode the pixel position."""
+    rec = fake_record(0, size=size, views=2)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    pos = np.stack([x / size, y / size], -1)
+    rec["view_image"][:] = (np.concatenate([pos, np.zeros_like(pos[..., :1])], -1) * 255).round()
+    rec["view_uv"][:] = pos
+    rec["view_vtx"][:] = np.concatenate([pos, np.ones_like(pos[..., :1])], -1)
+    rec["view_mask"][:] = 1
+    rec["view_kpts"][:] = [[5.5, 7.5], [20.5, 3.5], [12.5, 28.5], [30.5, 30.5], [1.5, 16.5]]
+    rec["view_kpts_visible"][:] = 1
+    return rec
+
+
+def test_geometric_aug_is_consistent_across_targets():
+    rec = _coded_record()
+    opts = T.TransformOptions(augment=True, image_size=24, aug=T.AugmentConfig(p=0.0))
+    moved = 0
+    plain = T.dense_example(rec, np.random.default_rng(0), dataclasses.replace(opts, augment=False))
+    for s in range(8):
+        ex = T.dense_example(rec, np.random.default_rng(s), opts)
+        inside = ex["mask"] > 0
+        # image (bilinear) and uv/vtx (nearest) agree on where each output pixel came from
+        img_pos = ex["image"][..., :2]
+        assert np.abs(img_pos - ex["uv"])[inside].max() < 1.5 / 32 + 1e-3
+        np.testing.assert_array_equal(ex["vtx"][..., :2], ex["uv"])
+        assert (ex["uv"][~inside] == 0).all()  # outside the source frame: no targets
+        # each keypoint lands on the output pixel whose uv points back at it
+        kpts = zip(ex["kpts"], ex["kpts_visible"], rec["view_kpts"][0], strict=True)
+        for (kx, ky), vis, src in kpts:
+            if vis:
+                u = ex["uv"][int(ky), int(kx)] * 32
+                assert np.abs(u - src).max() <= 1.6
+        moved += not np.array_equal(ex["uv"], plain["uv"])
+    assert moved >= 6  # crops really move and scale
+
+
+def test_no_augment_is_plain_resize():
+    rec = _coded_record()
+    ex = T.dense_example(rec, np.random.default_rng(0), T.TransformOptions(augment=False))
+    v = int(ex["view"])
+    np.testing.assert_allclose(ex["image"], rec["view_image"][v] / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(ex["kpts"], rec["view_kpts"][v])
+
+
+def test_intrinsics_follow_the_crop():
+    K = np.array([[30.0, 0, 16], [0, 28, 15], [0, 0, 1]], np.float32)
+    aff = T.sample_affine(np.random.default_rng(1), (32, 32), (24, 24), T.AugmentConfig())
+    pts = np.random.default_rng(2).uniform(-0.3, 0.3, (10, 3)) + [0, 0, 2]
+    proj = lambda k: (pts @ k.T)[:, :2] / pts[:, 2:]
+    np.testing.assert_allclose(
+        T.warp_points(proj(K), aff), proj(T.warp_intrinsics(K, aff)), atol=1e-4
+    )
+
+
+def test_photometric():
+    img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+    out = T.photometric(img, np.random.default_rng(0), T.AugmentConfig(p=1.0))
+    assert out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    assert np.abs(out - img).mean() > 0.01
+    same = T.photometric(img, np.random.default_rng(0), dataclasses.replace(T.AugmentConfig(), p=0))
+    np.testing.assert_allclose(same, img)
+
+
+def test_upm_needs_frames_and_unknown_stage(data_dir):
+    rec = fake_record(0, views=1)
+    with pytest.raises(UserError, match="no dome frames"):
+        T.upm_example(rec, np.random.default_rng(0), T.TransformOptions())
+    with pytest.raises(UserError, match="unknown data stage"):
+        make_pipeline(data_dir, "nope", "train", global_batch_size=1, seed=0)
