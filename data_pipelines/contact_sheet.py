@@ -59,7 +59,7 @@ def _frame_tile(rec: dict, v: int, label: str) -> Image.Image:
     for (x, y), vis in zip(rec["view_kpts"][v], rec["view_kpts_visible"][v], strict=True):
         px, py = x * sx, y * sy + LABEL_H
         color = (0, 255, 0) if vis else (255, 64, 64)
-        d.ellipse((px - 2, py - 2, px + 2, py + 2), outline=color, fill=color)
+        d.ellipse((px - 3, py - 3, px + 3, py + 3), outline=color, fill=color)
     return t
 
 
