@@ -20,7 +20,7 @@ def get_config(arg: str = "tiny"):
     c.model.depth = depth
     c.model.num_records = 4096
     c.model.num_eval_records = 64
-    c.model.nan_at_step = -1  # >= 0: make that step's inputs NaN (tests the NaN guard)
+    c.model.nan_at_step = -1  # >= 1: make that step's inputs NaN (tests the NaN guard)
 
     c.data.batch_size = 16
     c.optim.lr = 3e-3

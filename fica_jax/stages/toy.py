@@ -5,8 +5,8 @@ with `nnx.vmap` and run with `nnx.scan` (so `fica plan` sees a while loop with a
 by policy name, the compute dtype from config, and a Grain pipeline whose iterator is saved in the
 checkpoint. Examples are a pure function of their record index, so any two runs see the same data.
 
-`cfg.model.nan_at_step = k` (k >= 0) turns the inputs of step k's batch into NaN: the runtime's
-NaN guard is tested with it.
+`cfg.model.nan_at_step = k` (k >= 1) turns the inputs of the batch of step k (the loop's 1-based
+step count, i.e. the k-th batch) into NaN: the runtime's NaN guard is tested with it.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class MakeExample:
     """Record index -> {"x": [din], "y": [dout]}; y = tanh(x @ W) for a fixed random W.
 
     Top-level and picklable so Grain worker processes can import it. Step `nan_at_step` (counted
-    in this host's stream of `per_host_batch` examples) gets NaN inputs when it is >= 0.
+    in this host's stream of `per_host_batch` examples, 1-based) gets NaN inputs when it is >= 1.
     """
 
     def __init__(self, din: int, dout: int, per_host_batch: int, nan_at_step: int):
@@ -107,7 +107,7 @@ class MakeExample:
     def __call__(self, position: int, record: int) -> dict[str, np.ndarray]:
         x = np.random.default_rng(int(record)).standard_normal(self.din).astype(np.float32)
         y = np.tanh(x @ self.w)
-        if self.nan_at_step >= 0 and position // self.per_host_batch == self.nan_at_step:
+        if self.nan_at_step >= 1 and position // self.per_host_batch + 1 == self.nan_at_step:
             x = np.full_like(x, np.nan)
         return {"x": x, "y": y}
 

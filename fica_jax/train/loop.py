@@ -49,7 +49,8 @@ class _Preemption:
 
 
 def _check_finite(step: int, scalars: dict[str, float], ckpt: Checkpointer) -> None:
-    bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+    # Name the loss first when it is among the bad values: it is what users watch.
+    bad = sorted((k for k, v in scalars.items() if not math.isfinite(v)), key=lambda k: k != "loss")
     if scalars.get("finite", 1.0) != 1.0 or bad:
         name = bad[0] if bad else "loss"
         ckpt.wait()
@@ -153,12 +154,13 @@ def train(
             scalars = {k: float(v) for k, v in jax.device_get(m).items()}
             _check_finite(step, scalars, ckpt)
             bar.update(1, loss=scalars["loss"])
+            row = {}
             if step % log_every == 0 or step == total:
-                scalars.update(meter.read())
-                writer.write(step, scalars)
-                last = scalars
+                row = last = {**scalars, **meter.read()}
             if eval_every and stage.eval_fn is not None and step % eval_every == 0:
-                writer.write(step, _evaluate(setup, state, cfg, step, workdir))
+                row = {**row, **_evaluate(setup, state, cfg, step, workdir)}
+            if row:
+                writer.write(step, row)
             stop = preempt.flag if pc == 1 else ckpt.reached_preemption(step)
             if stop or step == total or (ckpt_every and step % ckpt_every == 0):
                 ckpt.save(step, state, data_iter, force=stop)
