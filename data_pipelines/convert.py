@@ -104,7 +104,8 @@ def unwrap_to_uv(
     """Scatters a view's pixels into UV space -> [R, R, 10] partial maps [rgb, mask, nrm, vtx].
 
     image [H, W, 3] uint8, mask [H, W], uv [H, W, 2] in [0, 1] (u right, v down), nrm/vtx
-    [H, W, 3]. Where several pixels land on one texel the last in raster order wins.
+    [H, W, 3]. Texels hit by several pixels get their mean (normals re-normalised), the same rule
+    as the synthetic generator's `fica_jax.geometry.capture.unwrap_partial`.
     """
     out = np.zeros((res, res, schema.PARTIAL_UV_DIM), np.float32)
     fg = mask > 0
@@ -112,10 +113,19 @@ def unwrap_to_uv(
         return out
     tx = np.clip(np.floor(uv[fg, 0] * res), 0, res - 1).astype(np.int64)
     ty = np.clip(np.floor(uv[fg, 1] * res), 0, res - 1).astype(np.int64)
-    vals = np.concatenate([image[fg] / 255.0, np.ones((tx.size, 1)), nrm[fg], vtx[fg]], -1).astype(
-        np.float32
-    )
-    out[ty, tx] = vals
+    vals = np.concatenate([image[fg] / 255.0, nrm[fg], vtx[fg]], -1).astype(np.float64)
+    total = np.zeros((res, res, 9))
+    count = np.zeros((res, res))
+    np.add.at(total, (ty, tx), vals)
+    np.add.at(count, (ty, tx), 1.0)
+    hit = count > 0
+    mean = total / np.maximum(count, 1.0)[..., None]
+    n = mean[..., 3:6]
+    n = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
+    out[..., 0:3] = mean[..., 0:3]
+    out[..., 3] = hit
+    out[..., 4:7] = n * hit[..., None]
+    out[..., 7:10] = mean[..., 6:9]
     return out
 
 

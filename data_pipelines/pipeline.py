@@ -109,3 +109,32 @@ def first_batch(ds: grain.IterDataset) -> dict[str, np.ndarray]:
         close = getattr(it, "close", None)
         if close is not None:
             close()
+
+
+def stage_data(
+    cfg: Any, split: str, process_index: int, process_count: int, *, stage: str | None = None
+) -> grain.IterDataset:
+    """`Stage.make_data` for the stages that read capture shards: maps the shared `cfg.data`
+    fields (configs/common.py) onto `make_pipeline`. Train repeats forever with augmentation;
+    any other split is one un-augmented, unshuffled pass."""
+    data = cfg.data
+    if not data.dir:
+        raise UserError(
+            "config data.dir is empty; create data with `fica data synth --out DIR ...` and pass "
+            "--config.data.dir=DIR"
+        )
+    train = split == "train"
+    return make_pipeline(
+        data.dir,
+        stage or cfg.stage,
+        split,
+        global_batch_size=data.batch_size,
+        seed=(data.get("shuffle_seed", 0) + cfg.get("seed", 0)) % 2**32,
+        process_index=process_index,
+        process_count=process_count,
+        workers=data.get("workers", 0),
+        augment=train and data.get("augment", True),
+        num_epochs=None if train else 1,
+        image_size=data.get("image_size") or None,
+        shuffle=train,
+    )

@@ -192,3 +192,17 @@ def test_upm_needs_frames_and_unknown_stage(data_dir):
         T.upm_example(rec, np.random.default_rng(0), T.TransformOptions())
     with pytest.raises(UserError, match="unknown data stage"):
         make_pipeline(data_dir, "nope", "train", global_batch_size=1, seed=0)
+
+
+def test_stage_data_from_config(data_dir):
+    from configs.common import base_config
+    from data_pipelines.pipeline import stage_data
+
+    cfg = base_config("vae")
+    cfg.data.batch_size = 2
+    with pytest.raises(UserError, match="data.dir"):
+        stage_data(cfg, "train", 0, 1)
+    cfg.data.dir = str(data_dir)
+    assert _marker(next(iter(stage_data(cfg, "train", 0, 1))))  # repeats, shuffled
+    evals = list(stage_data(cfg, "test", 0, 1))  # one ordered pass
+    assert [m for b in evals for m in _marker(b)] == [4, 9, 14, 19]
