@@ -31,6 +31,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from fica_jax import sharding as shd
 from fica_jax.errors import UserError
 from fica_jax.models import layers
 
@@ -118,6 +119,23 @@ class DiagonalGaussian:
 
 
 # ----------------------------------------------------------------------------- blocks
+def _constrain(x: Array) -> Array:
+    # Activations stay batch-sharded (FSDP: weights are gathered, never the activations split
+    # over channels); a no-op outside `sharding.axis_rules` + a mesh.
+    return shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS)
+
+
+def _conv(conv: nnx.Conv, x: Array) -> Array:
+    """Runs `conv` with batch-sharded, channel-replicated input and output.
+
+    Pinning both sides is also a workaround: left free, the partitioner (jax 0.10.2, CPU, both
+    Shardy and GSPMD) may shard a 3x3 conv's input and output channels over `tensor` on a
+    (data, fsdp, tensor) mesh, and that layout computes wrong values for the batch shards whose
+    data and fsdp indices differ (tests/test_vae.py::test_sharded_params_and_forward_on_mesh).
+    """
+    return _constrain(conv(_constrain(x)))
+
+
 def _conv3(cin: int, cout: int, *, rngs: nnx.Rngs, dtype, stride: int = 1, padding=1):
     return layers.conv(cin, cout, 3, stride=stride, padding=padding, rngs=rngs, dtype=dtype)
 
@@ -135,11 +153,11 @@ class ResnetBlock(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
+        h = _conv(self.conv1, nnx.silu(self.norm1(x)))
+        h = _conv(self.conv2, nnx.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+            x = _conv(self.conv_shortcut, x)
+        return _constrain(x + h)
 
 
 def _resnet(block: ResnetBlock, x: Array, remat: bool) -> Array:
@@ -154,7 +172,7 @@ class Downsample(nnx.Module):
         self.conv = _conv3(c, c, stride=2, padding=0, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:  # [B, H, W, C] -> [B, H/2, W/2, C]
-        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+        return _conv(self.conv, jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
 
 
 class Upsample(nnx.Module):
@@ -164,7 +182,7 @@ class Upsample(nnx.Module):
         self.conv = _conv3(c, c, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        return _conv(self.conv, jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
 class MidAttention(nnx.Module):
@@ -178,7 +196,7 @@ class MidAttention(nnx.Module):
     def __call__(self, x: Array) -> Array:  # [B, H, W, C] -> same
         b, h, w, c = x.shape
         y = self.attn(self.norm(x).reshape(b, h * w, c))
-        return x + y.reshape(b, h, w, c).astype(x.dtype)
+        return _constrain(x + y.reshape(b, h, w, c).astype(x.dtype))
 
 
 class MidBlock(nnx.Module):
@@ -240,11 +258,11 @@ class Encoder(nnx.Module):
         self.conv_out = _conv3(ch[-1], 2 * cfg.latent_channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: Array) -> Array:
-        x = self.conv_in(x)
+        x = _conv(self.conv_in, x)
         for blk in self.down_blocks:
             x = blk(x, self.remat)
         x = self.mid_block(x, self.remat)
-        return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+        return _conv(self.conv_out, nnx.silu(self.conv_norm_out(x)))
 
 
 class Decoder(nnx.Module):
@@ -265,11 +283,11 @@ class Decoder(nnx.Module):
         self.conv_out = _conv3(ch[-1], cfg.out_channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, z: Array) -> Array:
-        x = self.conv_in(z)
+        x = _conv(self.conv_in, z)
         x = self.mid_block(x, self.remat)
         for blk in self.up_blocks:
             x = blk(x, self.remat)
-        return self.conv_out(nnx.silu(self.conv_norm_out(x)))
+        return _conv(self.conv_out, nnx.silu(self.conv_norm_out(x)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -301,13 +319,13 @@ class AutoencoderKL(nnx.Module):
             raise ValueError(f"encode expects [B, H, W, C] with H, W divisible by {f}: {x.shape}")
         m = self.encoder(x)
         if self.quant_conv is not None:
-            m = self.quant_conv(m)
+            m = _conv(self.quant_conv, m)
         return DiagonalGaussian.from_moments(m)
 
     def decode(self, z: Array) -> Array:
         """z: [B, h, w, latent] (unscaled) -> image [B, h*f, w*f, out_channels], float32."""
         if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
+            z = _conv(self.post_quant_conv, z)
         return self.decoder(z).astype(jnp.float32)
 
     def __call__(self, x: Array, rng: Array | None = None) -> tuple[Array, DiagonalGaussian]:
@@ -409,15 +427,15 @@ class LoadReport:
         )
 
 
-def load_torch_state_dict(
-    model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *, strict: bool = True
-) -> LoadReport:
-    """Copies a diffusers AutoencoderKL state dict (numpy arrays) into `model` in place.
+def match_state_dict(
+    model: AutoencoderKL, state_dict: Mapping[str, np.ndarray]
+) -> tuple[dict[tuple, np.ndarray], LoadReport]:
+    """Maps a diffusers AutoencoderKL state dict onto `model`'s parameters without assigning.
 
-    Every matching tensor is assigned (cast to the parameter dtype); with `strict`, any missing,
-    unexpected or shape-mismatched tensor raises a `UserError` carrying the report.
+    Returns ({nnx path: array in our layout}, report). Works on abstract (`nnx.eval_shape`)
+    models, and on zero-stride views (`np.broadcast_to`) for shape-only checks.
     """
-    params = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_key = {_nnx_path_to_key(p): p for p in params}
     missing_keys = set(by_key)
     unexpected, mismatched, assign = [], [], {}
@@ -428,16 +446,28 @@ def load_torch_state_dict(
             continue
         path = by_key[tkey]
         missing_keys.discard(tkey)
-        var = params[path]
-        arr = _torch_to_nnx_array(np.asarray(state_dict[key]), len(var.shape))
-        if tuple(arr.shape) != tuple(var.shape):
-            mismatched.append(f"{key}: {tuple(arr.shape)} -> {tuple(var.shape)}")
+        arr = _torch_to_nnx_array(np.asarray(state_dict[key]), len(params[path].shape))
+        if tuple(arr.shape) != tuple(params[path].shape):
+            mismatched.append(f"{key}: {tuple(arr.shape)} -> {tuple(params[path].shape)}")
             continue
         assign[path] = arr
     missing = sorted("/".join(map(str, by_key[k])) for k in missing_keys)
-    report = LoadReport(missing, unexpected, mismatched, loaded=len(assign))
+    return assign, LoadReport(missing, unexpected, mismatched, loaded=len(assign))
+
+
+def load_torch_state_dict(
+    model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *, strict: bool = True
+) -> LoadReport:
+    """Copies a diffusers AutoencoderKL state dict (numpy arrays) into `model` in place.
+
+    Every matching tensor is assigned (cast to the parameter dtype); with `strict`, any missing,
+    unexpected or shape-mismatched tensor raises a `UserError` carrying the report (and nothing
+    is assigned).
+    """
+    assign, report = match_state_dict(model, state_dict)
     if strict and not report.ok:
         raise UserError(f"checkpoint does not fit AutoencoderKL({model.cfg}): {report}")
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for path, arr in assign.items():
         params[path].set_value(jnp.asarray(arr, dtype=params[path].dtype))
     return report
@@ -536,4 +566,11 @@ def from_pretrained(
         load_torch_state_dict(model, state_dict, strict=True)
     except UserError as e:
         raise UserError(f"{weights}: {e}") from None
+    abstract = [
+        "/".join(map(str, p))
+        for p, v in nnx.to_flat_state(nnx.state(model))
+        if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if abstract:  # a state variable that is not a checkpoint parameter: a bug, not user input
+        raise RuntimeError(f"from_pretrained left variables uninitialised: {abstract}")
     return model
