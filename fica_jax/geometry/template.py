@@ -119,20 +119,9 @@ def _landmark_targets(mouth_theta: float) -> list[tuple[float, float, bool]]:
             (EYE_THETA + d_th, c - d_phi / 3, False),
         ]
     tm, mp = mouth_theta, MOUTH_PHI
-    outer = [
-        (0, -mp),
-        (-0.02, -0.2),
-        (-0.03, -0.08),
-        (-0.03, 0),
-        (-0.03, 0.08),
-        (-0.02, 0.2),
-        (0, mp),
-        (0.03, 0.2),
-        (0.045, 0.08),
-        (0.045, 0),
-        (0.045, -0.08),
-        (0.03, -0.2),
-    ]
+    outer = [(0, -mp), (-0.014, -0.2), (-0.02, -0.08), (-0.018, 0), (-0.02, 0.08),
+             (-0.014, 0.2), (0, mp), (0.02, 0.2), (0.03, 0.08), (0.032, 0), (0.03, -0.08),
+             (0.02, -0.2)]  # fmt: skip
     t += [(tm + dt * PI, p, False) for dt, p in outer]  # 48-59
     inner = [
         (-0.24, False),
