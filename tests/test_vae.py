@@ -223,9 +223,12 @@ def test_remat_gives_same_loss_and_grads():
         return jnp.mean(jnp.square(recon - x)) + 1e-3 * jnp.mean(post.kl())
 
     cfg = V.VARIANTS["tiny"]
-
     plain = V.AutoencoderKL(cfg, rngs=nnx.Rngs(3))
     remat = V.AutoencoderKL(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(3))
+    for m, n_ckpt in ((plain, 0), (remat, 4 + 6)):  # resnets: enc 2 + 2 mid; dec 2 mid + 2*2
+        graphdef, state = nnx.split(m)
+        jaxpr = str(jax.make_jaxpr(lambda s, g=graphdef: loss(nnx.merge(g, s)))(state))
+        assert jaxpr.count("remat2[") == n_ckpt
     (l1, g1), (l2, g2) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (plain, remat))
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
