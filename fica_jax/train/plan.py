@@ -199,6 +199,12 @@ def dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=float)
 
 
+def dumps_table(table: Mapping[str, object]) -> str:
+    """One parameter per line, so a layout change reads as a one-line diff in review."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in table.items()]
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
 def plan_in_subprocess(
     config: str, mesh_text: str, chips_text: str, overrides: Sequence[str] = ()
 ) -> dict:
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mesh = parse_mesh(args.mesh)
         if args.golden:
-            text = dumps(sharding_table(load_config(args.golden, extra), mesh))
+            text = dumps_table(sharding_table(load_config(args.golden, extra), mesh))
         else:
             if not args.config:
                 raise UserError("give --config FILE[:ARG] (or --golden FILE[:ARG])")
