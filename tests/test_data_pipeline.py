@@ -206,3 +206,16 @@ def test_stage_data_from_config(data_dir):
     assert _marker(next(iter(stage_data(cfg, "train", 0, 1))))  # repeats, shuffled
     evals = list(stage_data(cfg, "test", 0, 1))  # one ordered pass
     assert [m for b in evals for m in _marker(b)] == [4, 9, 14, 19]
+
+
+def test_corrupt_record_error_crosses_worker_processes(tmp_path):
+    d = tmp_path / "ds"
+    write_fake_dataset(d, n=4, records_per_shard=4)
+    shard = d / "train-00000-of-00001.array_record"
+    b = bytearray(shard.read_bytes())
+    for j in range(2000, 2100):
+        b[j] ^= 0xFF
+    shard.write_bytes(bytes(b))
+    ds = make_pipeline(d, "vae", "train", global_batch_size=1, seed=0, num_epochs=1, workers=1)
+    with pytest.raises(UserError, match=f"{shard} record 0: corrupt"):
+        list(ds)
