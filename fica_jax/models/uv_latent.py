@@ -1,0 +1,297 @@
+"""UV maps <-> the DiT's latent token grid (SPECS.md s.1 "32x32x16", s.2; FiCA paper s.3.2).
+
+FiCA's diffusion model generates the avatar's UV texture and UV geometry maps in the SDXL VAE's
+latent space. With the defaults a 512x512 UV map is encoded to a 64x64x4 latent, which is
+pixel-unshuffled by 2 into a 32x32x16 grid (1024 DiT tokens of 16 channels); `unshuffle=4` gives
+16x16x64 (256 tokens). Resolution and factor stay configurable (`UVLatentConfig`).
+
+The VAE was trained on images in [-1, 1]; geometry maps are not images, so each map kind has a
+fixed, exactly invertible mapping to [-1, 1] (`normalize_map` / `denormalize_map`):
+
+  texture   sRGB, uint8 [0, 255] (or float [0, 1])  y = x / 127.5 - 1 (float: 2x - 1)
+  normal    unit vectors, already in [-1, 1]         y = clip(x, -1, 1); inverse renormalises
+  position  surface positions (dataset units)        y = clip((x - center) / extent, -1, 1)
+  mask      coverage in [0, 1]                       y = 2x - 1
+
+`center`/`extent` (per axis) live in `MapStats`, estimated once over the training set or the
+head template (`MapStats.from_positions`) and stored with the config (`to_dict`/`from_dict`):
+they must be identical at train and test time. Positions outside `center +- extent` are clipped
+(the only lossy step; `from_positions` adds a margin so the data never reach it). Texels outside
+the UV layout's mask are set to a fixed value before encoding (black texture, zero normal,
+centre position) so the VAE never sees undefined data, and to zero in output space on decoding.
+
+The normalisations run on numpy arrays (data pipelines) and on jax arrays (inside jit) alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fica_jax.errors import UserError
+
+KINDS = ("texture", "normal", "position", "mask")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class UVLatentConfig:
+    """UV map [B, R, R, 3] -> latent [B, R/f, R/f, C] -> token grid [B, G, G, C*u*u].
+
+    f = vae_factor (8 for SDXL), u = unshuffle, G = R / (f * u).
+    """
+
+    uv_resolution: int = 512
+    vae_factor: int = 8
+    latent_channels: int = 4
+    unshuffle: int = 2
+
+    def __post_init__(self):
+        step = self.vae_factor * self.unshuffle
+        if min(self.uv_resolution, self.vae_factor, self.latent_channels, self.unshuffle) < 1:
+            raise UserError(f"UVLatentConfig fields must be positive: {self}")
+        if self.uv_resolution % step:
+            raise UserError(
+                f"uv_resolution {self.uv_resolution} is not divisible by vae_factor x unshuffle"
+                f" = {step}"
+            )
+
+    @property
+    def latent_resolution(self) -> int:
+        return self.uv_resolution // self.vae_factor
+
+    @property
+    def grid(self) -> int:
+        return self.latent_resolution // self.unshuffle
+
+    @property
+    def token_channels(self) -> int:
+        return self.latent_channels * self.unshuffle**2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2
+
+
+@dataclasses.dataclass(frozen=True)
+class MapStats:
+    """Constants of the geometry normalisation (positions in the dataset's units)."""
+
+    position_center: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    position_extent: tuple[float, float, float] = (1.0, 1.0, 1.0)  # half-widths, > 0
+    texture_background: float = -1.0  # normalised value of texels outside the mask (black)
+    geometry_background: float = 0.0  # normal / position / mask outside the mask
+
+    def __post_init__(self):
+        if len(self.position_center) != 3 or len(self.position_extent) != 3:
+            raise UserError(f"MapStats needs 3 values for center and extent: {self}")
+        if min(self.position_extent) <= 0:
+            raise UserError(f"MapStats position_extent must be positive: {self.position_extent}")
+
+    @classmethod
+    def from_positions(
+        cls,
+        positions: np.ndarray,  # [..., H, W, 3]
+        mask: np.ndarray | None = None,  # [..., H, W] or [..., H, W, 1]; > 0.5 = inside
+        *,
+        margin: float = 1.1,
+        isotropic: bool = True,
+    ) -> MapStats:
+        """Centre = mid-range of the valid texels; extent = half-range x margin.
+
+        Isotropic (one extent for x, y, z) keeps the head's proportions in latent space.
+        """
+        p = np.asarray(positions, np.float64).reshape(-1, 3)
+        if mask is not None:
+            p = p[np.asarray(mask).reshape(-1) > 0.5]
+        if p.size == 0:
+            raise UserError("MapStats.from_positions: no valid texels under the mask")
+        lo, hi = p.min(0), p.max(0)
+        center = (lo + hi) / 2
+        half = np.maximum((hi - lo) / 2, 1e-6) * margin
+        if isotropic:
+            half = np.full(3, half.max())
+        return cls(tuple(float(c) for c in center), tuple(float(h) for h in half))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MapStats:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise UserError(f"MapStats: unknown keys {sorted(set(d) - known)}; known {known}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_latent(z: jax.Array, factor: int = 2) -> jax.Array:
+    """Pixel-unshuffle: [B, h, w, C] -> [B, h/u, w/u, u*u*C].
+
+    Channel order is (dy, dx, c), i.e. `out[b, i, j, (dy*u + dx)*C + c] = z[b, i*u+dy, j*u+dx, c]`
+    (TF's space_to_depth; torch's pixel_unshuffle orders (c, dy, dx) instead).
+    """
+    b, h, w, c = z.shape
+    if h % factor or w % factor:
+        raise ValueError(f"pack_latent: {h}x{w} latent is not divisible by {factor}")
+    z = z.reshape(b, h // factor, factor, w // factor, factor, c)
+    return z.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // factor, w // factor, factor * factor * c)
+
+
+def unpack_latent(t: jax.Array, factor: int = 2) -> jax.Array:
+    """Pixel-shuffle, the exact inverse of `pack_latent`: [B, g, g, u*u*C] -> [B, g*u, g*u, C]."""
+    b, h, w, cc = t.shape
+    if cc % (factor * factor):
+        raise ValueError(f"unpack_latent: {cc} channels are not divisible by {factor}^2")
+    c = cc // (factor * factor)
+    t = t.reshape(b, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    return t.reshape(b, h * factor, w * factor, c)
+
+
+# ----------------------------------------------------------------------------- normalisation
+def _xp(x):
+    return jnp if isinstance(x, jax.Array) else np  # tracers are jax.Arrays too
+
+
+def _mask(mask, x):
+    """Mask [..., H, W] or [..., H, W, 1] -> boolean broadcastable against x [..., H, W, C]."""
+    xp = _xp(mask)
+    m = xp.asarray(mask)
+    if m.ndim == x.ndim - 1:
+        m = m[..., None]
+    return m > 0.5
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"unknown UV map kind {kind!r}; expected one of {KINDS}")
+
+
+def normalize_map(
+    kind: str,
+    x,  # [..., H, W, C]
+    stats: MapStats = MapStats(),
+    mask=None,  # [..., H, W(, 1)]; > 0.5 = inside the UV layout
+):
+    """Maps a UV map of `kind` to float32 in [-1, 1] (table in the module docstring)."""
+    _check_kind(kind)
+    xp = _xp(x)
+    if kind == "texture":
+        integer = np.issubdtype(np.dtype(x.dtype), np.integer)
+        y = xp.asarray(x, xp.float32) / 127.5 - 1.0 if integer else 2.0 * x - 1.0
+    elif kind == "position":
+        center = xp.asarray(stats.position_center, xp.float32)
+        extent = xp.asarray(stats.position_extent, xp.float32)
+        y = (x - center) / extent
+    elif kind == "mask":
+        y = 2.0 * x - 1.0
+    else:  # normal
+        y = x
+    y = xp.clip(xp.asarray(y, xp.float32), -1.0, 1.0)
+    if mask is not None:
+        bg = stats.texture_background if kind == "texture" else stats.geometry_background
+        y = xp.where(_mask(mask, y), y, xp.float32(bg))
+    return y
+
+
+def denormalize_map(
+    kind: str,
+    y,  # [..., H, W, C] in [-1, 1]
+    stats: MapStats = MapStats(),
+    mask=None,  # [..., H, W(, 1)]; texels outside are set to 0 in output space
+    *,
+    uint8: bool = False,
+):
+    """Inverse of `normalize_map` (exact up to float rounding inside the clip range).
+
+    texture -> float [0, 1], or uint8 [0, 255] with `uint8=True` (bit-exact round trip of uint8
+    input); normal -> unit vectors; position -> dataset units; mask -> [0, 1].
+    """
+    _check_kind(kind)
+    xp = _xp(y)
+    y = xp.asarray(y, xp.float32)
+    if kind == "texture":
+        x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
+    elif kind == "position":
+        x = y * xp.asarray(stats.position_extent, xp.float32) + xp.asarray(
+            stats.position_center, xp.float32
+        )
+    elif kind == "mask":
+        x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
+    else:  # decoded normals are not unit length: project back onto the sphere
+        n = xp.sqrt(xp.sum(y * y, axis=-1, keepdims=True))
+        x = y / xp.maximum(n, 1e-6)
+    if mask is not None:
+        x = xp.where(_mask(mask, x), x, xp.float32(0.0))
+    if uint8:
+        if kind != "texture":
+            raise ValueError(f"uint8 output is only defined for textures, not {kind!r}")
+        x = xp.round(x * 255.0).astype(xp.uint8)
+    return x
+
+
+# ----------------------------------------------------------------------------- VAE round trip
+def _check_vae(vae, cfg: UVLatentConfig) -> None:
+    if vae.cfg.spatial_factor != cfg.vae_factor or vae.cfg.latent_channels != cfg.latent_channels:
+        raise UserError(
+            f"UVLatentConfig(vae_factor={cfg.vae_factor}, latent_channels={cfg.latent_channels}) "
+            f"does not match the VAE (factor {vae.cfg.spatial_factor}, "
+            f"{vae.cfg.latent_channels} latent channels)"
+        )
+
+
+def encode_uv_maps(
+    vae,  # fica_jax.models.vae.AutoencoderKL
+    maps: Mapping[str, jax.Array],  # kind -> [B, R, R, C] raw maps (see normalize_map)
+    rng: jax.Array | None,  # posterior sample key; None = posterior mean
+    *,
+    cfg: UVLatentConfig = UVLatentConfig(),
+    stats: MapStats = MapStats(),
+    mask: jax.Array | None = None,  # [B, R, R(, 1)] UV-layout mask shared by all kinds
+) -> dict[str, jax.Array]:
+    """Normalises, VAE-encodes (scaled diffusion latent) and packs each map.
+
+    Returns kind -> token grid [B, G, G, C*u*u]. All kinds go through the VAE as one batch;
+    single-channel maps (masks) are tiled to the VAE's input channels.
+    """
+    _check_vae(vae, cfg)
+    kinds: Sequence[str] = list(maps)
+    xs = []
+    for kind in kinds:
+        x = jnp.asarray(normalize_map(kind, maps[kind], stats, mask))
+        if x.shape[1:3] != (cfg.uv_resolution, cfg.uv_resolution):
+            raise ValueError(f"{kind} map is {x.shape}; expected [B, {cfg.uv_resolution}]*2 x C")
+        if x.shape[-1] == 1:
+            x = jnp.repeat(x, vae.cfg.in_channels, axis=-1)
+        xs.append(x)
+    sizes = [x.shape[0] for x in xs]
+    z = vae.encode_to_latent(jnp.concatenate(xs, axis=0), rng)
+    parts = jnp.split(z, np.cumsum(sizes)[:-1], axis=0)
+    return {k: pack_latent(p, cfg.unshuffle) for k, p in zip(kinds, parts, strict=True)}
+
+
+def decode_uv_maps(
+    vae,  # fica_jax.models.vae.AutoencoderKL
+    grids: Mapping[str, jax.Array],  # kind -> [B, G, G, C*u*u] scaled latent token grids
+    *,
+    cfg: UVLatentConfig = UVLatentConfig(),
+    stats: MapStats = MapStats(),
+    mask: jax.Array | None = None,  # [B, R, R(, 1)]
+) -> dict[str, jax.Array]:
+    """Unpacks, VAE-decodes and denormalises: kind -> map [B, R, R, C] (masks [B, R, R, 1])."""
+    _check_vae(vae, cfg)
+    kinds = list(grids)
+    zs = [unpack_latent(grids[k], cfg.unshuffle) for k in kinds]
+    x = vae.decode_from_latent(jnp.concatenate(zs, axis=0))
+    parts = jnp.split(x, np.cumsum([z.shape[0] for z in zs])[:-1], axis=0)
+    out = {}
+    for kind, p in zip(kinds, parts, strict=True):
+        if kind == "mask":  # encoded tiled: average the channels back to one
+            p = jnp.mean(p, axis=-1, keepdims=True)
+        out[kind] = denormalize_map(kind, p, stats, mask)
+    return out
