@@ -62,6 +62,7 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
 def test_cluster_detection_from_environment():
     assert distributed.cluster_kind({}) is None
     assert distributed.cluster_kind({"FICA_COORDINATOR": "h:1"}) == "fica"
+    assert distributed.cluster_kind({"FICA_DISTRIBUTED": "auto"}) == "auto"
     assert distributed.cluster_kind({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
     assert distributed.cluster_kind({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
     assert distributed.cluster_kind({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu"

@@ -4,6 +4,8 @@ computation, when the process is one of several.
 Sources, first match wins:
   FICA_COORDINATOR=host:port, FICA_NUM_PROCESSES=N, FICA_PROCESS_ID=i  -- explicit (local tests,
       bare-metal clusters without a scheduler JAX knows);
+  FICA_DISTRIBUTED=auto -- force JAX's own cluster detection (set by the launch/ scripts: a TPU
+      VM's worker list comes from the metadata server, not always from the environment);
   SLURM (srun with more than one task), TPU pod slices / GKE (xpk), Open MPI -- JAX's own cluster
       detection fills in coordinator, count and id (`jax.distributed.initialize()` with no args).
 Nothing is done for a single process. See launch/README.md for the launch commands.
@@ -35,10 +37,12 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 
 def cluster_kind(env: Mapping[str, str] | None = None) -> str | None:
-    """Which multi-process environment this is ("fica", "slurm", "tpu", "mpi") or None."""
+    """Which multi-process environment this is ("fica", "auto", "slurm", "tpu", "mpi") or None."""
     env = os.environ if env is None else env
     if ENV_COORDINATOR in env:
         return "fica"
+    if env.get("FICA_DISTRIBUTED", "") == "auto":
+        return "auto"
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return "slurm"
     if "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env:
