@@ -113,9 +113,11 @@ class DatasetWriter:
         self._identities: set[str] = set()
 
     def __enter__(self) -> DatasetWriter:
-        parent = self.out_dir.resolve().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        self._final = self.out_dir.resolve()  # renames need a real name, not "." or "x/.."
+        self._final.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self._final.name}.tmp-", dir=self._final.parent)
+        )
         umask = os.umask(0)  # mkdtemp makes 0700; the final dir gets ordinary permissions
         os.umask(umask)
         os.chmod(self._tmp, 0o777 & ~umask)
@@ -203,10 +205,10 @@ class DatasetWriter:
         # Swap in: move an old output aside first so a crash between the renames never leaves
         # a mix of old and new shards under out_dir.
         old = None
-        if self.out_dir.exists():
+        if self._final.exists():
             old = self._tmp.with_name(self._tmp.name + "-old")
-            os.replace(self.out_dir, old)
-        os.replace(self._tmp, self.out_dir)
+            os.replace(self._final, old)
+        os.replace(self._tmp, self._final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

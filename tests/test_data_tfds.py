@@ -10,13 +10,15 @@ from data_pipelines import schema
 from data_pipelines.pipeline import make_pipeline
 from data_pipelines.source import CaptureSource
 from data_pipelines.tfds_builder import TfdsRecordSource, build_tfds
+from fica_jax.cli import main
 
 
 def test_tfds_and_array_record_sources_are_identical(tmp_path):
     assert "tensorflow" not in sys.modules  # the whole path runs without TF
     shards = tmp_path / "ds"
     write_fake_dataset(shards, n=7, records_per_shard=2)
-    prepared = build_tfds(shards, tmp_path / "tfds")
+    assert main(["data", "tfds", str(shards), "--out", str(tmp_path / "tfds")]) == 0
+    prepared = build_tfds(shards, tmp_path / "tfds")  # reuses the prepared copy
     assert prepared == tmp_path / "tfds" / "fica_capture" / f"{schema.SCHEMA_VERSION}.0.0"
     for split in ("train", "test"):
         ours = CaptureSource(shards, split)
@@ -35,3 +37,8 @@ def test_tfds_and_array_record_sources_are_identical(tmp_path):
     batch = next(iter(make_pipeline(prepared, "vae", "train", global_batch_size=2, seed=0)))
     assert batch["uv_texture"].shape == (2, 8, 8, 3)
     assert "tensorflow" not in sys.modules
+
+
+def test_tfds_cli_bad_input(tmp_path, capsys):
+    assert main(["data", "tfds", str(tmp_path / "none"), "--out", str(tmp_path / "t")]) == 2
+    assert "dataset directory does not exist" in capsys.readouterr().err
