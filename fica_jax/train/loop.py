@@ -20,6 +20,7 @@ import numpy as np
 
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
+from fica_jax.train import hlo_stats
 from fica_jax.train import metrics as mlib
 from fica_jax.train.checkpoint import Checkpointer, load_params
 from fica_jax.train.stage import get_stage
@@ -62,27 +63,48 @@ def _check_finite(step: int, scalars: dict[str, float], ckpt: Checkpointer) -> N
         )
 
 
-def _evaluate(setup: Setup, state: dict, cfg: ml_collections.ConfigDict, step: int, workdir):
-    """Means of `stage.eval_fn` over the eval split (once), plus the optional sample hook."""
-    stage = setup.stage
-    data = stage.make_data(cfg, "eval", jax.process_index(), jax.process_count())
-    params = state["ema"] if state["ema"] else state["params"]
+class _Evaluator:
+    """Means of `stage.eval_fn` over the eval split (read once), plus the optional sample hook."""
 
-    def one(params, rest, batch, rng):
-        return stage.eval_fn(setup.model(params, rest), batch, rng)
+    def __init__(self, setup: Setup, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
+        self.setup, self.cfg, self.workdir = setup, cfg, workdir
+        stage = setup.stage
 
-    with setup.context():
-        fn = jax.jit(one)
+        def one(params, rest, batch, rng):
+            return stage.eval_fn(setup.model(params, rest), batch, rng)
+
+        self._fn = jax.jit(one)  # built once: jit caches by function identity
+
+    def __call__(self, state: dict, step: int) -> dict[str, float]:
+        setup, stage = self.setup, self.setup.stage
+        data = stage.make_data(self.cfg, "eval", jax.process_index(), jax.process_count())
+        params = state["ema"] if state["ema"] else state["params"]
         totals, n, batch = {}, 0, None
-        for host_batch in data:
-            batch = shd.put_batch(host_batch, setup.mesh)
-            out = jax.device_get(fn(params, state["rest"], batch, state["rng"]))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            n += 1
-        if stage.sample_fn is not None and batch is not None:
-            stage.sample_fn(setup.model(params, state["rest"]), batch, state["rng"], workdir, step)
-    return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
+        with setup.context():
+            for host_batch in data:
+                batch = shd.put_batch(host_batch, setup.mesh)
+                out = jax.device_get(self._fn(params, state["rest"], batch, state["rng"]))
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                n += 1
+            if stage.sample_fn is not None and batch is not None:
+                model = setup.model(params, state["rest"])
+                stage.sample_fn(model, batch, state["rng"], self.workdir, step)
+        return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
+
+
+def _check_batch(host_batch, spec: dict, process_count: int) -> None:
+    """The first batch must match `stage.batch_spec` (per host), or the AOT step cannot run it."""
+    for key, s in spec.items():
+        if key not in host_batch:
+            raise UserError(f"make_data batch has no key {key!r} that batch_spec promises")
+        x = np.asarray(host_batch[key])
+        want = (s.shape[0] // process_count, *s.shape[1:])
+        if x.shape != want or x.dtype != s.dtype:
+            raise UserError(
+                f"make_data batch[{key!r}] is {x.dtype}{list(x.shape)} but batch_spec says "
+                f"{np.dtype(s.dtype)}{list(want)} per host"
+            )
 
 
 def train(
@@ -96,8 +118,16 @@ def train(
 
     Returns the last logged scalars. Stops early (exit 0 from the CLI) after saving on SIGTERM.
     """
-    workdir = pathlib.Path(workdir)
-    stage = get_stage(cfg.stage)
+    # Installed first so a SIGTERM during start-up is not lost; multi-host leaves it to JAX.
+    preempt = _Preemption(install=jax.process_count() == 1)
+    try:
+        return _train(cfg, pathlib.Path(workdir), init_from, profile_steps, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preemption):
+    stage = get_stage(cfg.stage, cfg)
     pi, pc, primary = jax.process_index(), jax.process_count(), jax.process_index() == 0
     if cfg.data.batch_size % pc:
         raise UserError(f"config data.batch_size={cfg.data.batch_size} must divide by {pc} hosts")
@@ -131,11 +161,13 @@ def train(
     # ------------------------------------------------------------------ observability
     total = int(cfg.train.steps)
     writer = mlib.MetricsWriter(workdir, enabled=primary)
-    flops = mlib.compiled_flops(setup.lower().compile())
+    # Compile once, ahead of time, and run that executable: its HLO also gives the step's FLOPs.
+    compiled = setup.lower().compile()
+    flops = hlo_stats.analyze(compiled.as_text()).flops or mlib.compiled_flops(compiled)
     meter = mlib.Throughput(int(cfg.data.batch_size), flops, mlib.peak_flops())
+    evaluate = _Evaluator(setup, cfg, workdir) if stage.eval_fn is not None else None
     bar = mlib.Progress(total, start, enabled=primary)
     profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
-    preempt = _Preemption(install=pc == 1)
     log_every, ckpt_every = max(int(cfg.train.log_every), 1), int(cfg.train.ckpt_every)
     eval_every = int(cfg.train.eval_every)
 
@@ -145,8 +177,10 @@ def train(
     try:
         while step < total:
             profile.before(step)
-            batch = shd.put_batch(next(data_iter), mesh)
-            state, m = setup.train_step(state, batch)
+            host_batch = next(data_iter)
+            if step == start:
+                _check_batch(host_batch, stage.batch_spec(cfg), pc)
+            state, m = compiled(state, shd.put_batch(host_batch, mesh))
             step += 1
             meter.tick()
             profile.after(step, state["step"])
@@ -157,8 +191,8 @@ def train(
             row = {}
             if step % log_every == 0 or step == total:
                 row = last = {**scalars, **meter.read()}
-            if eval_every and stage.eval_fn is not None and step % eval_every == 0:
-                row = {**row, **_evaluate(setup, state, cfg, step, workdir)}
+            if eval_every and evaluate is not None and step % eval_every == 0:
+                row = {**row, **evaluate(state, step)}
             if row:
                 writer.write(step, row)
             stop = preempt.flag if pc == 1 else ckpt.reached_preemption(step)
@@ -172,7 +206,6 @@ def train(
         ckpt.close()
         writer.close()
         bar.close()
-        preempt.restore()
         if profile.active:
             jax.profiler.stop_trace()
     return last

@@ -109,7 +109,7 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
 
-    stage = get_stage(cfg.stage)
+    stage = get_stage(cfg.stage, cfg)
     mesh = shd.make_mesh(dict(mesh_shape))
     n_dev = mesh.size
     batch = int(cfg.data.batch_size)
@@ -177,7 +177,7 @@ def sharding_table(cfg, mesh_shape: Mapping[str, int]) -> dict[str, list]:
     from fica_jax import sharding as shd
     from fica_jax.train.stage import get_stage
 
-    stage = get_stage(cfg.stage)
+    stage = get_stage(cfg.stage, cfg)
     sizes = tuple(int(mesh_shape.get(a, 1)) for a in shd.MESH_AXES)
     mesh = AbstractMesh(sizes, shd.MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes))
     model = nnx.eval_shape(lambda: stage.init_fn(cfg, nnx.Rngs(params=0, default=0)))

@@ -39,6 +39,9 @@ class Stage:
                `fica plan` compile the step ahead of time without data.
     eval_fn:   optional `(model, batch, rng) -> {name: scalar}` evaluated on the eval split.
     sample_fn: optional `(model, batch, rng, workdir, step) -> None` writing images/avatars.
+    configure: optional `(cfg) -> Stage` returning the stage with config-dependent functions
+               (loss weights, normalisation constants) bound, so `loss_fn` keeps its
+               three-argument form and the config is read once, outside the jitted step.
     """
 
     name: str
@@ -49,6 +52,16 @@ class Stage:
     batch_spec: Callable[[ml_collections.ConfigDict], dict[str, jax.ShapeDtypeStruct]]
     eval_fn: Callable[[nnx.Module, Batch, jax.Array], Metrics] | None = None
     sample_fn: Callable[..., None] | None = None
+    configure: Callable[[ml_collections.ConfigDict], Stage] | None = None
+
+
+def needs_config(stage_name: str) -> Callable[..., Any]:
+    """Placeholder `loss_fn` of a stage whose real loss is built by `configure(cfg)`."""
+
+    def unbound(*args, **kwargs):
+        raise RuntimeError(f"stage {stage_name!r} is config-bound: use get_stage(name, cfg)")
+
+    return unbound
 
 
 # Stage name -> module defining STAGE. Imported lazily so `fica data ...` stays light.
@@ -60,7 +73,11 @@ STAGE_MODULES: dict[str, str] = {
 }
 
 
-def get_stage(name: str) -> Stage:
+def get_stage(name: str, cfg: ml_collections.ConfigDict | None = None) -> Stage:
+    """The registered stage; with `cfg`, its config-bound form (see `Stage.configure`)."""
     if name not in STAGE_MODULES:
         raise UserError(f"unknown stage {name!r}; expected one of {sorted(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name]).STAGE
+    stage = importlib.import_module(STAGE_MODULES[name]).STAGE
+    if cfg is not None and stage.configure is not None:
+        stage = stage.configure(cfg)
+    return stage
