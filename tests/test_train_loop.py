@@ -148,3 +148,16 @@ def test_remat_policies_by_name(name):
     assert setup.lower().compile() is not None
     with pytest.raises(UserError, match="train.remat"):
         remat_policy("sometimes")
+
+
+def test_first_batch_is_checked_against_batch_spec():
+    from fica_jax.train.loop import _check_batch
+
+    cfg = toy_cfg()
+    spec = get_stage("toy").batch_spec(cfg)
+    good = {"x": np.zeros((8, 16), np.float32), "y": np.zeros((8, 8), np.float32)}
+    _check_batch(good, spec, process_count=2)  # per-host half of the global batch of 16
+    with pytest.raises(UserError, match=r"batch\['x'\] is float64\[8, 16\]"):
+        _check_batch({**good, "x": good["x"].astype(np.float64)}, spec, process_count=2)
+    with pytest.raises(UserError, match="no key 'y'"):
+        _check_batch({"x": good["x"]}, spec, process_count=2)

@@ -1,9 +1,11 @@
 """Observability: JSONL + TensorBoard scalars, throughput and MFU, progress bar, profiler window.
 
 `WORKDIR/metrics.jsonl` gets one JSON object per logged step (`{"step": ..., "loss": ...}`), the
-same scalars go to TensorBoard event files in `WORKDIR/tb`. MFU = (FLOPs of one compiled step per
-device, from XLA's `cost_analysis()`) x steps/s / peak dense bf16 FLOP/s of the chip
-(SPECS.md section 9); it is left out on chips without a known peak (CPU).
+same scalars go to TensorBoard event files in `WORKDIR/tb`. MFU = (matmul FLOPs of one compiled
+step per device, counted from its HLO with scan trip counts, `hlo_stats`) x steps/s / peak dense
+bf16 FLOP/s of the chip (SPECS.md section 9). Remat recomputation is included, so with remat on
+this is hardware-FLOPs utilisation, an upper bound on model-FLOPs MFU. Left out on chips without a
+known peak (CPU).
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled (SPMD-partitioned, so per-device) computation.
+    """XLA's FLOPs of one call of a compiled (SPMD-partitioned, so per-device) computation.
 
-    XLA counts a while-loop body once; `fica plan` corrects for scanned layers, the live MFU here
-    is therefore a lower bound for scanned models.
+    XLA counts a while-loop body once, so this under-counts scanned models; it is the fallback
+    when the HLO text cannot be read (`hlo_stats.analyze` is preferred).
     """
     try:
         cost = compiled.cost_analysis()
