@@ -1,0 +1,62 @@
+"""Scale plans: AOT-compile train steps for virtual pods and record `fica plan`'s JSON.
+
+  python benchmarks/plan.py                       # every plan below whose config exists
+  python benchmarks/plan.py --only dit_paper_64   # one of them
+
+Each writes `benchmarks/results/plan_NAME.json` (the `fica plan` report plus the command that made
+it). Nothing here runs on an accelerator: the devices are fake CPU devices, the numbers are the
+compiler's memory analysis, HLO-counted FLOPs and collective bytes, and a roofline (SPECS.md 9-10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fica_jax.train.plan import plan_in_subprocess  # noqa: E402
+
+# name: (config, mesh, overrides)
+PLANS = {
+    "toy_wide_64": ("configs/toy.py:wide", "data=8,fsdp=8", ["--config.data.batch_size=128"]),
+    "dit_paper_64": ("configs/dit.py:paper", "data=8,fsdp=8", []),
+    "dit_paper_64_fullfsdp": ("configs/dit.py:paper", "data=1,fsdp=64", []),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", action="append", help="plan name(s) to run; default all")
+    p.add_argument("--chips", default="v5p,v6e,a100,h100")
+    args = p.parse_args()
+    names = args.only or list(PLANS)
+    for name in names:
+        config, mesh, overrides = PLANS[name]
+        if not (REPO / config.split(":")[0]).exists():
+            print(f"skip {name}: {config} not in the repository", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        report = plan_in_subprocess(config, mesh, args.chips, overrides)
+        report["command"] = " ".join(
+            ["fica plan --config", config, "--mesh", mesh, "--chips", args.chips, *overrides]
+        )
+        report["wall_s"] = time.perf_counter() - t0
+        out = REPO / "benchmarks" / "results" / f"plan_{name}.json"
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        summary = {
+            "params": report["param_count"],
+            "peak_bytes_per_device": report["per_device_bytes"]["peak_estimate"],
+            "flops_per_device": report["flops"]["per_device_per_step"],
+            "v5p_step_s": report["roofline"].get("v5p", {}).get("step_s"),
+        }
+        print(json.dumps({name: summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
