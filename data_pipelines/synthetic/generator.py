@@ -54,6 +54,10 @@ class SynthConfig:
     gaze_deg: tuple[float, float] = (20.0, 15.0)  # max |yaw|, |pitch|
     ambient_range: tuple[float, float] = (0.3, 0.6)
     diffuse_range: tuple[float, float] = (0.4, 0.8)
+    # partial_uv is unwrapped from the portrait's dense maps rendered this many times larger
+    # (1 = exactly the stored view-0 maps; 2 fills the UV face region without scatter gaps,
+    # like a high-resolution phone portrait would)
+    unwrap_supersample: int = 1
 
     def split(self, index: int) -> str:
         return "test" if index % self.test_every == self.test_every - 1 else "train"
@@ -206,8 +210,17 @@ def make_identity(index: int, cfg: SynthConfig, seed: int) -> dict[str, np.ndarr
         bg = _background(rng, cfg.image_size)
         out = _render_view(assets, texture, jnp.asarray(id_coeffs), expr, gaze, cam, light, bg)
         views.append((cam, expr, gaze, out))
+        if portrait:
+            p = out
+            if cfg.unwrap_supersample > 1:
+                f = cfg.unwrap_supersample
+                k = cam.K.copy()
+                k[:2] *= f
+                big = capture.Camera(k, cam.viewmat, cam.width * f, cam.height * f)
+                bg_big = np.repeat(np.repeat(bg, f, 0), f, 1)
+                p = _render_view(assets, texture, jnp.asarray(id_coeffs), expr, gaze, big, light,
+                                 bg_big)  # fmt: skip
 
-    p = views[0][3]
     partial_uv = capture.unwrap_partial(
         p["rgb"], p["mask"], p["uv"], p["nrm"], p["vtx"], resolution=cfg.uv_resolution
     )
