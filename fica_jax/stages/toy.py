@@ -28,9 +28,9 @@ from fica_jax.train.stage import Stage
 class Block(nnx.Module):
     """Pre-norm residual MLP block. x: [B, W] -> [B, W]."""
 
-    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype):
-        self.norm = layers.layer_norm(width, rngs=rngs)
-        self.mlp = layers.Mlp(width, 2 * width, rngs=rngs, dtype=dtype)
+    def __init__(self, width: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.norm = layers.layer_norm(width, rngs=rngs, param_dtype=param_dtype)
+        self.mlp = layers.Mlp(width, 2 * width, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.norm(x).astype(x.dtype)
@@ -44,13 +44,14 @@ class ToyNet(nnx.Module):
         m = cfg.model
         self.dtype = jnp.dtype(cfg.train.compute_dtype)
         self.remat = cfg.train.remat
-        self.inp = layers.linear(m.din, m.width, (None, shd.EMBED), rngs=rngs, dtype=self.dtype)
-        self.out = layers.linear(m.width, m.dout, (shd.EMBED, None), rngs=rngs, dtype=self.dtype)
+        kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.dtype(cfg.train.param_dtype))
+        self.inp = layers.linear(m.din, m.width, (None, shd.EMBED), **kw)
+        self.out = layers.linear(m.width, m.dout, (shd.EMBED, None), **kw)
 
         @nnx.split_rngs(splits=m.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: shd.LAYERS})
         def make_blocks(rngs):
-            return Block(m.width, rngs=rngs, dtype=self.dtype)
+            return Block(m.width, rngs=rngs, dtype=self.dtype, param_dtype=kw["param_dtype"])
 
         self.blocks = make_blocks(rngs)
 
