@@ -40,6 +40,8 @@ def test_template_shapes_and_landmarks(tpl):
     assert lm[30, 2] == lm[:, 2].max()  # nose tip is the most forward landmark
     assert lm[19, 1] > lm[37, 1] > lm[30, 1] > lm[51, 1] > lm[57, 1] > lm[8, 1]
     assert lm[36:42, 0].mean() < 0 < lm[42:48, 0].mean()
+    with pytest.raises(ValueError):  # the cached template cannot be modified by accident
+        tpl.verts[0] = 0.0
 
 
 def test_normals_point_outward(tpl):

@@ -49,6 +49,12 @@ class HeadTemplate:
     shape_names: tuple[str, ...]
     expr_names: tuple[str, ...]
 
+    def __post_init__(self):
+        # templates are shared (cached, closed over by jitted functions): freeze the arrays
+        for value in vars(self).values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
     @property
     def n_verts(self) -> int:
         return len(self.verts)
