@@ -3,6 +3,7 @@ full SDXL model, bf16, remat and sharding on the fake 8-device mesh."""
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -137,6 +139,44 @@ def test_deprecated_attention_names_load(torch_state, image, reference):
     _check_parity(model, image, reference)
 
 
+def _to_ldm(state: dict, n: int) -> dict:
+    """diffusers names -> original CompVis names (attention projections as 1x1 convs)."""
+    subs = (
+        (r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}"),
+        (r"mid_block\.attentions\.0\.group_norm", "mid.attn_1.norm"),
+        (r"mid_block\.attentions\.0\.to_(q|k|v)\.", r"mid.attn_1.\1."),
+        (r"mid_block\.attentions\.0\.to_out\.0\.", "mid.attn_1.proj_out."),
+        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n - 1 - int(m[1])}.block."),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n - 1 - int(m[1])}.upsample."),
+        (r"conv_shortcut", "nin_shortcut"),
+        (r"conv_norm_out", "norm_out"),
+    )
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in subs:
+            k = re.sub(pattern, repl, k)
+        out[k] = v[:, :, None, None] if ".attn_1." in k and v.ndim == 2 else v
+    return out
+
+
+def test_original_ldm_checkpoint_loads(torch_state, image, reference, tmp_path):
+    ldm = _to_ldm(torch_state, 2)
+    assert "decoder.up.1.block.0.conv1.weight" in ldm and "encoder.mid.attn_1.q.weight" in ldm
+    # The test's renaming is checked against diffusers' own single-file converter.
+    back = convert_ldm_vae_checkpoint({k: torch.from_numpy(v) for k, v in ldm.items()}, TINY_TORCH)
+    assert sorted(back) == sorted(torch_state)
+    for k, v in back.items():
+        np.testing.assert_array_equal(v.numpy(), torch_state[k])
+    # A full-model file: only the first_stage_model. tensors are the VAE's.
+    full = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    full["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((2, 2), np.float32)
+    safetensors.numpy.save_file(full, str(tmp_path / "sd_full.safetensors"))
+    model = V.from_pretrained(tmp_path / "sd_full.safetensors", cfg=V.VARIANTS["tiny"])
+    _check_parity(model, image, reference)
+
+
 def test_mismatched_keys_are_reported(torch_state):
     bad = dict(torch_state)
     bad.pop("decoder.conv_out.bias")
@@ -197,6 +237,8 @@ def test_sdxl_shapes_params_and_key_map():
         ref = TorchAutoencoderKL(**SDXL_TORCH)
     shapes = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in ref.state_dict().items()}
     _, report = V.match_state_dict(model, shapes)
+    assert report.ok and report.loaded == len(shapes), str(report)
+    _, report = V.match_state_dict(model, _to_ldm(shapes, 4))  # reversed up blocks, widths differ
     assert report.ok and report.loaded == len(shapes), str(report)
 
 
@@ -272,7 +314,7 @@ def test_sdxl_golden_specs_on_fsdp_tensor_mesh():
     get = lambda path: specs[tuple(int(p) if p.isdigit() else p for p in path.split("/"))]
     full = P(None, None, "tensor", "fsdp")
     assert get("encoder/down_blocks/3/resnets/1/conv2/kernel") == full
-    assert get("decoder/up_blocks/0/upsampler/conv/kernel") == full
+    assert get("decoder/up_blocks/0/resample/conv/kernel") == full
     assert get("encoder/conv_in/kernel") == P(None, None, None, "fsdp")  # 3 input channels
     assert get("encoder/conv_out/kernel") == full  # 512 -> 8 moments
     assert get("decoder/conv_out/kernel") == P(None, None, "tensor", None)

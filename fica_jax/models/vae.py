@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
+import safetensors
 from flax import nnx
 
 from fica_jax import sharding as shd
@@ -203,7 +204,9 @@ class MidBlock(nnx.Module):
     """resnet -> (attention) -> resnet at the lowest resolution."""
 
     def __init__(self, c: int, groups: int, attention: bool, *, rngs: nnx.Rngs, dtype):
-        self.resnets = nnx.List([ResnetBlock(c, c, groups, rngs=rngs, dtype=dtype) for _ in "ab"])
+        self.resnets = nnx.List(
+            [ResnetBlock(c, c, groups, rngs=rngs, dtype=dtype) for _ in range(2)]
+        )
         self.attention = MidAttention(c, groups, rngs=rngs, dtype=dtype) if attention else None
 
     def __call__(self, x: Array, remat: bool) -> Array:
@@ -213,32 +216,21 @@ class MidBlock(nnx.Module):
         return _resnet(self.resnets[1], x, remat)
 
 
-class DownBlock(nnx.Module):
-    def __init__(self, cin: int, cout: int, n: int, groups: int, down: bool, *, rngs, dtype):
+class ResnetStack(nnx.Module):
+    """n resnet blocks then an optional resampler: diffusers' DownEncoderBlock2D (with a
+    Downsample) and UpDecoderBlock2D (with an Upsample). [B, H, W, cin] -> [B, H', W', cout]."""
+
+    def __init__(self, cin: int, cout: int, n: int, groups: int, resample, *, rngs, dtype):
         self.resnets = nnx.List(
             [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype)
              for i in range(n)]
         )  # fmt: skip
-        self.downsampler = Downsample(cout, rngs=rngs, dtype=dtype) if down else None
+        self.resample = resample(cout, rngs=rngs, dtype=dtype) if resample else None
 
     def __call__(self, x: Array, remat: bool) -> Array:
         for r in self.resnets:
             x = _resnet(r, x, remat)
-        return x if self.downsampler is None else self.downsampler(x)
-
-
-class UpBlock(nnx.Module):
-    def __init__(self, cin: int, cout: int, n: int, groups: int, up: bool, *, rngs, dtype):
-        self.resnets = nnx.List(
-            [ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype)
-             for i in range(n)]
-        )  # fmt: skip
-        self.upsampler = Upsample(cout, rngs=rngs, dtype=dtype) if up else None
-
-    def __call__(self, x: Array, remat: bool) -> Array:
-        for r in self.resnets:
-            x = _resnet(r, x, remat)
-        return x if self.upsampler is None else self.upsampler(x)
+        return x if self.resample is None else self.resample(x)
 
 
 class Encoder(nnx.Module):
@@ -249,8 +241,8 @@ class Encoder(nnx.Module):
         self.remat = cfg.remat
         self.conv_in = _conv3(cfg.in_channels, ch[0], rngs=rngs, dtype=dtype)
         self.down_blocks = nnx.List(
-            [DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < n - 1,
-                       rngs=rngs, dtype=dtype)
+            [ResnetStack(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
+                         Downsample if i < n - 1 else None, rngs=rngs, dtype=dtype)
              for i in range(n)]
         )  # fmt: skip
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_attention, rngs=rngs, dtype=dtype)
@@ -275,8 +267,8 @@ class Decoder(nnx.Module):
         self.conv_in = _conv3(cfg.latent_channels, ch[0], rngs=rngs, dtype=dtype)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_attention, rngs=rngs, dtype=dtype)
         self.up_blocks = nnx.List(
-            [UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < n - 1,
-                     rngs=rngs, dtype=dtype)
+            [ResnetStack(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g,
+                         Upsample if i < n - 1 else None, rngs=rngs, dtype=dtype)
              for i in range(n)]
         )  # fmt: skip
         self.conv_norm_out = layers.group_norm(ch[-1], groups=g, eps=1e-6, rngs=rngs)
@@ -295,7 +287,7 @@ class AutoencoderKL(nnx.Module):
     """SDXL-style KL autoencoder. Images [B, H, W, C] in [-1, 1]; H, W divisible by the factor.
 
     `dtype` is the compute dtype of convs/projections (e.g. jnp.bfloat16); parameters are
-    `param_dtype` (float32 by default); norms, the posterior and the softmax stay float32.
+    float32; norms, the posterior, the softmax and the decoded image stay float32.
     Build the paper model with `AutoencoderKL(VARIANTS["sdxl"], rngs=nnx.Rngs(0))`, or load
     weights with `from_pretrained(path)`.
     """
@@ -362,18 +354,50 @@ CONFIG_NAME = "config.json"
 # diffusers name fragments -> ours. The `query/key/value/proj_attn` names are those of diffusers
 # < 0.14, which some hub VAE checkpoints still carry (diffusers renames them on load, as we do).
 _RENAMES: tuple[tuple[str, str], ...] = (
-    (".downsamplers.0.", ".downsampler."),
-    (".upsamplers.0.", ".upsampler."),
+    (".downsamplers.0.", ".resample."),
+    (".upsamplers.0.", ".resample."),
     (".attentions.0.group_norm.", ".attention.norm."),
-    (".attentions.0.to_q.", ".attention.attn.q."),
-    (".attentions.0.to_k.", ".attention.attn.k."),
-    (".attentions.0.to_v.", ".attention.attn.v."),
-    (".attentions.0.to_out.0.", ".attention.attn.out."),
-    (".attentions.0.query.", ".attention.attn.q."),
-    (".attentions.0.key.", ".attention.attn.k."),
-    (".attentions.0.value.", ".attention.attn.v."),
-    (".attentions.0.proj_attn.", ".attention.attn.out."),
+) + tuple(
+    (f".attentions.0.{name}.", f".attention.attn.{ours}.")
+    for names, ours in ((("to_q", "query"), "q"), (("to_k", "key"), "k"), (("to_v", "value"), "v"),
+                        (("to_out.0", "proj_attn"), "out"))
+    for name in names
+)  # fmt: skip
+
+# Original CompVis/SGM names (stabilityai's single-file sdxl_vae.safetensors, full SD/SDXL
+# checkpoints under `first_stage_model.`) -> diffusers names, as diffusers' single-file loader
+# does. LDM's decoder.up.{i} is indexed by resolution level (0 = full resolution) while diffusers'
+# up_blocks are in execution order, so up.{i} is up_blocks.{n - 1 - i} (`ldm_to_diffusers_key`).
+LDM_PREFIXES = ("first_stage_model.", "vae.")
+_LDM_RENAMES: tuple[tuple[str, Any], ...] = (
+    (
+        r"^(encoder|decoder)\.mid\.block_(\d)\.",
+        lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.",
+    ),
+    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
 )
+
+
+def is_ldm_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    return any(re.match(r"^(encoder\.down|decoder\.up|encoder\.mid)\.", k) for k in state_dict)
+
+
+def ldm_to_diffusers_key(key: str, num_blocks: int) -> str:
+    """'decoder.up.3.block.0.nin_shortcut.weight' (n=4) -> 'decoder.up_blocks.0.resnets.0.
+    conv_shortcut.weight'."""
+    for pattern, repl in _LDM_RENAMES:
+        key = re.sub(pattern, repl, key)
+    m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(.*)$", key)
+    if m:
+        sub = "resnets." if m[2] == "block" else "upsamplers.0."
+        key = f"decoder.up_blocks.{num_blocks - 1 - int(m[1])}.{sub}{m[3]}"
+    return key
 
 
 def torch_key_to_path(key: str) -> tuple[str | int, ...]:
@@ -432,15 +456,17 @@ def match_state_dict(
 ) -> tuple[dict[tuple, np.ndarray], LoadReport]:
     """Maps a diffusers AutoencoderKL state dict onto `model`'s parameters without assigning.
 
-    Returns ({nnx path: array in our layout}, report). Works on abstract (`nnx.eval_shape`)
+    Returns ({nnx path: array in our layout}, report); the report names the checkpoint's own
+    keys. Original-format (LDM) names are recognised. Works on abstract (`nnx.eval_shape`)
     models, and on zero-stride views (`np.broadcast_to`) for shape-only checks.
     """
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     by_key = {_nnx_path_to_key(p): p for p in params}
     missing_keys = set(by_key)
     unexpected, mismatched, assign = [], [], {}
+    ldm, n = is_ldm_state_dict(state_dict), len(model.cfg.block_out_channels)
     for key in sorted(state_dict):
-        tkey = torch_key_to_path(key)
+        tkey = torch_key_to_path(ldm_to_diffusers_key(key, n) if ldm else key)
         if tkey not in by_key:
             unexpected.append(key)
             continue
@@ -530,6 +556,21 @@ def _find_checkpoint(path: Path) -> tuple[Path | None, Path]:
     return path / CONFIG_NAME, weights
 
 
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a VAE file; of a full SD/SDXL checkpoint only the `first_stage_model.`
+    (or `vae.`) ones, prefix removed, without reading the rest of the file."""
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            for prefix in LDM_PREFIXES:
+                if any(k.startswith(prefix) for k in keys):
+                    keys = [k for k in keys if k.startswith(prefix)]
+                    return {k[len(prefix) :]: f.get_tensor(k) for k in keys}
+            return {k: f.get_tensor(k) for k in keys}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,
@@ -556,21 +597,13 @@ def from_pretrained(
                 raise UserError(f"{config_file}: not readable JSON ({e})") from None
             cfg = config_from_diffusers(raw, str(config_file))
     cfg = dataclasses.replace(cfg, remat=remat)
-    try:
-        state_dict = safetensors.numpy.load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    state_dict = read_safetensors(weights)
     # Build abstract shapes only: every parameter is then set from the checkpoint (strict).
     model = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype))
     try:
         load_torch_state_dict(model, state_dict, strict=True)
     except UserError as e:
         raise UserError(f"{weights}: {e}") from None
-    abstract = [
-        "/".join(map(str, p))
-        for p, v in nnx.to_flat_state(nnx.state(model))
-        if isinstance(v.get_value(), jax.ShapeDtypeStruct)
-    ]
-    if abstract:  # a state variable that is not a checkpoint parameter: a bug, not user input
-        raise RuntimeError(f"from_pretrained left variables uninitialised: {abstract}")
+    # Every variable of the model is a checkpoint parameter; anything still abstract is a bug.
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
     return model
