@@ -18,9 +18,11 @@ RS = np.random.RandomState(0)
 def test_config_shapes_and_token_counts():
     cfg = U.UVLatentConfig()
     assert (cfg.latent_resolution, cfg.grid, cfg.token_channels) == (64, 32, 16)
-    assert cfg.num_tokens == 1024
-    assert U.UVLatentConfig(unshuffle=4).num_tokens == 256
-    assert U.UVLatentConfig(uv_resolution=256).num_tokens == 256
+    assert cfg.num_tokens(patch=2) == 256 and cfg.num_tokens() == 1024
+    assert U.UVLatentConfig(unshuffle=4).num_tokens() == 256
+    assert U.UVLatentConfig(uv_resolution=256).num_tokens(2) == 64
+    with pytest.raises(UserError, match="DiT patch 3"):
+        cfg.num_tokens(3)
     with pytest.raises(UserError, match="not divisible"):
         U.UVLatentConfig(uv_resolution=500)
 

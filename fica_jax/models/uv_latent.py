@@ -1,9 +1,10 @@
-"""UV maps <-> the DiT's latent token grid (SPECS.md s.1 "32x32x16", s.2; FiCA paper s.3.2).
+"""UV maps <-> the DiT's latent grid (SPECS.md s.1 "32x32x16"; FiCA paper s.2.2 + supplement).
 
 FiCA's diffusion model generates the avatar's UV texture and UV geometry maps in the SDXL VAE's
-latent space. With the defaults a 512x512 UV map is encoded to a 64x64x4 latent, which is
-pixel-unshuffled by 2 into a 32x32x16 grid (1024 DiT tokens of 16 channels); `unshuffle=4` gives
-16x16x64 (256 tokens). Resolution and factor stay configurable (`UVLatentConfig`).
+latent space; the supplement gives a 32x32x16 latent, patchified by the DiT with patch size 2.
+With the defaults a 512x512 UV map is encoded to a 64x64x4 latent, pixel-unshuffled by 2 into
+that 32x32x16 grid: 256 DiT tokens at patch 2, 1024 at patch 1 (`num_tokens`). Resolution and
+factor stay configurable (`UVLatentConfig`; `unshuffle=4` gives 16x16x64).
 
 The VAE was trained on images in [-1, 1]; geometry maps are not images, so each map kind has a
 fixed, exactly invertible mapping to [-1, 1] (`normalize_map` / `denormalize_map`):
@@ -73,9 +74,11 @@ class UVLatentConfig:
     def token_channels(self) -> int:
         return self.latent_channels * self.unshuffle**2
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid**2
+    def num_tokens(self, patch: int = 1) -> int:
+        """DiT sequence length when the DiT patchifies the grid with `patch`."""
+        if self.grid % patch:
+            raise UserError(f"latent grid {self.grid} is not divisible by DiT patch {patch}")
+        return (self.grid // patch) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
