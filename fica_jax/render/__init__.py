@@ -1,0 +1,11 @@
+"""Differentiable 3D Gaussian rasteriser in pure JAX with gsplat's API (SPECS.md Sec. 7).
+
+Stages: `project` (EWA projection) -> `tiles` (static-capacity tile binning) -> `composite`
+(front-to-back alpha blending); `dense` is the all-pixels reference; `surfels` renders UV
+texture + position maps as surface-aligned flat Gaussians (refiner, FiCA Sec. 2.3); `ply`
+reads/writes the standard 3DGS .ply layout.
+"""
+
+from fica_jax.render.rasterize import RasterOptions, rasterization, render
+
+__all__ = ["RasterOptions", "rasterization", "render"]
