@@ -82,7 +82,7 @@ def make_pipeline(
     per_host = global_batch_size // process_count
     src = source if source is not None else open_source(data_dir, split)
     ds = grain.MapDataset.source(src)[host_slice(len(src), process_index, process_count)]
-    if len(ds) < per_host:
+    if len(ds) == 0 or (num_epochs is not None and len(ds) * num_epochs < per_host):
         raise UserError(
             f"{data_dir} split {split!r}: host {process_index} of {process_count} gets "
             f"{len(ds)} records, fewer than its batch of {per_host}"
@@ -124,17 +124,24 @@ def stage_data(
             "--config.data.dir=DIR"
         )
     train = split == "train"
+    # The train loop evaluates on "eval": the identity-level held-out split of the shards.
+    shard_split = "test" if split == "eval" else split
+    epochs = None
+    if not train:
+        # One pass, but at least one full batch even when the held-out split is small.
+        n = len(open_source(data.dir, shard_split))
+        epochs = max(1, -(-int(data.batch_size) // max(n, 1)))
     return make_pipeline(
         data.dir,
         stage or cfg.stage,
-        split,
+        shard_split,
         global_batch_size=data.batch_size,
         seed=(data.get("shuffle_seed", 0) + cfg.get("seed", 0)) % 2**32,
         process_index=process_index,
         process_count=process_count,
         workers=data.get("workers", 0),
         augment=train and data.get("augment", True),
-        num_epochs=None if train else 1,
+        num_epochs=epochs,
         image_size=data.get("image_size") or None,
         shuffle=train,
     )

@@ -192,7 +192,8 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
             if step % log_every == 0 or step == total:
                 row = last = {**scalars, **meter.read()}
             if eval_every and evaluate is not None and step % eval_every == 0:
-                row = {**row, **evaluate(state, step)}
+                evals = evaluate(state, step)
+                row, last = {**row, **evals}, {**last, **evals}
             if row:
                 writer.write(step, row)
             stop = preempt.flag if pc == 1 else ckpt.reached_preemption(step)

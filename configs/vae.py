@@ -1,0 +1,49 @@
+"""Stage `vae`: the SDXL-architecture autoencoder on UV texture + geometry maps.
+
+fica data synth --out data/synth --identities 64 --resolution 128
+fica train vae --config configs/vae.py:tiny --workdir runs/vae --config.data.dir=data/synth
+# paper: the pre-trained SDXL VAE, fine-tuned at 512 (load weights with --init_from or
+# fica_jax.models.vae.from_pretrained)
+fica train vae --config configs/vae.py:paper --workdir gs://BUCKET/vae --config.data.dir=...
+"""
+
+from configs.common import base_config
+
+VARIANTS = {
+    # name: (vae variant, block widths, layers per block, norm groups, uv res, batch, steps, lr)
+    "tiny": ("sdxl", (16, 32, 32, 32), 1, 8, 64, 8, 300, 1e-3),
+    "base": ("sdxl", (64, 128, 256, 256), 2, 32, 256, 64, 50_000, 1e-4),
+    "paper": ("sdxl", (), 0, 0, 512, 128, 50_000, 1e-5),
+}
+
+
+def get_config(arg: str = "tiny"):
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown vae variant {arg!r}; expected one of {sorted(VARIANTS)}")
+    variant, widths, layers, groups, res, batch, steps, lr = VARIANTS[arg]
+    c = base_config("vae")
+    c.model.variant = variant
+    # Empty / 0 keep the variant's (SDXL) value: the paper config *is* the SDXL VAE.
+    c.model.block_out_channels = widths
+    c.model.layers_per_block = layers
+    c.model.norm_groups = groups
+    c.model.latent_channels = 0
+    c.model.kl_weight = 1e-6
+    # Position-map normalisation (fica_jax/models/uv_latent.py): the synthetic head template
+    # spans x +-0.09, y -0.18..0.13, z -0.10..0.14 m; centre and half-extent with a margin.
+    c.model.position_center = (0.0, -0.025, 0.02)
+    c.model.position_extent = (0.19, 0.19, 0.19)
+
+    c.data.uv_resolution = res
+    c.data.batch_size = batch
+    c.optim.lr = lr
+    c.optim.warmup_steps = min(100, steps // 10)
+    c.train.steps = steps
+    c.train.log_every = 25 if arg == "tiny" else 100
+    c.train.ckpt_every = 100 if arg == "tiny" else 1000
+    c.train.eval_every = 0
+    if arg == "paper":
+        c.train.compute_dtype = "bfloat16"
+        c.train.remat = "full"
+        c.mesh.data, c.mesh.fsdp = 8, -1
+    return c
