@@ -238,3 +238,28 @@ def assign(
 def export(module: nnx.Module) -> dict[Path_, np.ndarray]:
     """{nnx path: numpy array} of `module`'s params (the inverse of `assign`, for round trips)."""
     return {p: np.asarray(v.get_value()) for p, v in params_of(module).items()}
+
+
+def stack_layers(
+    per_layer: Mapping[tuple[Path_, int], np.ndarray], depth: int
+) -> tuple[dict[Path_, np.ndarray], list[str]]:
+    """Stacks per-block arrays `{(path, block index): array}` into `{path: [depth, ...]}` for
+    modules whose blocks are vmapped on a leading LAYERS axis.
+
+    Returns (stacked, problems); a path whose blocks are incomplete is left out (so `assign`
+    reports it missing) and described in `problems` ("path: blocks [..] absent" or extra ones).
+    """
+    by_path: dict[Path_, dict[int, np.ndarray]] = {}
+    for (path, i), arr in per_layer.items():
+        by_path.setdefault(tuple(path), {})[int(i)] = np.asarray(arr)
+    stacked, problems = {}, []
+    for path, blocks in by_path.items():
+        absent = [i for i in range(depth) if i not in blocks]
+        extra = sorted(i for i in blocks if not 0 <= i < depth)
+        if absent or extra:
+            problems.append(
+                f"{_name(path)}: blocks {absent or extra} {'absent' if absent else 'extra'}"
+            )
+            continue
+        stacked[path] = np.stack([blocks[i] for i in range(depth)])
+    return stacked, problems
