@@ -248,7 +248,7 @@ _BLOCK_RENAMES = {
 }
 
 
-def _leaf(module_path: tuple, kind: str, arr: np.ndarray) -> tuple[tuple, np.ndarray]:
+def torch_leaf(module_path: tuple, kind: str, arr: np.ndarray) -> tuple[tuple, np.ndarray]:
     """torch `weight`/`bias` of a Linear / LayerNorm / Conv -> (nnx path, array in our layout)."""
     if kind == "bias":
         return (*module_path, "bias"), arr
@@ -301,20 +301,20 @@ def sapiens_backbone_to_nnx(
         if k == "pos_embed":
             flat[("pos_embed",)] = _pos_embed(arr, cfg, key)
         elif k.startswith("patch_embed.projection."):
-            path, a = _leaf(("patch_embed",), k.rsplit(".", 1)[1], arr)
+            path, a = torch_leaf(("patch_embed",), k.rsplit(".", 1)[1], arr)
             flat[path] = a
         elif k in ("ln1.weight", "ln1.bias"):
-            path, a = _leaf(("norm",), k.rsplit(".", 1)[1], arr)
+            path, a = torch_leaf(("norm",), k.rsplit(".", 1)[1], arr)
             flat[path] = a
         elif m := re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", k):
             i, mod, kind = int(m[1]), m[2], m[3]
             block = ("encoder", "blocks")
             if mod == "attn.qkv":
                 for name, part in zip("qkv", np.split(arr, 3, axis=0), strict=True):
-                    path, a = _leaf((*block, "attn", name), kind, part)
+                    path, a = torch_leaf((*block, "attn", name), kind, part)
                     per_layer[(path, i)] = a
             elif mod in _BLOCK_RENAMES:
-                path, a = _leaf((*block, *_BLOCK_RENAMES[mod]), kind, arr)
+                path, a = torch_leaf((*block, *_BLOCK_RENAMES[mod]), kind, arr)
                 per_layer[(path, i)] = a
             else:
                 unmapped.append(key)
@@ -344,11 +344,11 @@ def sapiens_head_to_nnx(
                 out[("deconvs", i, "kernel")] = weights.conv_transpose_kernel(arr)
                 continue
             if m[1] == "conv_layers":
-                path, a = _leaf(("convs", i), m[3], arr)
+                path, a = torch_leaf(("convs", i), m[3], arr)
                 out[path] = a
                 continue
         if k in ("conv_seg.weight", "conv_seg.bias"):
-            path, a = _leaf(("final",), k.rsplit(".", 1)[1], arr)
+            path, a = torch_leaf(("final",), k.rsplit(".", 1)[1], arr)
             out[path] = a
             continue
         unmapped.append(key)
