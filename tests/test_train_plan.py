@@ -83,3 +83,17 @@ def test_param_shardings_match_golden(name):
     assert path.exists(), f"missing {path}; regenerate it as in this module's docstring"
     table = plan.sharding_table(load_config(config), {"data": 8, "fsdp": 8})
     assert table == json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_fica_plan_dit_tiny(tmp_path):
+    """The DiT's scanned blocks show up as a while loop with the config's depth as trip count."""
+    if not (REPO / "configs" / "dit.py").exists():
+        pytest.skip("configs/dit.py not in the repository yet")
+    report = plan.plan_in_subprocess("configs/dit.py:tiny", "data=2,fsdp=4", "v5p")
+    from fica_jax.models.dit import VARIANTS
+
+    depth = load_config("configs/dit.py:tiny").model.depth or VARIANTS["tiny"].depth
+    assert report["flops"]["while_trip_counts"].count(depth) == 2  # forward and backward scans
+    assert report["flops"]["per_device_per_step"] > 0
+    assert report["per_device_bytes"]["params"] < 4 * report["param_count"]
