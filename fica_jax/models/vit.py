@@ -271,6 +271,8 @@ def _pos_embed(arr: np.ndarray, cfg: ViTConfig, name: str) -> np.ndarray:
         return pos
     if n % 2 == 1 or n == gh * gw + 1:  # a class-token slot Sapiens does not use
         pos, n = pos[1:], n - 1
+    if n == gh * gw:
+        return pos
     side = int(round(n**0.5))
     if side * side != n:
         raise UserError(
