@@ -2,9 +2,11 @@
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,8 +22,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-def test_two_process_run_trains_and_checkpoints(tmp_path):
+def _launch(tmp_path, *overrides):
+    """Starts `fica train toy` as processes 0 and 1 of a 2-process jax.distributed job."""
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -36,16 +38,18 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
         )
         cmd = [sys.executable, "-m", "fica_jax.train.cli", "train", "toy"]
         cmd += ["--config", "configs/toy.py", "--workdir", str(tmp_path)]
-        cmd += [
-            "--config.train.steps=6",
-            "--config.train.ckpt_every=3",
-            "--config.train.log_every=1",
-        ]
+        cmd += ["--config.train.log_every=1", *overrides]
         procs.append(
             subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
+    return procs
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_trains_and_checkpoints(tmp_path):
+    procs = _launch(tmp_path, "--config.train.steps=6", "--config.train.ckpt_every=3")
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -68,3 +72,22 @@ def test_cluster_detection_from_environment():
     assert distributed.cluster_kind({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "tpu"
     assert distributed.cluster_kind({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
     assert distributed.initialize_from_env({}) is False  # single process: nothing to do
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_sigterm_agrees_on_a_step_saves_and_exits_zero(tmp_path):
+    """JAX's coordination service catches SIGTERM; both hosts stop at the same sync-point step."""
+    procs = _launch(tmp_path, "--config.train.steps=100000")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 5):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    saved = int(outs[0].split("preempted: saved step ")[1].split(",")[0])
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(saved)]
