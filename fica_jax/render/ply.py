@@ -54,9 +54,7 @@ def save_ply(
     data = np.concatenate(cols, 1).astype("<f4")
     header = (
         "ply\nformat binary_little_endian 1.0\n"
-        f"element vertex {n}\n"
-        + "".join(f"property float {p}\n" for p in PROPS)
-        + "end_header\n"
+        f"element vertex {n}\n" + "".join(f"property float {p}\n" for p in PROPS) + "end_header\n"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,16 @@ def render(
         rgb = "RGB" in opts.render_mode
         backgrounds = jnp.concatenate([backgrounds, zeros], -1) if rgb else zeros
 
+    img, alpha, meta = _render_jit(
+        means, covars, opacities, colors, viewmats, Ks, backgrounds, opts
+    )
+    meta |= {"width": opts.width, "height": opts.height, "tile_size": opts.tile_size}
+    return img, alpha, meta
+
+
+@jax.jit(static_argnames=("opts",))
+def _render_jit(means, covars, opacities, colors, viewmats, Ks, backgrounds, opts):
+    # jitted once per (shapes, options): eager calls would dispatch every op separately
     def one(viewmat, K, bg):
         return _render_camera(means, covars, opacities, colors, viewmat, K, bg, opts)
 
@@ -167,12 +177,12 @@ def render(
         "radii": proj.radii,  # [C, N, 2]
         "opacities": opac,  # [C, N] after antialiasing compensation
         "compensations": proj.compensations,  # [C, N]
-        "width": opts.width,
-        "height": opts.height,
-        "tile_size": opts.tile_size,
         **{name: value for name, value in stats._asdict().items()},  # each [C]
     }
     return img, alpha, meta
+
+
+_covariance_jit = jax.jit(covariance)
 
 
 def rasterization(
@@ -222,5 +232,5 @@ def rasterization(
         dense=dense,
     )
     if covars is None:
-        covars = covariance(jnp.asarray(quats), jnp.asarray(scales))
+        covars = _covariance_jit(jnp.asarray(quats), jnp.asarray(scales))
     return render(means, covars, opacities, colors, viewmats, Ks, opts, backgrounds)
