@@ -161,6 +161,9 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
         "collective_bytes_per_device": {
             **hlo.collective_bytes,
             "total": hlo.total_collective_bytes,
+            "note": "ring-algorithm bytes sent per device, loops unrolled, from the CPU-compiled "
+            "HLO: gradient reductions may show as all-reduce where TPU/GPU compilers emit "
+            "reduce-scatter, so this is an upper bound",
         },
         "roofline": roofline(flops, hlo.total_collective_bytes, peak_mem, chips),
         "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1},
