@@ -1,0 +1,46 @@
+"""Stage `dense`: the Sapiens-style dense predictor (UV coords, vertex positions, normals, mask).
+
+fica data synth --out data/synth --identities 64 --resolution 64 --image-size 128
+fica train dense --config configs/dense.py:tiny --workdir runs/dense --config.data.dir=data/synth
+# paper: Sapiens-1B at 1024x768, initialised from the public checkpoint
+#   (fica_jax.models.vit.load_sapiens(path) / --init_from a converted run)
+fica train dense --config configs/dense.py:paper --workdir gs://BUCKET/dense --config.data.dir=...
+"""
+
+from configs.common import base_config
+
+VARIANTS = {
+    # name: (ViT variant, image size, global batch, steps, lr)
+    "tiny": ("tiny", 128, 8, 400, 1e-3),
+    "base": ("0.3b", 512, 64, 50_000, 1e-4),
+    "paper": ("1b", 1024, 512, 50_000, 5e-5),
+}
+
+
+def get_config(arg: str = "tiny"):
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown dense variant {arg!r}; expected one of {sorted(VARIANTS)}")
+    vit, size, batch, steps, lr = VARIANTS[arg]
+    c = base_config("dense")
+    c.model.variant = vit
+    # 0 keeps the variant's value; the CPU demo widens the 'tiny' ViT a little.
+    c.model.width, c.model.depth, c.model.heads = (64, 4, 4) if arg == "tiny" else (0, 0, 0)
+    c.model.head_channels = 32 if arg == "tiny" else 0
+    c.model.loss_weights = dict(uv=1.0, vtx=1.0, nrm=1.0, mask=0.5)
+    # Same head-space normalisation as configs/vae.py (synthetic template extents).
+    c.model.position_center = (0.0, -0.025, 0.02)
+    c.model.position_extent = (0.19, 0.19, 0.19)
+
+    c.data.image_size = size  # square crops; the Sapiens paper size is 1024x768
+    c.data.landmarks = 68
+    c.data.batch_size = batch
+    c.optim.lr = lr
+    c.optim.weight_decay = 0.05 if arg != "tiny" else 1e-4
+    c.optim.warmup_steps = min(500, steps // 10)
+    c.train.steps = steps
+    c.train.log_every = 25 if arg == "tiny" else 100
+    c.train.ckpt_every = 100 if arg == "tiny" else 1000
+    if arg != "tiny":
+        c.train.compute_dtype = "bfloat16"
+        c.train.remat = "full"
+    return c
