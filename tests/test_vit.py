@@ -148,16 +148,16 @@ def test_dense_predictor_outputs_and_other_input_sizes():
 def test_pos_embed_import_drops_class_slot_and_resizes():
     gh, gw = TINY.grid
     pos = np.random.default_rng(0).standard_normal((1, 1 + gh * gw, 8)).astype(np.float32)
-    same = vit._pos_embed(pos, TINY, "pos_embed")
+    same = vit.import_pos_embed(pos, TINY, "pos_embed")
     np.testing.assert_array_equal(same, pos[0, 1:])  # class slot removed, grid unchanged
     square = np.random.default_rng(1).standard_normal((1, 1 + 36, 8)).astype(np.float32)
-    resized = vit._pos_embed(square, TINY, "pos_embed")  # 6x6 pretrain grid -> 4x3
+    resized = vit.import_pos_embed(square, TINY, "pos_embed")  # 6x6 pretrain grid -> 4x3
     assert resized.shape == (gh * gw, 8)
     # a constant grid stays constant under bicubic resizing
     const = np.ones((1, 36, 8), np.float32)
-    np.testing.assert_allclose(vit._pos_embed(const, TINY, "pos_embed"), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vit.import_pos_embed(const, TINY, "pos_embed"), 1.0, atol=1e-5)
     with pytest.raises(UserError, match="neither the 4x3 grid"):
-        vit._pos_embed(np.zeros((1, 10, 8), np.float32), TINY, "backbone.pos_embed")
+        vit.import_pos_embed(np.zeros((1, 10, 8), np.float32), TINY, "backbone.pos_embed")
 
 
 def test_sapiens_key_report_and_bad_path(tmp_path, hf_vit):

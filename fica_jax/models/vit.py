@@ -259,7 +259,7 @@ def torch_leaf(module_path: tuple, kind: str, arr: np.ndarray) -> tuple[tuple, n
     return (*module_path, "kernel"), weights.conv_kernel(arr)
 
 
-def _pos_embed(arr: np.ndarray, cfg: ViTConfig, name: str) -> np.ndarray:
+def import_pos_embed(arr: np.ndarray, cfg: ViTConfig, name: str) -> np.ndarray:
     """mmpretrain pos_embed [1, N (+1 class slot), D] -> our [gh * gw, D] (resized with torch's
     bicubic exactly as mmpretrain's `resize_pos_embed`)."""
     import torch
@@ -301,7 +301,7 @@ def sapiens_backbone_to_nnx(
         if k == "cls_token":
             continue
         if k == "pos_embed":
-            flat[("pos_embed",)] = _pos_embed(arr, cfg, key)
+            flat[("pos_embed",)] = import_pos_embed(arr, cfg, key)
         elif k.startswith("patch_embed.projection."):
             path, a = torch_leaf(("patch_embed",), k.rsplit(".", 1)[1], arr)
             flat[path] = a
@@ -370,7 +370,9 @@ def load_sapiens(
     names which of our heads receives the checkpoint's `decode_head` (e.g. "nrm" from the
     Sapiens normal model); `decode_head` keys are ignored when `head` is None. Keys outside
     `backbone.`/`decode_head.` (e.g. `data_preprocessor`) are reported as unexpected.
-    Returns the combined key report; a strict mismatch raises a UserError carrying it.
+    Returns the combined key report; a strict mismatch raises a UserError carrying it. A task
+    head whose `conv_seg` has other channels (e.g. 28 body-part classes into our 1-channel mask)
+    shows up as shape-mismatched: pass `strict=False` to take its deconvs and keep our final conv.
     """
     what = str(source) if not isinstance(source, Mapping) else "state dict"
     sd = weights.load_state_dict(source) if not isinstance(source, Mapping) else dict(source)
