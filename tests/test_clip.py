@@ -205,3 +205,14 @@ def test_vit_l14_shapes_abstract():
     assert 303e6 < n < 305e6  # CLIP ViT-L/14 vision tower + projection: ~304M
     assert m.encoder.blocks.attn.q.kernel.shape == (24, 1024, 1024)
     assert m.pos_embed.shape == (257, 1024)
+
+
+def test_vit_l14_golden_specs_on_fsdp_tensor_mesh():
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+    m = nnx.eval_shape(lambda: clip.CLIPVisionEncoder(clip.VARIANTS["vit-l/14"], rngs=nnx.Rngs(0)))
+    specs = dict(nnx.to_flat_state(shd.param_specs(nnx.state(m), shd.rules_for("clip"), mesh)))
+    assert specs[("encoder", "blocks", "attn", "k", "kernel")] == P(None, "fsdp", "tensor")
+    assert specs[("encoder", "blocks", "mlp", "fc2", "kernel")] == P(None, "tensor", "fsdp")
+    assert specs[("patch_embed", "kernel")] == P(None, None, None, "fsdp")  # [14, 14, 3, 1024]
+    assert specs[("class_embedding",)] == P("fsdp")
+    assert specs[("proj", "kernel")] == P("fsdp", None)  # [1024, 768]

@@ -255,3 +255,20 @@ def test_variant_sizes_abstract(name, lo, hi):
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert lo < n < hi, n
     assert m.pos_embed.shape == (64 * 48, vit.VARIANTS[name].width)
+
+
+def test_sapiens_1b_golden_specs_on_fsdp_tensor_mesh():
+    """Paper-scale layout (Sapiens-1B at 1024x768), from abstract shapes only."""
+    mesh = shd.make_mesh({"fsdp": 4, "tensor": 2})
+    model = nnx.eval_shape(lambda: vit.DensePredictor(vit.VARIANTS["1b"], rngs=nnx.Rngs(0)))
+    assert shd.unannotated_params(model) == []
+    specs = dict(nnx.to_flat_state(shd.param_specs(nnx.state(model), shd.rules_for("vit"), mesh)))
+    blocks = ("backbone", "encoder", "blocks")
+    assert specs[(*blocks, "attn", "q", "kernel")] == P(None, "fsdp", "tensor")  # [40, 1536, 1536]
+    assert specs[(*blocks, "attn", "out", "kernel")] == P(None, "tensor", "fsdp")
+    assert specs[(*blocks, "mlp", "fc1", "kernel")] == P(None, "fsdp", "tensor")  # [40, 1536, 6144]
+    assert specs[(*blocks, "mlp", "fc1", "bias")] == P(None, "tensor")
+    assert specs[(*blocks, "ln1", "scale")] == P(None, None)
+    assert specs[("backbone", "pos_embed")] == P(None, "fsdp")  # [3072, 1536]
+    assert specs[("nrm", "deconvs", 0, "kernel")] == P(None, None, None, "fsdp")  # [4,4,1536,768]
+    assert specs[("nrm", "final", "kernel")] == P(None, None, None, None)  # 3 outputs
