@@ -272,3 +272,19 @@ def test_sapiens_1b_golden_specs_on_fsdp_tensor_mesh():
     assert specs[("backbone", "pos_embed")] == P(None, "fsdp")  # [3072, 1536]
     assert specs[("nrm", "deconvs", 0, "kernel")] == P(None, None, None, "fsdp")  # [4,4,1536,768]
     assert specs[("nrm", "final", "kernel")] == P(None, None, None, None)  # 3 outputs
+
+
+def test_task_head_with_other_classes_loads_non_strict(hf_vit):
+    """A Sapiens seg head (28 classes) into our 1-channel mask head: deconvs are taken, the
+    mismatched conv_seg is reported and our final conv kept."""
+    torch.manual_seed(3)
+    th = TorchVitHead(TINY.width, TINY.head_channels, 28, convs=0)
+    sd = {f"decode_head.{k}": v.numpy() for k, v in th.state_dict().items()}
+    sd |= hf_vit_to_sapiens(hf_vit)
+    model = vit.DensePredictor(TINY, rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match=r"final/kernel: \(1, 1, 16, 28\) -> \(1, 1, 16, 1\)"):
+        vit.load_sapiens(model, sd, head="mask_logits")
+    report = vit.load_sapiens(model, sd, head="mask_logits", strict=False)
+    assert report.loaded == 21 + 3 and len(report.mismatched) == 2  # conv_seg weight and bias
+    want = th.deconv_layers[3].weight.detach().numpy()[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+    np.testing.assert_array_equal(model.mask_logits.deconvs[1].kernel[...], want)

@@ -128,3 +128,19 @@ def test_assign_reports_missing_unexpected_and_mismatched():
     rep = weights.assign(m, {p: a * 2 for p, a in bad.items()}, strict=False)
     assert rep.missing == ["fc2/bias"] and rep.loaded == 2 and not rep.ok
     np.testing.assert_array_equal(m.fc2.kernel.get_value(), 2.0)
+
+
+def test_load_pytorch_model_bin_dir(tmp_path):
+    sd = _sd()
+    (tmp_path / "config.json").write_text("{}")
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    _same(weights.load_state_dict(tmp_path), sd)
+
+
+def test_stack_layers_reports_incomplete_blocks():
+    per = {(("blocks", "w"), i): np.full((2,), i, np.float32) for i in range(3)}
+    per[(("blocks", "b"), 0)] = np.zeros(1, np.float32)
+    stacked, problems = weights.stack_layers(per, 3)
+    np.testing.assert_array_equal(stacked[("blocks", "w")][:, 0], [0, 1, 2])
+    assert ("blocks", "b") not in stacked
+    assert problems == ["blocks/b: blocks [1, 2] absent"]

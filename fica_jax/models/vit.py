@@ -378,7 +378,8 @@ def load_sapiens(
     sd = weights.load_state_dict(source) if not isinstance(source, Mapping) else dict(source)
     prefix = "backbone." if any(k.startswith("backbone.") for k in sd) else ""
     backbone = model.backbone if isinstance(model, DensePredictor) else model
-    arrays, unmapped = sapiens_backbone_to_nnx(sd, backbone.cfg, prefix)
+    body = {k: v for k, v in sd.items() if not k.startswith("decode_head.")}
+    arrays, unmapped = sapiens_backbone_to_nnx(body, backbone.cfg, prefix)
     if prefix:
         unmapped += [k for k in sd if not k.startswith(("backbone.", "decode_head."))]
     report = weights.assign(
