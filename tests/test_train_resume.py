@@ -56,12 +56,12 @@ def _wait_for_step(proc, workdir, step, timeout=120.0):
 
 
 def test_sigkill_at_random_step_then_resume_reproduces_the_loss_sequence(tmp_path):
-    steps = ["--config.train.steps=40", "--config.train.log_every=1", "--config.train.ckpt_every=5"]
+    steps = ["--config.train.steps=30", "--config.train.log_every=1", "--config.train.ckpt_every=5"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     train(load_config("configs/toy.py", [*MESH, *steps]), ref_dir)  # uninterrupted, in-process
     ref = read_metrics(ref_dir)
 
-    kill_at = random.Random().randint(8, 30)
+    kill_at = random.Random().randint(7, 24)
     proc = _start(run_dir, *steps)
     _wait_for_step(proc, run_dir, kill_at)
     proc.send_signal(signal.SIGKILL)
@@ -71,13 +71,14 @@ def test_sigkill_at_random_step_then_resume_reproduces_the_loss_sequence(tmp_pat
     proc = _start(run_dir, *steps)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    resumed = int(out.split("resumed from step ")[1].split()[0])
-    assert 5 <= resumed and resumed % 5 == 0, (resumed, kill_at)
+    # The newest *finalised* checkpoint (an async save still in flight at the kill is dropped).
+    resumed = int(out.split("resumed from step ")[1].split()[0]) if "resumed from" in out else 0
+    assert resumed <= kill_at and resumed % 5 == 0, (resumed, kill_at)
     rows = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()[n_rows_before:]
     ]
-    assert [r["step"] for r in rows] == list(range(resumed + 1, 41))
+    assert [r["step"] for r in rows] == list(range(resumed + 1, 31))
     for r in rows:  # exactly the same numbers: same data position, same RNG, same params
         assert r["loss"] == ref[r["step"]]["loss"], (r["step"], kill_at, resumed)
         assert r["grad_norm"] == ref[r["step"]]["grad_norm"]
