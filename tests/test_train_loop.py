@@ -177,3 +177,23 @@ def test_bfloat16_compute_keeps_float32_params():
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
     assert "bf16" in setup.lower().as_text()  # the matmuls really run in bfloat16
+
+
+def test_peak_flops_table_and_mfu():
+    from types import SimpleNamespace
+
+    from fica_jax.train.metrics import Throughput, peak_flops
+
+    kind = lambda k: SimpleNamespace(device_kind=k)
+    assert peak_flops(kind("TPU v5p")) == 459e12
+    assert peak_flops(kind("TPU v6 lite")) == 918e12  # how a v6e chip names itself
+    assert peak_flops(kind("NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops(kind("NVIDIA A100-SXM4-80GB")) == 312e12
+    assert peak_flops(kind("cpu")) is None
+    meter = Throughput(global_batch=128, flops_per_step=1e12, peak=1e13)
+    for _ in range(4):
+        meter.tick()
+    out = meter.read()
+    assert out["examples_per_s"] == pytest.approx(128 * out["steps_per_s"])
+    assert out["mfu"] == pytest.approx(1e12 * out["steps_per_s"] / 1e13)
+    assert "mfu" not in Throughput(8, 1e9, None).read()  # unknown chip: no MFU claimed
