@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,6 +31,15 @@ _EXPECTED = (
 
 
 # ----------------------------------------------------------------------------- reading
+def _first_line(e: Exception) -> str:
+    """Library errors (torch's weights_only one spans paragraphs) cut to one line for UserError;
+    for a refused pickle that is the line naming the global it wanted to load."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    lines = [ln for ln in lines if ln]
+    named = [ln for ln in lines if "Unsupported global" in ln]
+    return (named or lines or [type(e).__name__])[0]
+
+
 def _torch_to_numpy(t) -> np.ndarray:
     import torch
 
@@ -47,7 +57,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         tensors = load_file(str(path), device="cpu")
     except Exception as e:  # corrupt header, truncated file, ...
         raise UserError(
-            f"cannot read safetensors file {path} ({e}); expected {_EXPECTED}"
+            f"cannot read safetensors file {path} ({_first_line(e)}); expected {_EXPECTED}"
         ) from None
     return {k: _torch_to_numpy(v) for k, v in tensors.items()}
 
@@ -59,9 +69,14 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         # weights_only: tensors and plain containers only; a pickle asking to run code fails.
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
+        # mmengine checkpoints whose `meta` holds other objects land here too; re-saving just
+        # the tensors (from a file you trust) makes them loadable without running pickled code.
         raise UserError(
-            f"cannot read PyTorch checkpoint {path} as a weights-only state dict ({e}); expected "
-            f"{_EXPECTED} (TorchScript/.pt2 exports are not supported: use the .pth release)"
+            f"cannot read PyTorch checkpoint {path} as a weights-only state dict "
+            f"({_first_line(e)}); expected "
+            f"{_EXPECTED} (TorchScript/.pt2 exports are not supported: use the .pth release). If "
+            "the file is trusted and its metadata holds other objects, re-save its tensors: "
+            "torch.save(torch.load(p, weights_only=False)['state_dict'], 'clean.pth')"
         ) from None
     # mmpretrain/mmengine checkpoints: {"meta": ..., "state_dict": {...}, "optimizer": ...}.
     for wrapper in ("state_dict", "model", "module"):
