@@ -165,7 +165,9 @@ class ViT(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         d, (gh, gw) = cfg.width, cfg.grid
         kw = dict(rngs=rngs, param_dtype=param_dtype)
-        self.patch_embed = layers.conv(3, d, cfg.patch, stride=cfg.patch, padding="VALID", **kw)
+        self.patch_embed = layers.conv(
+            3, d, cfg.patch, stride=cfg.patch, padding="VALID", dtype=dtype, **kw
+        )
         init = nnx.initializers.truncated_normal(0.02)
         pos = init(rngs.params(), (gh * gw, d), param_dtype)
         self.pos_embed = nnx.Param(pos, out_sharding=(None, shd.EMBED))
@@ -184,7 +186,7 @@ class ViT(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS)
-        t = self.patch_embed(x.astype(self.dtype or x.dtype))  # [B, h, w, D]
+        t = self.patch_embed(x)  # [B, h, w, D] in the compute dtype
         b, h, w, d = t.shape
         pos = resize_pos_embed(self.pos_embed[...], self.cfg.grid, (h, w))
         t = t.reshape(b, h * w, d).astype(jnp.float32) + pos[None].astype(jnp.float32)
