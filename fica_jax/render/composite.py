@@ -61,8 +61,14 @@ def composite(
     colors: jax.Array,  # [G, D]
     *,
     chunk: int = 256,
+    count: jax.Array | None = None,  # [] entries in use (the rest is padding)
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns (accumulated colour [P, D], final transmittance [P]) without background."""
+    """Returns (accumulated colour [P, D], final transmittance [P]) without background.
+
+    With `count`, chunks past the list's end, or after every pixel has ended (gsplat's early
+    exit), are skipped by `lax.cond`. That saves work only where the cond stays a branch; under
+    `vmap` it becomes a select and both sides run (results are identical either way).
+    """
     g, d = colors.shape
     chunk = max(1, min(chunk, g))
     pad = (-g) % chunk
@@ -73,11 +79,19 @@ def composite(
     xs = jax.tree.map(
         lambda x: x.reshape((n, chunk) + x.shape[1:]), (means2d, conics, opacities, colors)
     )
-    body = jax.checkpoint(lambda cr, x: _chunk(cr, x, px, py))
+    step = jax.checkpoint(lambda cr, x: _chunk(cr, x, px, py)[0])
+    if count is None:
+        body = lambda cr, x: (step(cr, x[1]), None)
+    else:
+
+        def body(cr, x):
+            live = (x[0] * chunk < count) & ~jnp.all(cr[2])
+            return jax.lax.cond(live, step, lambda c, _: c, cr, x[1]), None
+
     init = (
         jnp.ones(px.shape, colors.dtype),
         jnp.zeros(px.shape + (d,), colors.dtype),
         jnp.zeros(px.shape, bool),
     )
-    (trans, acc, _), _ = jax.lax.scan(body, init, xs)
+    (trans, acc, _), _ = jax.lax.scan(body, init, (jnp.arange(n), xs))
     return acc, trans

@@ -9,8 +9,11 @@ Differentiability: values are computed by plain jnp ops, and gradients w.r.t. me
 scales, opacities, colours and backgrounds come from JAX autodiff. Binning (integer tile lists)
 carries no gradient, exactly as in gsplat. Backward memory is bounded twice over: tiles are
 processed `tile_batch` at a time under `lax.map` with a `jax.checkpoint`ed body, and inside a
-tile the Gaussian list is walked in checkpointed chunks (`composite.py`), so only per-tile
-inputs and per-chunk carries are stored and the [pixels, Gaussians] alpha blocks are recomputed.
+tile the Gaussian list is walked in checkpointed chunks of `chunk` (`composite.py`), so only
+per-tile inputs and per-chunk carries are stored and the [pixels, chunk] alpha blocks are
+recomputed. Chunks past a tile's list, or after all its pixels have ended, are skipped by
+`lax.cond` (cameras and tiles run under `lax.map` so that the conds stay branches; under a
+user's outer `vmap` they become selects: same values, no skipping).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class RasterOptions:
     tile_size: int = 16
     tile_capacity: int = 256  # Gaussians kept per tile (nearest first); see meta overflow
     isect_capacity: int | None = None  # Gaussian-tile pairs; default tiles.default_isect_capacity
-    tile_batch: int = 16  # tiles composited together (memory vs parallelism)
+    tile_batch: int = 1  # tiles composited together (1: sequential, chunks skipped when empty)
+    chunk: int = 64  # Gaussians composited per step inside a tile
     dense: bool = False  # reference path: all pixels x all Gaussians
 
     def __post_init__(self):
@@ -87,11 +91,16 @@ def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
         colors[ids],  # [T, K, D]
     )
 
-    def one_tile(x):
-        x0, y0, m, c, o, col = x
-        return composite(lx + x0, ly + y0, m, c, o, col, chunk=opts.tile_capacity)
+    count = valid.sum(-1)  # [T]
 
-    acc, trans = jax.lax.map(jax.checkpoint(one_tile), per_tile, batch_size=opts.tile_batch)
+    def one_tile(x):
+        x0, y0, m, c, o, col, n = x
+        return composite(lx + x0, ly + y0, m, c, o, col, chunk=opts.chunk, count=n)
+
+    # tile_batch 1 keeps the per-chunk lax.cond a real branch (skips empty chunks and ended
+    # tiles); larger batches vmap tiles together (more parallel work, no skipping)
+    batch = {} if opts.tile_batch == 1 else {"batch_size": opts.tile_batch}
+    acc, trans = jax.lax.map(jax.checkpoint(one_tile), per_tile + (count,), **batch)
     d = colors.shape[-1]
     acc = acc.reshape(th, tw, ts, ts, d).transpose(0, 2, 1, 3, 4).reshape(th * ts, tw * ts, d)
     trans = trans.reshape(th, tw, ts, ts).transpose(0, 2, 1, 3).reshape(th * ts, tw * ts)
@@ -168,8 +177,11 @@ def _render_jit(means, covars, opacities, colors, viewmats, Ks, backgrounds, opt
     def one(viewmat, K, bg):
         return _render_camera(means, covars, opacities, colors, viewmat, K, bg, opts)
 
-    in_bg = 0 if backgrounds is not None else None
-    img, alpha, proj, opac, stats = jax.vmap(one, in_axes=(0, 0, in_bg))(viewmats, Ks, backgrounds)
+    # cameras in sequence (lax.map, not vmap) so that the compositor's conds stay branches
+    if backgrounds is None:
+        img, alpha, proj, opac, stats = jax.lax.map(lambda x: one(*x, None), (viewmats, Ks))
+    else:
+        img, alpha, proj, opac, stats = jax.lax.map(lambda x: one(*x), (viewmats, Ks, backgrounds))
     meta = {
         "means2d": proj.means2d,  # [C, N, 2]
         "conics": proj.conics,  # [C, N, 3]
@@ -205,7 +217,8 @@ def rasterization(
     tile_size: int = 16,
     tile_capacity: int = 256,
     isect_capacity: int | None = None,
-    tile_batch: int = 16,
+    tile_batch: int = 1,
+    chunk: int = 64,
     dense: bool = False,
     covars: jax.Array | None = None,  # [N, 3, 3]; replaces quats/scales when given
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
@@ -229,6 +242,7 @@ def rasterization(
         tile_capacity=tile_capacity,
         isect_capacity=isect_capacity,
         tile_batch=tile_batch,
+        chunk=chunk,
         dense=dense,
     )
     if covars is None:
