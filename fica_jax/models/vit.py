@@ -146,13 +146,14 @@ def resize_pos_embed(pos: jax.Array, src: tuple[int, int], dst: tuple[int, int])
     """[src_h * src_w, D] -> [dst_h * dst_w, D] by bicubic interpolation of the 2D grid.
 
     jax's bicubic kernel (Keys a=-0.5) differs slightly from torch's (a=-0.75) used by
-    mmpretrain; checkpoints are resized with torch at import (`sapiens_to_nnx`), so this runtime
+    mmpretrain; checkpoints are resized with torch at import (`import_pos_embed`), so this runtime
     path only serves inputs whose size differs from the configured one.
     """
     if tuple(src) == tuple(dst):
         return pos
     grid = pos.reshape(*src, -1).astype(jnp.float32)
-    return jax.image.resize(grid, (*dst, grid.shape[-1]), "bicubic").reshape(-1, grid.shape[-1])
+    out = jax.image.resize(grid, (*dst, grid.shape[-1]), "bicubic", antialias=False)
+    return out.reshape(-1, grid.shape[-1])
 
 
 class ViT(nnx.Module):
