@@ -17,6 +17,7 @@ from fica_jax.errors import UserError
 COMMAND_MODULES = (
     "data_pipelines.cli",  # fica data synth | inspect | convert
     "fica_jax.train.cli",  # fica train STAGE, fica plan
+    "fica_jax.demo",  # fica demo
 )
 
 
