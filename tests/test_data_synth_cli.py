@@ -1,7 +1,6 @@
 """`fica data synth` driver and `fica data inspect`: worker-count invariance, atomic output,
 and (once the synthetic generator exists) the end-to-end CLI."""
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -56,10 +55,6 @@ def test_inspect_contact_sheet_from_fake_data(tmp_path, capsys):
     assert "no identity 'zed'" in capsys.readouterr().err
 
 
-HAVE_GENERATOR = importlib.util.find_spec("data_pipelines.synthetic.generator") is not None
-
-
-@pytest.mark.skipif(not HAVE_GENERATOR, reason="synthetic generator not written yet")
 def test_synth_then_inspect_end_to_end(tmp_path):
     out = tmp_path / "synth"
     argv = [
