@@ -3,7 +3,7 @@
 fica data synth --out data/synth --identities 64 --resolution 64 --image-size 128
 fica train dense --config configs/dense.py:tiny --workdir runs/dense --config.data.dir=data/synth
 # paper: Sapiens-1B at 1024x768, initialised from the public checkpoint
-#   (fica_jax.models.vit.load_sapiens(path) / --init_from a converted run)
+#   (fica_jax.models.vit.load_sapiens(model, path, head=...) / --init_from a converted run)
 fica train dense --config configs/dense.py:paper --workdir gs://BUCKET/dense --config.data.dir=...
 """
 
@@ -26,6 +26,8 @@ def get_config(arg: str = "tiny"):
     # 0 keeps the variant's value; the CPU demo widens the 'tiny' ViT a little.
     c.model.width, c.model.depth, c.model.heads = (64, 4, 4) if arg == "tiny" else (0, 0, 0)
     c.model.head_channels = 32 if arg == "tiny" else 0
+    # Patch 8 + no final upsample: the x8 deconv heads then land exactly at full resolution.
+    c.model.patch, c.model.final_upsample = (8, 1) if arg == "tiny" else (0, 0)
     c.model.loss_weights = dict(uv=1.0, vtx=1.0, nrm=1.0, mask=0.5)
     # Same head-space normalisation as configs/vae.py (synthetic template extents).
     c.model.position_center = (0.0, -0.025, 0.02)

@@ -60,7 +60,7 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     last = loop.train(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert {"eval/uv_l1", "eval/baseline_uv_l1", "eval/mask_iou"} <= set(last)
 

@@ -27,8 +27,10 @@ from fica_jax.train.stage import Stage, needs_config
 def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor:
     if cfg.model.variant not in VARIANTS:
         raise ValueError(f"unknown ViT variant {cfg.model.variant!r}; expected {sorted(VARIANTS)}")
-    # Non-zero `cfg.model.{width,depth,heads,head_channels}` resize the named variant.
-    sizes = {k: cfg.model[k] for k in ("width", "depth", "heads", "head_channels") if cfg.model[k]}
+    # Non-zero `cfg.model.{width,depth,heads,patch,head_channels,final_upsample}` change the
+    # named variant (the CPU demo uses a finer patch grid than Sapiens' 16).
+    keys = ("width", "depth", "heads", "patch", "head_channels", "final_upsample")
+    sizes = {k: cfg.model[k] for k in keys if cfg.model[k]}
     variant = dataclasses.replace(
         VARIANTS[cfg.model.variant],
         image_size=(cfg.data.image_size, cfg.data.image_size),
