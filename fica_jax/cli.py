@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parses `argv` (unknown `--config.*` go to the handler) and runs the chosen command."""
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if not e.startswith("--config.")]
     if bad:

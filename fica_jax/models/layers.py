@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fica_jax import sharding as shd
+from fica_jax.train.remat import remat_policy, use_remat
 
 _LECUN = nnx.initializers.lecun_normal()
 _ZEROS = nnx.initializers.zeros_init()
@@ -184,3 +185,25 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def scan_blocks(blocks: nnx.Module, x: jax.Array, remat=None) -> jax.Array:
+    """Runs blocks stacked on a leading `LAYERS` axis (built with `nnx.vmap`) as one `nnx.scan`,
+    so a 40-block model compiles one block. `remat`: a policy name from `fica_jax.train.remat`
+    or a `jax.checkpoint_policies` callable; none/None keeps activations."""
+
+    def apply(block, h):
+        return block(h)
+
+    if callable(remat) or (remat is not None and use_remat(remat)):
+        apply = nnx.remat(apply, policy=remat if callable(remat) else remat_policy(remat))
+
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: shd.LAYERS},
+    )
+    def run(h, block):
+        return apply(block, h)
+
+    return run(x, blocks)

@@ -31,7 +31,6 @@ from fica_jax import sharding as shd
 from fica_jax.errors import UserError
 from fica_jax.models import layers, weights
 from fica_jax.models.dense_heads import DenseHead
-from fica_jax.train.remat import remat_policy, use_remat
 
 # Sapiens' pixel normalisation, on 0..255 values (SPECS.md Sec. 6).
 SAPIENS_MEAN = (123.675, 116.28, 103.53)
@@ -123,22 +122,7 @@ class Encoder(nnx.Module):
         self.blocks = make_blocks(rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, N, D] -> [B, N, D] float32
-        def apply(block, h):
-            return block(h)
-
-        if callable(self.remat) or use_remat(self.remat):
-            policy = self.remat if callable(self.remat) else remat_policy(self.remat)
-            apply = nnx.remat(apply, policy=policy)
-
-        @nnx.scan(
-            in_axes=(nnx.Carry, 0),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: shd.LAYERS},
-        )
-        def run(h, block):
-            return apply(block, h)
-
-        return run(x.astype(jnp.float32), self.blocks)
+        return layers.scan_blocks(self.blocks, x.astype(jnp.float32), self.remat)
 
 
 # ----------------------------------------------------------------------------- backbone

@@ -20,7 +20,6 @@ from flax import nnx
 
 from fica_jax import sharding as shd
 from fica_jax.models import layers
-from fica_jax.train.remat import remat_policy, use_remat
 from fica_jax.train.stage import Stage
 
 
@@ -58,21 +57,7 @@ class ToyNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = shd.constrain(self.inp(x.astype(self.dtype)), shd.BATCH, shd.EMBED)
 
-        def apply(block, h):
-            return block(h)
-
-        if use_remat(self.remat):
-            apply = nnx.remat(apply, policy=remat_policy(self.remat))
-
-        @nnx.scan(
-            in_axes=(nnx.Carry, 0),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: shd.LAYERS},
-        )
-        def body(h, block):
-            return apply(block, h)
-
-        return self.out(body(x, self.blocks)).astype(jnp.float32)
+        return self.out(layers.scan_blocks(self.blocks, x, self.remat)).astype(jnp.float32)
 
 
 def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ToyNet:

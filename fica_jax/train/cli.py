@@ -84,15 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m fica_jax.train.cli train|plan ...`: these commands without the other groups."""
     parser = argparse.ArgumentParser(prog="fica")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    args, extra = parser.parse_known_args(argv)
-    bad = [e for e in extra if not e.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognised arguments: {' '.join(bad)}")
-    try:
-        return int(args.func(args, extra) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from fica_jax.cli import run
+
+    return run(parser, argv)
 
 
 if __name__ == "__main__":
