@@ -35,6 +35,7 @@ from flax import nnx
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
 from fica_jax.models import layers
+from fica_jax.models.weights import KeyReport
 
 Array = jax.Array
 
@@ -427,33 +428,9 @@ def _torch_to_nnx_array(a: np.ndarray, target_ndim: int) -> np.ndarray:
     return a
 
 
-@dataclasses.dataclass
-class LoadReport:
-    """Outcome of matching a torch state dict against our parameters."""
-
-    missing: list[str]  # our parameters (nnx paths) with no checkpoint entry
-    unexpected: list[str]  # checkpoint keys no parameter of ours takes
-    mismatched: list[str]  # "key: checkpoint shape -> expected shape"
-    loaded: int
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def __str__(self) -> str:
-        def part(name, items):
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            return f"{len(items)} {name}" + (f" [{', '.join(items[:5])}{more}]" if items else "")
-
-        return (
-            f"{self.loaded} tensors matched; {part('missing', self.missing)}; "
-            f"{part('unexpected', self.unexpected)}; {part('shape-mismatched', self.mismatched)}"
-        )
-
-
 def match_state_dict(
     model: AutoencoderKL, state_dict: Mapping[str, np.ndarray]
-) -> tuple[dict[tuple, np.ndarray], LoadReport]:
+) -> tuple[dict[tuple, np.ndarray], KeyReport]:
     """Maps a diffusers AutoencoderKL state dict onto `model`'s parameters without assigning.
 
     Returns ({nnx path: array in our layout}, report); the report names the checkpoint's own
@@ -478,12 +455,12 @@ def match_state_dict(
             continue
         assign[path] = arr
     missing = sorted("/".join(map(str, by_key[k])) for k in missing_keys)
-    return assign, LoadReport(missing, unexpected, mismatched, loaded=len(assign))
+    return assign, KeyReport(missing, unexpected, mismatched, loaded=len(assign))
 
 
 def load_torch_state_dict(
     model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *, strict: bool = True
-) -> LoadReport:
+) -> KeyReport:
     """Copies a diffusers AutoencoderKL state dict (numpy arrays) into `model` in place.
 
     Every matching tensor is assigned (cast to the parameter dtype); with `strict`, any missing,
