@@ -17,6 +17,7 @@ from typing import Any
 
 from data_pipelines import schema
 from data_pipelines.shards import DEFAULT_RECORDS_PER_SHARD, DatasetWriter, record_dims
+from data_pipelines.workers import exit_with_parent
 
 MakeFn = Callable[[int, Any, int], dict]
 
@@ -34,7 +35,11 @@ def _results(jobs: list, workers: int) -> Iterator[tuple[str, dict, bytes, str]]
         return
     # spawn, not fork: the parent may hold jax/XLA threads, which fork does not survive.
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    # Workers exit when this process dies, even by SIGKILL (data_pipelines/workers.py).
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         try:
             yield from pool.map(_encode_one, jobs, chunksize=1)
         except BaseException:
