@@ -3,7 +3,7 @@
 fica data synth --out data/synth --identities 64 --resolution 128
 fica train vae --config configs/vae.py:tiny --workdir runs/vae --config.data.dir=data/synth
 # paper: the pre-trained SDXL VAE, fine-tuned at 512 (load weights with --init_from or
-# fica_jax.models.vae.from_pretrained)
+# fica_jax.models.vae_import.from_pretrained)
 fica train vae --config configs/vae.py:paper --workdir gs://BUCKET/vae --config.data.dir=...
 """
 

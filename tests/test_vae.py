@@ -19,7 +19,9 @@ from jax.sharding import PartitionSpec as P
 import fica_jax  # noqa: F401  (turns off eager sharding)
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
+from fica_jax.models import layers
 from fica_jax.models import vae as V
+from fica_jax.models import vae_import as VI
 
 TINY_TORCH = dict(
     down_block_types=("DownEncoderBlock2D",) * 2,
@@ -101,7 +103,7 @@ def _check_parity(model, image, reference):
 
 def test_parity_with_diffusers_f32(torch_state, image, reference):
     model = _tiny()
-    report = V.load_torch_state_dict(model, torch_state)
+    report = VI.load_torch_state_dict(model, torch_state)
     assert report.ok and report.loaded == len(torch_state) == 124
     _check_parity(model, image, reference)
     # Latent helpers: scaled posterior mean and its exact inverse scaling.
@@ -113,15 +115,15 @@ def test_parity_with_diffusers_f32(torch_state, image, reference):
 
 def test_from_pretrained_of_save_pretrained(torch_vae, torch_state, image, reference, tmp_path):
     torch_vae.save_pretrained(tmp_path / "pipe" / "vae")
-    model = V.from_pretrained(tmp_path / "pipe" / "vae")
+    model = VI.from_pretrained(tmp_path / "pipe" / "vae")
     assert model.cfg.scaling_factor == 0.13025 and model.cfg.block_out_channels == (32, 64)
     _check_parity(model, image, reference)
     # A pipeline directory with a vae/ folder works as well.
-    assert V.from_pretrained(tmp_path / "pipe").cfg.norm_groups == 8
+    assert VI.from_pretrained(tmp_path / "pipe").cfg.norm_groups == 8
     # A bare safetensors file needs the architecture from the caller.
-    single = tmp_path / "pipe" / "vae" / V.WEIGHTS_NAME
+    single = tmp_path / "pipe" / "vae" / VI.WEIGHTS_NAME
     np.testing.assert_allclose(
-        V.from_pretrained(single, cfg=V.VARIANTS["tiny"]).encode(image.transpose(0, 2, 3, 1)).mean,
+        VI.from_pretrained(single, cfg=V.VARIANTS["tiny"]).encode(image.transpose(0, 2, 3, 1)).mean,
         reference["mean"],
         atol=1e-4,
     )
@@ -136,7 +138,7 @@ def test_deprecated_attention_names_load(torch_state, image, reference):
         renamed[k] = v
     assert any(".proj_attn." in k for k in renamed)
     model = _tiny()
-    V.load_torch_state_dict(model, renamed)
+    VI.load_torch_state_dict(model, renamed)
     _check_parity(model, image, reference)
 
 
@@ -174,7 +176,7 @@ def test_original_ldm_checkpoint_loads(torch_state, image, reference, tmp_path):
     full = {f"first_stage_model.{k}": v for k, v in ldm.items()}
     full["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((2, 2), np.float32)
     safetensors.numpy.save_file(full, str(tmp_path / "sd_full.safetensors"))
-    model = V.from_pretrained(tmp_path / "sd_full.safetensors", cfg=V.VARIANTS["tiny"])
+    model = VI.from_pretrained(tmp_path / "sd_full.safetensors", cfg=V.VARIANTS["tiny"])
     _check_parity(model, image, reference)
 
 
@@ -186,12 +188,12 @@ def test_mismatched_keys_are_reported(torch_state):
     model = _tiny()
     before = np.asarray(model.quant_conv.kernel[...])
     with pytest.raises(UserError) as e:
-        V.load_torch_state_dict(model, bad)
+        VI.load_torch_state_dict(model, bad)
     msg = str(e.value)
     assert "decoder/conv_out/bias" in msg and "encoder.extra_layer.weight" in msg
     assert "quant_conv.weight: (3, 3, 8, 8) -> (1, 1, 8, 8)" in msg
     np.testing.assert_array_equal(model.quant_conv.kernel[...], before)  # strict: untouched
-    report = V.load_torch_state_dict(model, bad, strict=False)
+    report = VI.load_torch_state_dict(model, bad, strict=False)
     assert report.missing == ["decoder/conv_out/bias"]
     assert report.unexpected == ["encoder.extra_layer.weight"]
     assert len(report.mismatched) == 1 and report.loaded == 122
@@ -199,34 +201,34 @@ def test_mismatched_keys_are_reported(torch_state):
 
 def test_bad_paths_raise_user_error(tmp_path, torch_state):
     with pytest.raises(UserError, match="does not exist.*config.json"):
-        V.from_pretrained(tmp_path / "nope")
+        VI.from_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no config.json"):
-        V.from_pretrained(tmp_path / "empty")
+        VI.from_pretrained(tmp_path / "empty")
     only_bin = tmp_path / "bin"
     only_bin.mkdir()
     (only_bin / "config.json").write_text(json.dumps({"block_out_channels": [32, 64]}))
     (only_bin / "diffusion_pytorch_model.bin").write_bytes(b"")
     with pytest.raises(UserError, match="safe_serialization"):
-        V.from_pretrained(only_bin)
+        VI.from_pretrained(only_bin)
     (tmp_path / "x.ckpt").write_bytes(b"")
     with pytest.raises(UserError, match="not a .safetensors file"):
-        V.from_pretrained(tmp_path / "x.ckpt")
+        VI.from_pretrained(tmp_path / "x.ckpt")
     unet = tmp_path / "unet"
     unet.mkdir()
     (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    safetensors.numpy.save_file(torch_state, str(unet / V.WEIGHTS_NAME))
+    safetensors.numpy.save_file(torch_state, str(unet / VI.WEIGHTS_NAME))
     with pytest.raises(UserError, match="expected 'AutoencoderKL'"):
-        V.from_pretrained(unet)
+        VI.from_pretrained(unet)
     # The tiny weights given to the SDXL architecture: a shape report naming the file.
     with pytest.raises(UserError, match=r"diffusion_pytorch_model.safetensors: .*shape-mismatched"):
-        V.from_pretrained(unet / V.WEIGHTS_NAME)
+        VI.from_pretrained(unet / VI.WEIGHTS_NAME)
 
 
 def test_sdxl_shapes_params_and_key_map():
     cfg = V.VARIANTS["sdxl"]
     model = nnx.eval_shape(lambda: V.AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-    assert V.num_params(model) == 83_653_863  # == sum(p.numel()) of diffusers' SDXL VAE
+    assert layers.num_params(model) == 83_653_863  # == sum(p.numel()) of diffusers' SDXL VAE
     assert shd.unannotated_params(model) == []
     x = jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32)
     post = nnx.eval_shape(lambda m, x: m.encode(x), model, x)
@@ -237,17 +239,17 @@ def test_sdxl_shapes_params_and_key_map():
     with torch.device("meta"):
         ref = TorchAutoencoderKL(**SDXL_TORCH)
     shapes = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in ref.state_dict().items()}
-    _, report = V.match_state_dict(model, shapes)
+    _, report = VI.match_state_dict(model, shapes)
     assert report.ok and report.loaded == len(shapes), str(report)
-    _, report = V.match_state_dict(model, _to_ldm(shapes, 4))  # reversed up blocks, widths differ
+    _, report = VI.match_state_dict(model, _to_ldm(shapes, 4))  # reversed up blocks, widths differ
     assert report.ok and report.loaded == len(shapes), str(report)
 
 
 def test_bf16_compute_close_to_f32(torch_state, image):
     x = jnp.asarray(image.transpose(0, 2, 3, 1))
     m32, m16 = _tiny(), _tiny(dtype=jnp.bfloat16)
-    V.load_torch_state_dict(m32, torch_state)
-    V.load_torch_state_dict(m16, torch_state)
+    VI.load_torch_state_dict(m32, torch_state)
+    VI.load_torch_state_dict(m16, torch_state)
     assert m16.encoder.conv_in(x).dtype == jnp.bfloat16
     assert m16.encoder.conv_in.kernel[...].dtype == jnp.float32  # params stay f32
     (r32, p32), (r16, p16) = m32(x), m16(x)
@@ -258,7 +260,14 @@ def test_bf16_compute_close_to_f32(torch_state, image):
     assert float(jnp.abs(p16.mean - p32.mean).max()) < 0.05 * float(jnp.abs(p32.mean).max())
 
 
-def test_remat_gives_same_loss_and_grads():
+def _remat_policies(m, fn) -> list:
+    """The `policy` of every remat (jax.checkpoint) equation in the jaxpr of `fn(m)`."""
+    graphdef, state = nnx.split(m)
+    jaxpr = jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s)))(state)
+    return [e.params["policy"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "remat2"]
+
+
+def test_remat_policy_names_give_same_loss_and_grads():
     x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
 
     def loss(m):
@@ -266,16 +275,22 @@ def test_remat_gives_same_loss_and_grads():
         return jnp.mean(jnp.square(recon - x)) + 1e-3 * jnp.mean(post.kl())
 
     cfg = V.VARIANTS["tiny"]
-    plain = V.AutoencoderKL(cfg, rngs=nnx.Rngs(3))
-    remat = V.AutoencoderKL(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(3))
-    for m, n_ckpt in ((plain, 0), (remat, 4 + 6)):  # resnets: enc 2 + 2 mid; dec 2 mid + 2*2
-        graphdef, state = nnx.split(m)
-        jaxpr = str(jax.make_jaxpr(lambda s, g=graphdef: loss(nnx.merge(g, s)))(state))
-        assert jaxpr.count("remat2[") == n_ckpt
-    (l1, g1), (l2, g2) = (nnx.jit(nnx.value_and_grad(loss))(m) for m in (plain, remat))
-    np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    build = lambda remat: V.AutoencoderKL(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(3))
+    models = {name: build(name) for name in ("none", "full", "dots_saveable")}
+    n_ckpt = 4 + 6  # resnets: enc 2 + 2 mid; dec 2 mid + 2*2
+    assert _remat_policies(models["none"], loss) == []
+    for name, want in (("full", jax.checkpoint_policies.nothing_saveable),
+                       ("dots_saveable", jax.checkpoint_policies.dots_saveable)):  # fmt: skip
+        policies = _remat_policies(models[name], loss)
+        assert len(policies) == n_ckpt and all(p is want for p in policies), (name, policies)
+    l1, g1 = nnx.jit(nnx.value_and_grad(loss))(models["none"])
+    for name in ("full", "dots_saveable"):
+        l2, g2 = nnx.jit(nnx.value_and_grad(loss))(models[name])
+        np.testing.assert_allclose(l1, l2, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(UserError, match="remat='dots'"):
+        build("dots")
 
 
 def test_sharded_params_and_forward_on_mesh():
@@ -329,7 +344,7 @@ def test_full_sdxl_parity_with_diffusers_random_weights():
     torch.manual_seed(1)
     ref = TorchAutoencoderKL(**SDXL_TORCH).eval()
     model = nnx.eval_shape(lambda: V.AutoencoderKL(V.VARIANTS["sdxl"], rngs=nnx.Rngs(0)))
-    V.load_torch_state_dict(model, {k: v.numpy() for k, v in ref.state_dict().items()})
+    VI.load_torch_state_dict(model, {k: v.numpy() for k, v in ref.state_dict().items()})
     x = np.random.RandomState(3).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         post = ref.encode(torch.from_numpy(x)).latent_dist

@@ -1,4 +1,4 @@
-"""Importing public PyTorch checkpoints into our NNX modules (SPECS.md Sec. 1 and 6).
+"""Importing public PyTorch checkpoints into our NNX modules (docs/architecture.md §1 and §6).
 
 The foundation encoders (CLIP, Sapiens) and the SDXL VAE ship as PyTorch weights only: Hugging
 Face directories (config.json + safetensors, possibly sharded), single safetensors files, or
@@ -50,16 +50,34 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
+def read_safetensors(path: str | Path, *, prefixes: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The tensors of one .safetensors file as {key: numpy array}, read one by one.
+
+    prefixes: for a file holding several models (a full SD/SDXL checkpoint), only the keys under
+    the first prefix that some key carries are read (prefix removed), and nothing else of the
+    file; no prefix matching keeps every key. Floats are widened to float32 through torch when
+    it is installed (numpy has no bfloat16); without torch the file is read as numpy arrays.
+    """
+    import safetensors
 
     try:
-        tensors = load_file(str(path), device="cpu")
+        import torch  # noqa: F401
+
+        framework, to_numpy = "pt", _torch_to_numpy
+    except ImportError:
+        framework, to_numpy = "numpy", np.asarray
+    try:
+        with safetensors.safe_open(str(path), framework=framework) as f:
+            keys = list(f.keys())
+            for prefix in prefixes:
+                if any(k.startswith(prefix) for k in keys):
+                    keys = [k for k in keys if k.startswith(prefix)]
+                    return {k[len(prefix) :]: to_numpy(f.get_tensor(k)) for k in keys}
+            return {k: to_numpy(f.get_tensor(k)) for k in keys}
     except Exception as e:  # corrupt header, truncated file, ...
         raise UserError(
             f"cannot read safetensors file {path} ({_first_line(e)}); expected {_EXPECTED}"
         ) from None
-    return {k: _torch_to_numpy(v) for k, v in tensors.items()}
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -107,7 +125,7 @@ def _read_dir(path: Path) -> dict[str, np.ndarray]:
     for f in files:
         if not f.is_file():
             raise UserError(f"checkpoint shard {f} (listed in {path}) does not exist")
-        out.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_torch(f))
+        out.update(read_safetensors(f) if f.suffix == ".safetensors" else _read_torch(f))
     return out
 
 
@@ -124,7 +142,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if p.is_dir():
         return _read_dir(p)
     if p.suffix == ".safetensors":
-        return _read_safetensors(p)
+        return read_safetensors(p)
     if p.suffix in (".pth", ".bin", ".pt", ".ckpt"):
         return _read_torch(p)
     raise UserError(f"checkpoint {p} has an unknown suffix {p.suffix!r}; expected {_EXPECTED}")
@@ -138,8 +156,8 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{f} does not exist; expected a Hugging Face config.json")
     try:
         return json.loads(f.read_text())
-    except ValueError as e:
-        raise UserError(f"{f} is not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{f} is not readable JSON ({e})") from None
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -151,6 +169,20 @@ def linear_kernel(w: np.ndarray) -> np.ndarray:
 def conv_kernel(w: np.ndarray) -> np.ndarray:
     """torch Conv2d weight [out, in, kh, kw] -> nnx Conv kernel [kh, kw, in, out]."""
     return np.asarray(w).transpose(2, 3, 1, 0)
+
+
+def to_nnx_layout(w: np.ndarray, target_ndim: int) -> np.ndarray:
+    """A torch weight in the layout of an nnx param of rank `target_ndim`, chosen by rank: conv
+    [O, I, kh, kw] -> [kh, kw, I, O]; linear [O, I] -> [I, O], also from a 1x1 conv [O, I, 1, 1]
+    (original LDM attention projections); vectors (biases, norm scales) unchanged."""
+    w = np.asarray(w)
+    if w.ndim == 4 and target_ndim == 2:
+        w = w[:, :, 0, 0]
+    if w.ndim == 4:
+        return conv_kernel(w)
+    if w.ndim == 2:
+        return linear_kernel(w)
+    return w
 
 
 def conv_transpose_kernel(w: np.ndarray) -> np.ndarray:
@@ -211,6 +243,40 @@ def params_of(module: nnx.Module) -> dict[Path_, nnx.Variable]:
     return dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
 
 
+def match(
+    module: nnx.Module,
+    arrays: Mapping[Path_, np.ndarray],
+    *,
+    unexpected: list[str] | None = None,
+    names: Mapping[Path_, str] | None = None,
+) -> tuple[dict[Path_, np.ndarray], KeyReport]:
+    """Checks `{nnx path: array}` (already in our layout) against `module`'s params, assigning
+    nothing: returns ({path: array} of the entries that fit, report).
+
+    Shapes must match exactly. `unexpected` carries checkpoint keys a converter could not map, so
+    they appear in the same report; `names` gives the checkpoint key of a path, so the report's
+    unexpected and mismatched entries name the checkpoint's tensors (missing ones are our paths).
+    Works on abstract (`nnx.eval_shape`) modules.
+    """
+    params, names = params_of(module), names or {}
+    unexpected = list(unexpected or [])
+    mismatched, bad, ok = [], set(), {}
+    for path, arr in arrays.items():
+        path = tuple(path)
+        if path not in params:
+            unexpected.append(names.get(path, _name(path)))
+            continue
+        arr = np.asarray(arr)
+        want = tuple(params[path].shape)
+        if tuple(arr.shape) != want:
+            mismatched.append(f"{names.get(path, _name(path))}: {tuple(arr.shape)} -> {want}")
+            bad.add(path)
+            continue
+        ok[path] = arr
+    missing = sorted(_name(p) for p in params if p not in ok and p not in bad)
+    return ok, KeyReport(missing, sorted(unexpected), mismatched, loaded=len(ok))
+
+
 def assign(
     module: nnx.Module,
     arrays: Mapping[Path_, np.ndarray],
@@ -218,33 +284,19 @@ def assign(
     strict: bool = True,
     what: str | None = None,
     unexpected: list[str] | None = None,
+    names: Mapping[Path_, str] | None = None,
 ) -> KeyReport:
     """Copies `{nnx path: array}` (already in our layout) into `module`'s params, in place.
 
-    Arrays are cast to each parameter's dtype. Shapes must match exactly. `unexpected` carries
-    checkpoint keys a converter could not map, so they appear in the same report. With `strict`
-    a missing, unexpected or mismatched entry raises a UserError naming `what` and nothing is
-    assigned; otherwise the matching subset is assigned and the report returned.
+    Arrays are cast to each parameter's dtype; `match` checks them first (`unexpected`, `names`
+    as there). With `strict` a missing, unexpected or mismatched entry raises a UserError naming
+    `what` and nothing is assigned; otherwise the matching subset is assigned and the report
+    returned.
     """
-    params = params_of(module)
-    unexpected = list(unexpected or [])
-    mismatched, bad, ok = [], set(), {}
-    for path, arr in arrays.items():
-        path = tuple(path)
-        if path not in params:
-            unexpected.append(_name(path))
-            continue
-        arr = np.asarray(arr)
-        want = tuple(params[path].shape)
-        if tuple(arr.shape) != want:
-            mismatched.append(f"{_name(path)}: {tuple(arr.shape)} -> {want}")
-            bad.add(path)
-            continue
-        ok[path] = arr
-    missing = sorted(_name(p) for p in params if p not in ok and p not in bad)
-    report = KeyReport(missing, sorted(unexpected), mismatched, loaded=len(ok))
+    ok, report = match(module, arrays, unexpected=unexpected, names=names)
     if strict:
         report.check(what or type(module).__name__)
+    params = params_of(module)
     for path, arr in ok.items():
         params[path].set_value(jnp.asarray(arr, dtype=params[path].dtype))
     return report
