@@ -5,7 +5,7 @@
 
 Each writes `benchmarks/results/plan_NAME.json` (the `fica plan` report plus the command that made
 it). Nothing here runs on an accelerator: the devices are fake CPU devices, the numbers are the
-compiler's memory analysis, HLO-counted FLOPs and collective bytes, and a roofline (SPECS.md 9-10).
+compiler's memory analysis, HLO-counted FLOPs and collective bytes, and a roofline (docs/architecture.md §9-§10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rasteriser speed: ms/frame forward and forward+backward, tiled vs dense (SPECS.md Sec. 7).
+"""Rasteriser speed: ms/frame forward and forward+backward, tiled vs dense (docs/architecture.md §7).
 
   python benchmarks/render.py                 # writes benchmarks/results/render_<backend>.json
   python benchmarks/render.py --sizes 256 --counts 1000,10000 --repeats 3

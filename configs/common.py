@@ -38,7 +38,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.param_dtype = "float32"
     c.train.compute_dtype = "float32"  # "bfloat16" on accelerators
-    c.train.remat = "none"  # none, full, dots_saveable, ... (fica_jax/train/remat.py REMAT_NAMES)
+    c.train.remat = "none"  # none, full, dots_saveable, ... (fica_jax/models/remat.py REMAT_NAMES)
     c.train.log_every = 10
     c.train.eval_every = 0
     c.train.ckpt_every = 100

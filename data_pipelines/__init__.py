@@ -4,8 +4,8 @@ schema.py        one record per identity (npz dict of arrays), encode/decode/val
 shards.py        atomic ArrayRecord shard writer + metadata.json
 source.py        Grain random-access source over shards (clear errors for broken files)
 tfds_builder.py  the same data as a tensorflow_datasets builder (no TensorFlow needed)
-transforms.py    per-stage example transforms and augmentations (registry STAGE_TRANSFORMS)
-pipeline.py      make_pipeline / stage_data: host-sharded, shuffled, batched Grain pipelines
+transforms.py    per-stage example functions and augmentations (named by each stage's STAGE)
+pipeline.py      make_pipeline / CaptureData: host-sharded, shuffled, batched Grain pipelines
 synth.py         `fica data synth` driver over synthetic/generator.py
 convert.py       `fica data convert` for real-capture folders
 contact_sheet.py `fica data inspect`

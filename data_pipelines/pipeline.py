@@ -1,10 +1,9 @@
 """Grain input pipelines for every training stage (big_vision/MaxText style host input).
 
 records (CaptureSource or a tfds data source)
-  -> this host's contiguous slice [i*n/k, (i+1)*n/k)   (host sharding, disjoint, covers all)
-  -> shuffle(seed)  (grain reseeds every epoch: epoch e uses seed+e)
-  -> repeat(num_epochs)
-  -> random_map(StageTransform(stage))  (per-element rng from (seed, index): augmentation is
+  -> host_records: this host's contiguous slice [i*n/k, (i+1)*n/k) (disjoint, covers all),
+     shuffle(per-host seed; grain reseeds every epoch), repeat(num_epochs)
+  -> random_map(StageTransform(fn))     (per-element rng from (seed, index): augmentation is
                                          reproducible and independent of worker count)
   -> batch(global_batch_size // process_count, drop_remainder)
   -> to_iter_dataset -> mp_prefetch(workers)
@@ -16,6 +15,7 @@ iterator's `get_state()/set_state()` is what the train loop saves beside the mod
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import grain
 import numpy as np
 
 from data_pipelines.source import CaptureSource
-from data_pipelines.transforms import STAGE_TRANSFORMS, StageTransform, TransformOptions
+from data_pipelines.transforms import StageFn, StageTransform, TransformOptions
+from data_pipelines.workers import grain_worker_init
 from fica_jax.errors import UserError
 
 
@@ -45,6 +46,24 @@ def host_slice(n: int, process_index: int, process_count: int) -> slice:
     return slice(process_index * n // process_count, (process_index + 1) * n // process_count)
 
 
+def host_records(
+    ds: grain.MapDataset,
+    process_index: int,
+    process_count: int,
+    *,
+    seed: int | None,
+    num_epochs: int | None = None,
+) -> grain.MapDataset:
+    """The one host-sharding convention for every stage's records: this host's contiguous slice
+    (`host_slice`), shuffled with a per-host seed (`seed=None`: kept in order), then repeated
+    (`num_epochs=None`: forever; grain reseeds each epoch)."""
+    ds = ds[host_slice(len(ds), process_index, process_count)]
+    if seed is not None:
+        # Hosts shuffle their own slices; the seed mixes in the host for independence.
+        ds = ds.shuffle(seed=(seed * 1_000_003 + process_index) % 2**32)
+    return ds.repeat(num_epochs)
+
+
 def _mark_flags_parsed() -> None:
     # grain 0.2.18 workers read absl flags; without this they fail when the main program did not
     # parse absl flags (grain issue 1355).
@@ -56,7 +75,7 @@ def _mark_flags_parsed() -> None:
 
 def make_pipeline(
     data_dir: str | os.PathLike,
-    stage: str,
+    transform: StageFn,
     split: str,
     *,
     global_batch_size: int,
@@ -70,34 +89,38 @@ def make_pipeline(
     shuffle: bool = True,
     source: Any = None,
 ) -> grain.IterDataset:
-    """This host's batches for `stage`: dicts of numpy arrays with leading dim
+    """This host's batches of `transform(record, rng, options)` (a stage's example function from
+    `data_pipelines.transforms`): dicts of numpy arrays with leading dim
     global_batch_size // process_count. `num_epochs=None` repeats forever. `source` overrides
     the source opened from `data_dir` (tests, custom sources)."""
-    if stage not in STAGE_TRANSFORMS:
-        raise UserError(f"unknown data stage {stage!r}; expected one of {sorted(STAGE_TRANSFORMS)}")
     if global_batch_size % process_count:
         raise UserError(
             f"global batch size {global_batch_size} is not divisible by {process_count} hosts"
         )
     per_host = global_batch_size // process_count
     src = source if source is not None else open_source(data_dir, split)
-    ds = grain.MapDataset.source(src)[host_slice(len(src), process_index, process_count)]
-    if len(ds) == 0 or (num_epochs is not None and len(ds) * num_epochs < per_host):
+    n = len(range(len(src))[host_slice(len(src), process_index, process_count)])
+    if n == 0 or (num_epochs is not None and n * num_epochs < per_host):
         raise UserError(
             f"{data_dir} split {split!r}: host {process_index} of {process_count} gets "
-            f"{len(ds)} records, fewer than its batch of {per_host}"
+            f"{n} records, fewer than its batch of {per_host}"
         )
-    if shuffle:
-        # Different hosts shuffle their own slices; the seed mixes in the host for independence.
-        ds = ds.shuffle(seed=(seed * 1_000_003 + process_index) % 2**32)
-    ds = ds.repeat(num_epochs)
+    ds = host_records(
+        grain.MapDataset.source(src),
+        process_index,
+        process_count,
+        seed=seed if shuffle else None,
+        num_epochs=num_epochs,
+    )
     options = TransformOptions(augment=augment, image_size=image_size)
-    ds = ds.random_map(StageTransform(stage, options), seed=seed)
+    ds = ds.random_map(StageTransform(transform, options), seed=seed)
     ds = ds.batch(per_host, drop_remainder=True)
     it = ds.to_iter_dataset()
     if workers > 0:
         _mark_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=grain_worker_init()
+        )
     return it
 
 
@@ -111,37 +134,40 @@ def first_batch(ds: grain.IterDataset) -> dict[str, np.ndarray]:
             close()
 
 
-def stage_data(
-    cfg: Any, split: str, process_index: int, process_count: int, *, stage: str | None = None
-) -> grain.IterDataset:
-    """`Stage.make_data` for the stages that read capture shards: maps the shared `cfg.data`
-    fields (configs/common.py) onto `make_pipeline`. Train repeats forever with augmentation;
-    any other split is one un-augmented, unshuffled pass."""
-    data = cfg.data
-    if not data.dir:
-        raise UserError(
-            "config data.dir is empty; create data with `fica data synth --out DIR ...` and pass "
-            "--config.data.dir=DIR"
+@dataclasses.dataclass(frozen=True)
+class CaptureData:
+    """`Stage.make_data` of the stages that read capture shards with the example function
+    `transform`: maps the shared `cfg.data` fields (configs/common.py) onto `make_pipeline`.
+    Train repeats forever with augmentation; any other split is one un-augmented, unshuffled
+    pass ("eval" reads the identity-level held-out split "test" of the shards)."""
+
+    transform: StageFn
+
+    def __call__(
+        self, cfg: Any, split: str, process_index: int, process_count: int, **overrides: Any
+    ) -> grain.IterDataset:
+        data = cfg.data
+        if not data.dir:
+            raise UserError(
+                "config data.dir is empty; create data with `fica data synth --out DIR ...` and "
+                "pass --config.data.dir=DIR"
+            )
+        train = split == "train"
+        shard_split = "test" if split == "eval" else split
+        epochs = None
+        if not train:
+            # One pass, but at least one full batch even when the held-out split is small.
+            n = len(open_source(data.dir, shard_split))
+            epochs = max(1, -(-int(data.batch_size) // max(n, 1)))
+        kw = dict(
+            global_batch_size=data.batch_size,
+            seed=(data.get("shuffle_seed", 0) + cfg.get("seed", 0)) % 2**32,
+            process_index=process_index,
+            process_count=process_count,
+            workers=data.get("workers", 0),
+            augment=train and data.get("augment", True),
+            num_epochs=epochs,
+            image_size=data.get("image_size") or None,
+            shuffle=train,
         )
-    train = split == "train"
-    # The train loop evaluates on "eval": the identity-level held-out split of the shards.
-    shard_split = "test" if split == "eval" else split
-    epochs = None
-    if not train:
-        # One pass, but at least one full batch even when the held-out split is small.
-        n = len(open_source(data.dir, shard_split))
-        epochs = max(1, -(-int(data.batch_size) // max(n, 1)))
-    return make_pipeline(
-        data.dir,
-        stage or cfg.stage,
-        shard_split,
-        global_batch_size=data.batch_size,
-        seed=(data.get("shuffle_seed", 0) + cfg.get("seed", 0)) % 2**32,
-        process_index=process_index,
-        process_count=process_count,
-        workers=data.get("workers", 0),
-        augment=train and data.get("augment", True),
-        num_epochs=epochs,
-        image_size=data.get("image_size") or None,
-        shuffle=train,
-    )
+        return make_pipeline(data.dir, self.transform, shard_split, **{**kw, **overrides})

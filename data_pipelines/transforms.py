@@ -9,11 +9,10 @@ photometric distortion". Here:
 - photometric (image only, mmseg's PhotoMetricDistortion defaults, each with p=0.5): brightness,
   contrast, saturation, hue rotation.
 
-Each stage is a function `(record, rng, opts) -> {name: np.ndarray}` registered in
-`STAGE_TRANSFORMS`; `StageTransform` is the picklable Grain `RandomMap` that dispatches to it,
-so a new stage plugs in by adding one entry. Images are float32 in [0, 1]; UV textures are float32
-in [-1, 1] for the latent stages (VAE/DiT input convention) and in [0, 1] for UPM (the Gaussian
-base colour is compared with frame images).
+Each stage's examples come from a module-level function `(record, rng, opts) -> {name: array}`
+that the stage names in its `STAGE` (`make_data=CaptureData(fn)`); `StageTransform` is the
+picklable Grain `RandomMap` that applies it. Images and UV textures are float32 in [0, 1] for
+every stage (one convention, SCHEMA.md "Value ranges").
 """
 
 from __future__ import annotations
@@ -166,14 +165,11 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _tex(x: np.ndarray, signed: bool) -> np.ndarray:
-    t = _f32(x) / 255.0
-    return t * 2.0 - 1.0 if signed else t
-
-
-def _uv_maps(record: Record, signed_texture: bool) -> Example:
+def _uv_maps(record: Record) -> Example:
+    # Every stage gets textures in [0, 1] like images (SCHEMA.md "Value ranges"); a model that
+    # wants [-1, 1] (the VAE) maps them with `fica_jax.models.uv_latent.normalize_map`.
     return {
-        "uv_texture": _tex(record["uv_texture"], signed_texture),
+        "uv_texture": _f32(record["uv_texture"]) / 255.0,
         "uv_geometry": _f32(record["uv_geometry"]),
         "uv_normal": _f32(record["uv_normal"]),
         "uv_mask": _f32(record["uv_mask"]),
@@ -213,7 +209,7 @@ def dense_example(record: Record, rng: np.random.Generator, opts: TransformOptio
 
 def vae_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
     """SDXL-VAE fine-tuning on UV maps; no augmentation (UV atlas positions are meaningful)."""
-    return _uv_maps(record, signed_texture=True)
+    return _uv_maps(record)
 
 
 def dit_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
@@ -221,7 +217,7 @@ def dit_example(record: Record, rng: np.random.Generator, opts: TransformOptions
     the portrait is only resized, never cropped or recoloured (that would break the pairing)."""
     ex, _ = _view(record, 0, rng, opts, geometric=False)
     out = {"image": ex["image"], "partial_uv": _f32(record["partial_uv"])}
-    out.update(_uv_maps(record, signed_texture=True))
+    out.update(_uv_maps(record))
     return out
 
 
@@ -237,7 +233,7 @@ def upm_example(record: Record, rng: np.random.Generator, opts: TransformOptions
         )
     v = int(rng.integers(1, n_views))
     ex, aff = _view(record, v, rng, opts, geometric=True)
-    out = _uv_maps(record, signed_texture=False)
+    out = _uv_maps(record)
     out.update({f"frame_{k}": x for k, x in ex.items()})
     out["frame_K"] = warp_intrinsics(_f32(record["view_K"][v]), aff)
     out["frame_viewmat"] = _f32(record["view_viewmat"][v])
@@ -249,24 +245,19 @@ def upm_example(record: Record, rng: np.random.Generator, opts: TransformOptions
 
 
 StageFn = Callable[[Record, np.random.Generator, TransformOptions], Example]
-STAGE_TRANSFORMS: dict[str, StageFn] = {
-    "dense": dense_example,
-    "vae": vae_example,
-    "dit": dit_example,
-    "upm": upm_example,
-}
 
 
 class StageTransform(grain.transforms.RandomMap):
-    """Grain RandomMap applying `STAGE_TRANSFORMS[stage]`; pickles by stage name."""
+    """Grain RandomMap applying a stage's example function `fn(record, rng, options)`.
 
-    def __init__(self, stage: str, options: TransformOptions = TransformOptions()):
-        if stage not in STAGE_TRANSFORMS:
-            raise UserError(
-                f"unknown data stage {stage!r}; expected one of {sorted(STAGE_TRANSFORMS)}"
-            )
-        self.stage = stage
+    `fn` must be a module-level function (Grain workers unpickle it by its qualified name).
+    """
+
+    def __init__(self, fn: StageFn, options: TransformOptions = TransformOptions()):
+        if not callable(fn):
+            raise UserError(f"stage transform {fn!r} is not a function (record, rng, options)")
+        self.fn = fn
         self.options = options
 
     def random_map(self, element: Record, rng: np.random.Generator) -> Example:
-        return STAGE_TRANSFORMS[self.stage](element, rng, self.options)
+        return self.fn(element, rng, self.options)

@@ -51,6 +51,19 @@ def unwrap_batch(images: jax.Array, dense: dict[str, jax.Array], resolution: int
     return jax.vmap(fn)(images, dense["mask"], dense["uv"], dense["nrm"], dense["vtx"])
 
 
+# Defined once at module level: nnx.jit caches the trace by function identity (a jit built
+# inside `condition` would re-trace on every call).
+@nnx.jit(static_argnums=(2,))
+def _run(dense_model, images, resolution, clip_model):
+    dense = predict_dense(dense_model, images)
+    partial = unwrap_batch(images, dense, resolution)
+    if clip_model is not None:
+        emb = clip_model(clip_lib.preprocess(images, clip_model.cfg.image_size))["image_embeds"]
+    else:
+        emb = dense["pooled"]
+    return partial, emb, dense
+
+
 def condition(
     images: jax.Array,  # [B, H, W, 3] in [0, 1]
     dense_model: DensePredictor,
@@ -58,18 +71,7 @@ def condition(
     clip_model: clip_lib.CLIPVisionEncoder | None = None,
 ) -> Conditioning:
     """Runs the dense predictor (+ CLIP when given) and unwraps the portraits into UV space."""
-
-    @nnx.jit(static_argnums=(2,))
-    def run(dense_model, images, resolution, clip_model):
-        dense = predict_dense(dense_model, images)
-        partial = unwrap_batch(images, dense, resolution)
-        if clip_model is not None:
-            emb = clip_model(clip_lib.preprocess(images, clip_model.cfg.image_size))["image_embeds"]
-        else:
-            emb = dense["pooled"]
-        return partial, emb, dense
-
-    partial, emb, dense = run(dense_model, images, uv_resolution, clip_model)
+    partial, emb, dense = _run(dense_model, images, uv_resolution, clip_model)
     return Conditioning(
         partial_uv=partial,
         image_emb=emb,

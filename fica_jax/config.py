@@ -9,11 +9,13 @@ key is a `UserError` that names the key and the nearest existing ones.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -120,3 +122,20 @@ def apply_overrides(
                     node[part] = _parse_value(raw, current, key)
             else:
                 node = node[part]
+
+
+def variant(
+    table: Mapping[str, Any], name: str, key: str, overrides: Mapping[str, Any] = {}, **fields
+) -> Any:
+    """`table[name]` (a frozen dataclass) with `fields` set and the non-empty `overrides` set.
+
+    The one variant-merge rule for every stage: a config names a variant and may override its
+    sizes by name; an override of 0 / "" / () / None keeps the variant's value, lists become
+    tuples. `key` is the config key of the name (`model.variant`), used in the `UserError` that
+    lists the valid variants when `name` is unknown.
+    """
+    if name not in table:
+        raise UserError(f"config {key}={name!r} is unknown; expected one of {sorted(table)}")
+    chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    chosen = {k: v for k, v in chosen.items() if v not in (0, "", (), None)}
+    return dataclasses.replace(table[name], **fields, **chosen)

@@ -16,32 +16,14 @@ import os
 import pathlib
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image, ImageDraw
 
 from fica_jax.config import load_config
 from fica_jax.errors import UserError
 
 UV_RES, IMAGE_SIZE = 64, 128
-
-
-def load_trained(cfg, run_dir: pathlib.Path):
-    """The stage's model with the params of `run_dir`'s latest checkpoint (single device)."""
-    from fica_jax.train.checkpoint import load_params
-    from fica_jax.train.stage import get_stage
-
-    model = get_stage(cfg.stage, cfg).init_fn(cfg, nnx.Rngs(cfg.seed))
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-        nnx.state(model, nnx.Param).to_pure_dict(),
-    )
-    step, params = load_params(run_dir, abstract)
-    nnx.update(model, params)
-    return step, model
 
 
 def _stage_cfg(name: str, data_dir: pathlib.Path, steps: int | None):
@@ -82,29 +64,26 @@ def _sheet(rows: list[list[tuple[str, np.ndarray]]], path: pathlib.Path) -> None
 
 
 def _conditioning_rows(data_dir, dense_model, vae_model, vae_cfg) -> tuple[list, dict]:
-    from data_pipelines.pipeline import open_source
+    from data_pipelines import transforms
+    from data_pipelines.pipeline import CaptureData, first_batch, open_source
     from fica_jax import conditioning
     from fica_jax.stages import vae as vae_stage
 
-    src = open_source(data_dir, "test")
-    recs = [src[i] for i in range(min(len(src), 3))]
-    images = jnp.stack([jnp.asarray(r["view_image"][0], jnp.float32) / 255.0 for r in recs])
-    if images.shape[1] != IMAGE_SIZE:
-        images = jax.image.resize(images, (len(recs), IMAGE_SIZE, IMAGE_SIZE, 3), "bilinear")
+    # Held-out portraits and maps through the training pipeline itself (un-augmented eval pass),
+    # so the demo sees exactly what the stages see.
+    names = [str(r["identity"]) for r in open_source(data_dir, "test")][:3]
+    read = CaptureData(transforms.dit_example)
+    kw = dict(global_batch_size=len(names), num_epochs=1, image_size=IMAGE_SIZE)
+    batch = {k: jnp.asarray(v) for k, v in first_batch(read(vae_cfg, "eval", 0, 1, **kw)).items()}
+    images = batch["image"]
     cond = conditioning.condition(images, dense_model, UV_RES)
-    stats = vae_stage.map_stats(vae_cfg)
-    batch = {
-        "uv_texture": jnp.stack([r["uv_texture"] / 127.5 - 1.0 for r in recs]).astype(jnp.float32),
-        "uv_geometry": jnp.stack([r["uv_geometry"] for r in recs]),
-        "uv_mask": jnp.stack([r["uv_mask"] for r in recs]).astype(jnp.float32),
-    }
-    x, _ = vae_stage.model_inputs(batch, stats)
+    x, _ = vae_stage.model_inputs(batch, vae_stage.map_stats(vae_cfg))
     recon = vae_model.decode(vae_model.encode(x).mode())
-    n = len(recs)
+    n = len(names)
     geo = lambda y: (y + 1) * 0.5  # [-1, 1] positions as colours
     rows, hits = [], []
-    for i, r in enumerate(recs):
-        pred, gt = np.asarray(cond.partial_uv[i]), r["partial_uv"].astype(np.float32)
+    for i in range(n):
+        pred, gt = np.asarray(cond.partial_uv[i]), np.asarray(batch["partial_uv"][i])
         hits.append(
             float(((pred[..., 3] > 0.5) & (gt[..., 3] > 0.5)).sum() / max(gt[..., 3].sum(), 1))
         )
@@ -120,7 +99,7 @@ def _conditioning_rows(data_dir, dense_model, vae_model, vae_cfg) -> tuple[list,
                 ),
                 ("partial UV rgb", pred[..., :3]),
                 ("GT partial rgb", gt[..., :3]),
-                ("GT texture", r["uv_texture"] / 255.0),
+                ("GT texture", batch["uv_texture"][i]),
                 ("VAE texture", (np.asarray(recon[i]) + 1) * 0.5),
                 ("GT geometry", geo(np.asarray(x[n + i]))),
                 ("VAE geometry", geo(np.asarray(recon[n + i]))),
@@ -130,7 +109,7 @@ def _conditioning_rows(data_dir, dense_model, vae_model, vae_cfg) -> tuple[list,
         "embedding": cond.embedding,
         "embedding_dim": int(cond.image_emb.shape[-1]),
         "partial_uv_texel_recall_vs_gt": float(np.mean(hits)),
-        "portraits": [str(r["identity"]) for r in recs],
+        "portraits": names,
     }
     return rows, summary
 
@@ -139,6 +118,7 @@ def run_demo(out: pathlib.Path, identities: int, steps: int | None, seed: int) -
     from data_pipelines.synth import synthesize
     from data_pipelines.synthetic.generator import SynthConfig
     from fica_jax.train import loop
+    from fica_jax.train.checkpoint import load_model
     from fica_jax.train.metrics import read_metrics
 
     out.mkdir(parents=True, exist_ok=True)
@@ -168,8 +148,8 @@ def run_demo(out: pathlib.Path, identities: int, steps: int | None, seed: int) -
             final.update(row)
         report["stages"][name] = {"seconds": time.time() - t, **final}
 
-    _, vae_model = load_trained(cfgs["vae"], out / "runs" / "vae")
-    _, dense_model = load_trained(cfgs["dense"], out / "runs" / "dense")
+    _, vae_model = load_model(cfgs["vae"], out / "runs" / "vae")
+    _, dense_model = load_model(cfgs["dense"], out / "runs" / "dense")
     rows, summary = _conditioning_rows(data, dense_model, vae_model, cfgs["vae"])
     _sheet(rows, out / "conditioning.png")
     report["conditioning"] = {**summary, "png": str(out / "conditioning.png")}

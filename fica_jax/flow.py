@@ -1,4 +1,4 @@
-"""Rectified flow matching, SD3/Flux convention (SPECS.md s.3; FiCA paper s.2.2, L_diffusion).
+"""Rectified flow matching, SD3/Flux convention (docs/architecture.md §3; FiCA paper s.2.2, L_diffusion).
 
 Flow time s in [0, 1]: s = 0 is data, s = 1 is noise.
 

@@ -35,40 +35,43 @@ def _same(a, b):
 @pytest.mark.parametrize("stage", ["dense", "vae", "dit", "upm"])
 def test_stage_shapes_and_determinism(data_dir, stage):
     kw = dict(global_batch_size=4, seed=3, image_size=12)
-    a = _batches(make_pipeline(data_dir, stage, "train", **kw), 2)
-    b = _batches(make_pipeline(data_dir, stage, "train", **kw), 2)
+    a = _batches(make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **kw), 2)
+    b = _batches(make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **kw), 2)
     for x, y in zip(a, b, strict=True):
         _same(x, y)
-    c = _batches(make_pipeline(data_dir, stage, "train", **{**kw, "seed": 4}), 2)
+    c = _batches(
+        make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **{**kw, "seed": 4}), 2
+    )
     assert any(not np.array_equal(a[i][k], c[i][k]) for i in range(2) for k in a[i])
     first = a[0]
     assert all(isinstance(v, np.ndarray) and v.shape[0] == 4 for v in first.values())
     if stage in ("dense", "dit"):
         assert first["image"].shape == (4, 12, 12, 3) and first["image"].dtype == np.float32
         assert 0 <= first["image"].min() and first["image"].max() <= 1
-    if stage in ("vae", "dit"):
-        assert first["uv_texture"].min() >= -1 and first["uv_texture"].min() < 0
+    # One value range for every stage (SCHEMA.md "Value ranges"): textures in [0, 1].
+    tex = first.get("uv_texture", first.get("image"))
+    assert tex.dtype == np.float32 and 0 <= tex.min() and tex.max() <= 1 and tex.max() > 0.5
     if stage == "upm":
         assert first["frame_image"].shape == (4, 12, 12, 3)
         assert (first["frame_view"] >= 1).all()  # never the portrait
 
 
 def test_resume_from_state(data_dir):
-    ds = make_pipeline(data_dir, "dense", "train", global_batch_size=4, seed=0)
+    ds = make_pipeline(data_dir, T.dense_example, "train", global_batch_size=4, seed=0)
     it = iter(ds)
     for _ in range(5):  # crosses an epoch boundary (16 records / 4 per batch)
         next(it)
     state = it.get_state()
     want = [next(it) for _ in range(2)]
-    it2 = iter(make_pipeline(data_dir, "dense", "train", global_batch_size=4, seed=0))
+    it2 = iter(make_pipeline(data_dir, T.dense_example, "train", global_batch_size=4, seed=0))
     it2.set_state(state)
     for w in want:
         _same(next(it2), w)
 
 
 def _marker(batch):
-    # fake_record writes the record index into uv_texture[0, 0]; vae maps it to [-1, 1]
-    return np.rint((batch["uv_texture"][:, 0, 0, 0] + 1) / 2 * 255).astype(int).tolist()
+    # fake_record writes the record index into uv_texture[0, 0]; the pipeline gives /255
+    return np.rint(batch["uv_texture"][:, 0, 0, 0] * 255).astype(int).tolist()
 
 
 def test_host_sharding_disjoint_and_complete(data_dir):
@@ -76,7 +79,7 @@ def test_host_sharding_disjoint_and_complete(data_dir):
     for host in range(3):
         ds = make_pipeline(
             data_dir,
-            "vae",
+            T.vae_example,
             "train",
             global_batch_size=3,
             seed=0,
@@ -93,19 +96,21 @@ def test_host_sharding_disjoint_and_complete(data_dir):
     sl = [host_slice(10, i, 4) for i in range(4)]
     assert [(s.start, s.stop) for s in sl] == [(0, 2), (2, 5), (5, 7), (7, 10)]
     with pytest.raises(UserError, match="not divisible"):
-        make_pipeline(data_dir, "vae", "train", global_batch_size=4, seed=0, process_count=3)
+        make_pipeline(
+            data_dir, T.vae_example, "train", global_batch_size=4, seed=0, process_count=3
+        )
 
 
 def test_epoch_reshuffle(data_dir):
-    ds = make_pipeline(data_dir, "vae", "train", global_batch_size=16, seed=0, num_epochs=2)
+    ds = make_pipeline(data_dir, T.vae_example, "train", global_batch_size=16, seed=0, num_epochs=2)
     e1, e2 = (_marker(b) for b in ds)
     assert sorted(e1) == sorted(e2) and e1 != e2
 
 
 def test_workers_match_in_process(data_dir):
     kw = dict(global_batch_size=2, seed=1, num_epochs=1, image_size=8)
-    ref = list(make_pipeline(data_dir, "dense", "test", **kw))
-    got = list(make_pipeline(data_dir, "dense", "test", workers=2, **kw))
+    ref = list(make_pipeline(data_dir, T.dense_example, "test", **kw))
+    got = list(make_pipeline(data_dir, T.dense_example, "test", workers=2, **kw))
     assert len(ref) == len(got) == 2
     for a, b in zip(ref, got, strict=True):
         _same(a, b)
@@ -113,7 +118,9 @@ def test_workers_match_in_process(data_dir):
 
 def test_put_batch_on_data_fsdp_mesh(data_dir):
     mesh = make_mesh({"data": 2, "fsdp": 4})
-    batch = next(iter(make_pipeline(data_dir, "dense", "train", global_batch_size=8, seed=0)))
+    batch = next(
+        iter(make_pipeline(data_dir, T.dense_example, "train", global_batch_size=8, seed=0))
+    )
     arrays = put_batch(batch, mesh)
     assert arrays["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
     assert arrays["kpts"].sharding.spec == P(("data", "fsdp"), None, None)
@@ -190,21 +197,21 @@ def test_upm_needs_frames_and_unknown_stage(data_dir):
     rec = fake_record(0, views=1)
     with pytest.raises(UserError, match="no dome frames"):
         T.upm_example(rec, np.random.default_rng(0), T.TransformOptions())
-    with pytest.raises(UserError, match="unknown data stage"):
+    with pytest.raises(UserError, match="not a function"):
         make_pipeline(data_dir, "nope", "train", global_batch_size=1, seed=0)
 
 
-def test_stage_data_from_config(data_dir):
+def test_capture_data_from_config(data_dir):
     from configs.common import base_config
-    from data_pipelines.pipeline import stage_data
+    from data_pipelines.pipeline import CaptureData
 
     cfg = base_config("vae")
     cfg.data.batch_size = 2
     with pytest.raises(UserError, match="data.dir"):
-        stage_data(cfg, "train", 0, 1)
+        CaptureData(T.vae_example)(cfg, "train", 0, 1)
     cfg.data.dir = str(data_dir)
-    assert _marker(next(iter(stage_data(cfg, "train", 0, 1))))  # repeats, shuffled
-    evals = list(stage_data(cfg, "test", 0, 1))  # one ordered pass
+    assert _marker(next(iter(CaptureData(T.vae_example)(cfg, "train", 0, 1))))  # repeats, shuffled
+    evals = list(CaptureData(T.vae_example)(cfg, "test", 0, 1))  # one ordered pass
     assert [m for b in evals for m in _marker(b)] == [4, 9, 14, 19]
 
 
@@ -216,6 +223,8 @@ def test_corrupt_record_error_crosses_worker_processes(tmp_path):
     for j in range(2000, 2100):
         b[j] ^= 0xFF
     shard.write_bytes(bytes(b))
-    ds = make_pipeline(d, "vae", "train", global_batch_size=1, seed=0, num_epochs=1, workers=1)
+    ds = make_pipeline(
+        d, T.vae_example, "train", global_batch_size=1, seed=0, num_epochs=1, workers=1
+    )
     with pytest.raises(UserError, match=f"{shard} record 0: corrupt"):
         list(ds)

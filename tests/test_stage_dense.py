@@ -32,7 +32,7 @@ def _cfg(synth_dir, *extra):
 
 def test_losses_vanish_for_a_perfect_prediction(synth_dir):
     cfg = _cfg(synth_dir, "--config.data.batch_size=2")
-    batch = first_batch(get_stage("dense", cfg).make_data(cfg, "train", 0, 1))
+    batch = first_batch(get_stage("dense").make_data(cfg, "train", 0, 1))
     b = {k: jnp.asarray(v) for k, v in batch.items()}
     perfect = {
         "uv": b["uv"],

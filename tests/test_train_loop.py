@@ -11,11 +11,11 @@ import fica_jax  # noqa: F401
 from fica_jax import sharding as shd
 from fica_jax.config import load_config
 from fica_jax.errors import UserError
+from fica_jax.models.remat import policy as remat_policy
 from fica_jax.train import cli
 from fica_jax.train.checkpoint import Checkpointer
 from fica_jax.train.loop import train
 from fica_jax.train.metrics import read_metrics
-from fica_jax.train.remat import remat_policy
 from fica_jax.train.stage import get_stage
 from fica_jax.train.step import build
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 import fica_jax  # noqa: F401  (turns off eager sharding)
 from fica_jax.errors import UserError
+from fica_jax.models import layers
 from fica_jax.models import uv_latent as U
 from fica_jax.models import vae as V
 
@@ -30,9 +31,9 @@ def test_config_shapes_and_token_counts():
 @pytest.mark.parametrize("factor", [2, 4])
 def test_pack_unpack_are_exact_inverses_with_documented_layout(factor):
     z = jnp.asarray(RS.randn(2, 64, 64, 4).astype(np.float32))
-    t = U.pack_latent(z, factor)
+    t = layers.pixel_unshuffle(z, factor)
     assert t.shape == (2, 64 // factor, 64 // factor, 4 * factor * factor)
-    np.testing.assert_array_equal(U.unpack_latent(t, factor), z)
+    np.testing.assert_array_equal(layers.pixel_shuffle(t, factor), z)
     # out[b, i, j, (dy*u + dx)*C + c] == z[b, i*u + dy, j*u + dx, c]
     b, i, j, dy, dx, c = 1, 3, 5, factor - 1, 1, 2
     assert t[b, i, j, (dy * factor + dx) * 4 + c] == z[b, i * factor + dy, j * factor + dx, c]
@@ -134,7 +135,7 @@ def test_encode_decode_uv_maps_with_tiny_vae():
     alone = U.encode_uv_maps(vae, {"position": maps["position"]}, None, cfg=cfg, stats=stats)
     np.testing.assert_allclose(alone["position"], grids["position"], atol=1e-5)
     z = vae.encode_to_latent(U.normalize_map("position", maps["position"], stats))
-    np.testing.assert_allclose(U.pack_latent(z, 2), grids["position"], atol=1e-5)
+    np.testing.assert_allclose(layers.pixel_unshuffle(z, 2), grids["position"], atol=1e-5)
     # Sampling differs from the mean but keeps shapes.
     sampled = U.encode_uv_maps(vae, maps, jax.random.key(1), cfg=cfg, stats=stats)
     assert not np.allclose(sampled["texture"], grids["texture"])
@@ -142,7 +143,7 @@ def test_encode_decode_uv_maps_with_tiny_vae():
     out = U.decode_uv_maps(vae, grids, cfg=cfg, stats=stats, mask=jnp.ones((2, 16, 16)))
     assert out["texture"].shape == out["position"].shape == (2, 16, 16, 3)
     assert out["mask"].shape == (2, 16, 16, 1)
-    dec = vae.decode_from_latent(U.unpack_latent(grids["position"], 2))
+    dec = vae.decode_from_latent(layers.pixel_shuffle(grids["position"], 2))
     np.testing.assert_allclose(out["position"], dec * 0.2 + jnp.array([0.0, 1.6, 0.0]), atol=1e-5)
     assert 0 <= float(out["texture"].min()) and float(out["texture"].max()) <= 1
 

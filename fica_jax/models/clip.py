@@ -1,7 +1,7 @@
-"""CLIP image encoder in Flax NNX with Hugging Face checkpoint import (SPECS.md Sec. 6).
+"""CLIP image encoder in Flax NNX with Hugging Face checkpoint import (docs/architecture.md §6).
 
-FiCA conditions the diffusion model on the CLIP embedding of the portrait (Sec. 2.2; SPECS Sec. 2
-"FiCA mapping"). transformers 5 dropped its Flax CLIP, so this is our own port of
+FiCA conditions the diffusion model on the CLIP embedding of the portrait (Sec. 2.2; docs/architecture.md
+§2, conditioning). transformers 5 dropped its Flax CLIP, so this is our own port of
 `CLIPVisionModelWithProjection`: patch conv (no bias) + class token + learned positions,
 `pre_layrnorm`, pre-LN blocks with quick-GELU, pooled = post_layernorm(CLS token), image embedding
 = `visual_projection(pooled)` (no bias). It reuses the scanned `Encoder` of `fica_jax.models.vit`
@@ -58,7 +58,7 @@ class CLIPConfig:
     proj_dim: int  # projection_dim
     eps: float = 1e-5  # layer_norm_eps
     act: str = "quick_gelu"  # hidden_act
-    remat: str = "none"
+    remat: str = "none"  # a policy name from fica_jax.models.remat.REMAT_NAMES
 
     @property
     def grid(self) -> int:

@@ -1,4 +1,4 @@
-"""Sapiens-style dense prediction heads (SPECS.md Sec. 6; FiCA Sec. 2.1, dense correspondences).
+"""Sapiens-style dense prediction heads (docs/architecture.md §6; FiCA Sec. 2.1, dense correspondences).
 
 Each head takes stride-16 ViT features [B, h, w, D] and predicts a per-pixel map. It follows
 Sapiens' `VitHead` (seg/mmseg/models/decode_heads/vit_head.py): three 4x4 stride-2 transposed convs

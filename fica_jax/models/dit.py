@@ -1,4 +1,4 @@
-"""DiT with ControlMLP: FiCA's texture/geometry completion network (paper s.2.2; SPECS.md s.2).
+"""DiT with ControlMLP: FiCA's texture/geometry completion network (paper s.2.2; docs/architecture.md §2).
 
 A latent DiT (Peebles & Xie, facebookresearch/DiT) with Pippo's ControlMLP, a light ControlNet:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from flax import nnx
 
 from fica_jax import sharding as shd
 from fica_jax.models import layers
-from fica_jax.train.remat import remat_policy, use_remat
+from fica_jax.models import remat as remat_lib
 
 f32 = jnp.float32
 
@@ -57,6 +56,7 @@ class DiTConfig:
     freq_dim: int = 256  # timestep sinusoid size
     learned_pos: bool = False  # learnable position embedding (initialised to sin-cos)
     grid: int = 16  # token grid side; only used to size a learned position embedding
+    remat: str = "none"  # per-block policy name (fica_jax.models.remat.REMAT_NAMES)
 
 
 VARIANTS: dict[str, DiTConfig] = {
@@ -92,21 +92,6 @@ def sincos_2d(dim: int, gh: int, gw: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     return np.concatenate([one(cols), one(rows)], axis=1).astype(np.float32)
-
-
-def pixel_unshuffle(x: jax.Array, p: int) -> jax.Array:
-    """[B, H, W, C] -> [B, H/p, W/p, p*p*C] (feature order: row offset, column offset, C)."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // p, w // p, p * p * c)
-
-
-def pixel_shuffle(x: jax.Array, p: int) -> jax.Array:
-    """Inverse of `pixel_unshuffle`: [B, h, w, p*p*C] -> [B, h*p, w*p, C]."""
-    b, h, w, pc = x.shape
-    c = pc // (p * p)
-    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * p, w * p, c)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -256,9 +241,9 @@ class DiT(nnx.Module):
         rngs: nnx.Rngs,
         dtype=f32,
         param_dtype=f32,
-        remat: str | Callable | None = "none",
     ):
-        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        remat_lib.policy(cfg.remat)  # an unknown policy name fails here, not at the first call
+        self.cfg, self.dtype = cfg, dtype
         d = cfg.width
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = layers.linear(cfg.patch**2 * cfg.in_channels, d, (None, shd.EMBED), **kw)
@@ -299,8 +284,8 @@ class DiT(nnx.Module):
         b, hh, ww, _ = x.shape
         p = self.cfg.patch
         tokens, ctx = self.embed(x, t, image_emb, domain, control, drop)
-        out = self.final(self.run_blocks(tokens, ctx), ctx[0])
-        return pixel_shuffle(out.reshape(b, hh // p, ww // p, -1), p)
+        out = self.final(layers.scan_blocks(self.blocks, tokens, self.cfg.remat, *ctx), ctx[0])
+        return layers.pixel_shuffle(out.reshape(b, hh // p, ww // p, -1), p)
 
     def embed(self, x, t, image_emb, domain, control=None, drop=None):
         """Inputs -> (tokens [B, N, D] f32, block context).
@@ -314,7 +299,7 @@ class DiT(nnx.Module):
             raise ValueError(f"latent {hh}x{ww} is not divisible by the DiT patch {p}")
         drop = jnp.zeros((b,), bool) if drop is None else drop.astype(bool)
 
-        patches = pixel_unshuffle(x, p).reshape(b, -1, p * p * cin).astype(self.dtype)
+        patches = layers.pixel_unshuffle(x, p).reshape(b, -1, p * p * cin).astype(self.dtype)
         tokens = (
             self.patch_norm(self.patch_embed(patches)) + self._pos_embed(hh // p, ww // p)[None]
         )
@@ -334,34 +319,8 @@ class DiT(nnx.Module):
             raise ValueError(f"control {control.shape} does not map onto the {hh}x{ww} latent grid")
         return tokens, (c, h, nnx.silu(self.control_t_embed(t)), drop)
 
-    def run_blocks(self, x: jax.Array, ctx: tuple) -> jax.Array:
-        """The stacked blocks as one `nnx.scan` (remat per block). x: [B, N, D] -> [B, N, D]."""
-
-        def apply(block, x, ctx):
-            return block(x, *ctx)
-
-        if callable(self.remat) or (self.remat is not None and use_remat(self.remat)):
-            policy = self.remat if callable(self.remat) else remat_policy(self.remat)
-            apply = nnx.remat(apply, policy=policy)
-
-        @nnx.scan(
-            in_axes=(nnx.Carry, 0, None),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: shd.LAYERS},
-        )
-        def run(x, block, ctx):
-            return apply(block, x, ctx)
-
-        return run(x, self.blocks, ctx)
-
 
 def build(name_or_cfg: str | DiTConfig, *, rngs: nnx.Rngs, **kw) -> DiT:
     """A DiT from a `VARIANTS` name or a `DiTConfig`."""
     cfg = VARIANTS[name_or_cfg] if isinstance(name_or_cfg, str) else name_or_cfg
     return DiT(cfg, rngs=rngs, **kw)
-
-
-def num_params(model_or_state) -> int:
-    """Number of parameter entries (works on `nnx.eval_shape` outputs)."""
-    state = nnx.state(model_or_state, nnx.Param)
-    return int(sum(math.prod(v.shape) for v in jax.tree.leaves(state)))

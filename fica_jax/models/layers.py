@@ -6,12 +6,14 @@ softmax run in float32 whatever the compute dtype (MaxText convention).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fica_jax import sharding as shd
-from fica_jax.train.remat import remat_policy, use_remat
+from fica_jax.models import remat as remat_lib
 
 _LECUN = nnx.initializers.lecun_normal()
 _ZEROS = nnx.initializers.zeros_init()
@@ -155,14 +157,14 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         split = lambda t: t.reshape(b, n, self.heads, self.head_dim)
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        q, k, v = (remat_lib.tag(split(f(x)), "qkv") for f in (self.q, self.k, self.v))
         if self.q_norm is not None:
             q, k = self.q_norm(q).astype(v.dtype), self.k_norm(k).astype(v.dtype)
         q = shd.constrain(q, shd.BATCH, shd.LENGTH, shd.HEADS, shd.HEAD_DIM)
         logits = jnp.einsum("BNHK,BMHK->BHNM", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         o = jnp.einsum("BHNM,BMHK->BNHK", probs, v).reshape(b, n, -1)
-        return self.out(o)
+        return remat_lib.tag(self.out(o), "attn_out")
 
 
 class Mlp(nnx.Module):
@@ -184,26 +186,59 @@ class Mlp(nnx.Module):
         self.fc2 = linear(hidden, dim, (shd.MLP, shd.EMBED), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
+        h = remat_lib.tag(self.act(self.fc1(x)), "mlp_hidden")
+        return remat_lib.tag(self.fc2(h), "mlp_out")
 
 
-def scan_blocks(blocks: nnx.Module, x: jax.Array, remat=None) -> jax.Array:
+def scan_blocks(
+    blocks: nnx.Module, x: jax.Array, remat: remat_lib.Remat = "none", *ctx
+) -> jax.Array:
     """Runs blocks stacked on a leading `LAYERS` axis (built with `nnx.vmap`) as one `nnx.scan`,
-    so a 40-block model compiles one block. `remat`: a policy name from `fica_jax.train.remat`
-    or a `jax.checkpoint_policies` callable; none/None keeps activations."""
+    so a 40-block model compiles one block: `x = block_i(x, *ctx)` for i = 0..depth-1.
 
-    def apply(block, h):
-        return block(h)
+    x:      the carry ([B, N, D] for transformers), same shape in and out.
+    remat:  a policy name from `fica_jax.models.remat` (or a policy callable); each block is
+            rematerialised under it.
+    ctx:    extra inputs every block sees unchanged (DiT: adaLN conditioning, control tokens).
+    """
 
-    if callable(remat) or (remat is not None and use_remat(remat)):
-        apply = nnx.remat(apply, policy=remat if callable(remat) else remat_policy(remat))
+    def apply(block, h, ctx):
+        return block(h, *ctx)
+
+    apply = remat_lib.wrap(apply, remat)
 
     @nnx.scan(
-        in_axes=(nnx.Carry, 0),
+        in_axes=(nnx.Carry, 0, None),
         out_axes=nnx.Carry,
         transform_metadata={nnx.PARTITION_NAME: shd.LAYERS},
     )
-    def run(h, block):
-        return apply(block, h)
+    def run(h, block, ctx):
+        return apply(block, h, ctx)
 
-    return run(x, blocks)
+    return run(x, blocks, tuple(ctx))
+
+
+def num_params(model_or_state) -> int:
+    """Number of parameter entries of a model or its state (works on `nnx.eval_shape` outputs)."""
+    state = nnx.state(model_or_state, nnx.Param)
+    return int(sum(math.prod(v.shape) for v in jax.tree.leaves(state)))
+
+
+def pixel_unshuffle(x: jax.Array, p: int) -> jax.Array:
+    """Pixel-unshuffle. [B, H, W, C] -> [B, H/p, W/p, p*p*C], features ordered (row offset,
+    column offset, C) as TF's space_to_depth (torch's pixel_unshuffle orders (C, dy, dx))."""
+    b, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"map {h}x{w} is not divisible by the unshuffle factor {p}")
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def pixel_shuffle(x: jax.Array, p: int) -> jax.Array:
+    """Pixel-shuffle, the exact inverse of `pixel_unshuffle`: [B, h, w, p*p*C] -> [B, hp, wp, C]."""
+    b, h, w, pc = x.shape
+    if pc % (p * p):
+        raise ValueError(f"{pc} channels are not divisible by the shuffle factor {p}^2")
+    c = pc // (p * p)
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)

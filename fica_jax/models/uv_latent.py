@@ -1,4 +1,4 @@
-"""UV maps <-> the DiT's latent grid (SPECS.md s.1 "32x32x16"; FiCA paper s.2.2 + supplement).
+"""UV maps <-> the DiT's latent grid (docs/architecture.md §1 "32x32x16"; FiCA paper s.2.2 + supplement).
 
 FiCA's diffusion model generates the avatar's UV texture and UV geometry maps in the SDXL VAE's
 latent space; the supplement gives a 32x32x16 latent, patchified by the DiT with patch size 2.
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.models import layers
 
 KINDS = ("texture", "normal", "position", "mask")
 
@@ -133,27 +134,7 @@ class MapStats:
 
 
 # ----------------------------------------------------------------------------- packing
-def pack_latent(z: jax.Array, factor: int = 2) -> jax.Array:
-    """Pixel-unshuffle: [B, h, w, C] -> [B, h/u, w/u, u*u*C].
-
-    Channel order is (dy, dx, c), i.e. `out[b, i, j, (dy*u + dx)*C + c] = z[b, i*u+dy, j*u+dx, c]`
-    (TF's space_to_depth; torch's pixel_unshuffle orders (c, dy, dx) instead).
-    """
-    b, h, w, c = z.shape
-    if h % factor or w % factor:
-        raise ValueError(f"pack_latent: {h}x{w} latent is not divisible by {factor}")
-    z = z.reshape(b, h // factor, factor, w // factor, factor, c)
-    return z.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // factor, w // factor, factor * factor * c)
-
-
-def unpack_latent(t: jax.Array, factor: int = 2) -> jax.Array:
-    """Pixel-shuffle, the exact inverse of `pack_latent`: [B, g, g, u*u*C] -> [B, g*u, g*u, C]."""
-    b, h, w, cc = t.shape
-    if cc % (factor * factor):
-        raise ValueError(f"unpack_latent: {cc} channels are not divisible by {factor}^2")
-    c = cc // (factor * factor)
-    t = t.reshape(b, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
-    return t.reshape(b, h * factor, w * factor, c)
+# Pixel (un)shuffle lives in `fica_jax.models.layers` (one copy, shared with the DiT patchify).
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -275,7 +256,7 @@ def encode_uv_maps(
     sizes = [x.shape[0] for x in xs]
     z = vae.encode_to_latent(jnp.concatenate(xs, axis=0), rng)
     parts = jnp.split(z, np.cumsum(sizes)[:-1], axis=0)
-    return {k: pack_latent(p, cfg.unshuffle) for k, p in zip(kinds, parts, strict=True)}
+    return {k: layers.pixel_unshuffle(p, cfg.unshuffle) for k, p in zip(kinds, parts, strict=True)}
 
 
 def decode_uv_maps(
@@ -289,7 +270,7 @@ def decode_uv_maps(
     """Unpacks, VAE-decodes and denormalises: kind -> map [B, R, R, C] (masks [B, R, R, 1])."""
     _check_vae(vae, cfg)
     kinds = list(grids)
-    zs = [unpack_latent(grids[k], cfg.unshuffle) for k in kinds]
+    zs = [layers.pixel_shuffle(grids[k], cfg.unshuffle) for k in kinds]
     x = vae.decode_from_latent(jnp.concatenate(zs, axis=0))
     parts = jnp.split(x, np.cumsum([z.shape[0] for z in zs])[:-1], axis=0)
     out = {}

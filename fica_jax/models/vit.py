@@ -1,4 +1,4 @@
-"""Sapiens ViT backbone and the FiCA dense predictor (SPECS.md Sec. 6; FiCA Sec. 2.1).
+"""Sapiens ViT backbone and the FiCA dense predictor (docs/architecture.md §6; FiCA Sec. 2.1).
 
 Sapiens is a plain pre-LN ViT: 16x16 patch conv, learned absolute positions, NO class token,
 LayerNorm eps 1e-6, fused qkv with bias, exact-GELU MLP x4, final LayerNorm; input 1024x768.
@@ -7,7 +7,7 @@ foreground-mask head. `DensePredictor` = backbone + four `DenseHead`s + mean-poo
 (an image embedding when no CLIP weights exist).
 
 Blocks are stacked on a `LAYERS` axis with `nnx.vmap` and run with `nnx.scan`, so a 40-block model
-compiles one block; `remat` names a policy from `fica_jax.train.remat`. With a bf16 compute dtype
+compiles one block; `remat` names a policy from `fica_jax.models.remat`. With a bf16 compute dtype
 the matmuls run in bf16 while norms, softmax and the residual stream stay float32.
 
 `load_sapiens` imports a public Sapiens `.pth` (mmpretrain/mmseg key names, see `sapiens_to_nnx`).
@@ -30,9 +30,10 @@ from flax import nnx
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
 from fica_jax.models import layers, weights
+from fica_jax.models import remat as remat_lib
 from fica_jax.models.dense_heads import DenseHead
 
-# Sapiens' pixel normalisation, on 0..255 values (SPECS.md Sec. 6).
+# Sapiens' pixel normalisation, on 0..255 values (docs/architecture.md §6).
 SAPIENS_MEAN = (123.675, 116.28, 103.53)
 SAPIENS_STD = (58.395, 57.12, 57.375)
 # Output channels of the dense heads, in the order of the returned dict.
@@ -50,7 +51,7 @@ class ViTConfig:
     patch: int = 16
     image_size: tuple[int, int] = (1024, 768)  # (H, W); the position-embedding grid * patch
     eps: float = 1e-6
-    remat: str = "none"  # a name from fica_jax.train.remat.REMAT_NAMES
+    remat: str = "none"  # a policy name from fica_jax.models.remat.REMAT_NAMES
     head_channels: int = 768  # Sapiens' VitHead deconv width
     head_convs: int = 0  # extra 1x1 conv + IN + SiLU layers (Sapiens' seg heads use 2)
     final_upsample: int = 2  # bilinear factor after the x8 deconvs: stride 2 -> full res
@@ -106,7 +107,7 @@ class Encoder(nnx.Module):
         *,
         eps: float,
         act: Callable,
-        remat: str | Callable = "none",
+        remat: remat_lib.Remat = "none",
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,

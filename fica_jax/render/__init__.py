@@ -1,4 +1,4 @@
-"""Differentiable 3D Gaussian rasteriser in pure JAX with gsplat's API (SPECS.md Sec. 7).
+"""Differentiable 3D Gaussian rasteriser in pure JAX with gsplat's API (docs/architecture.md §7).
 
 Stages: `project` (EWA projection) -> `tiles` (static-capacity tile binning) -> `composite`
 (front-to-back alpha blending); `dense` is the all-pixels reference; `surfels` renders UV

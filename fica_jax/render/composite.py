@@ -1,4 +1,4 @@
-"""Stage 3 of the Gaussian rasteriser: front-to-back alpha compositing (SPECS.md Sec. 7).
+"""Stage 3 of the Gaussian rasteriser: front-to-back alpha compositing (docs/architecture.md §7).
 
 The rules are gsplat 1.5.3's `rasterize_to_pixels` kernel, written as array operations over a
 block of pixels x a depth-sorted list of Gaussians instead of a per-pixel loop:

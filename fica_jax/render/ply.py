@@ -1,4 +1,4 @@
-"""Standard 3DGS .ply I/O (SPECS.md Sec. 7), the layout common splat viewers read.
+"""Standard 3DGS .ply I/O (docs/architecture.md §7), the layout common splat viewers read.
 
 Binary little-endian, one `vertex` element with float32 properties, in this order:
 x y z, nx ny nz (zeros), f_dc_0..2 = (rgb - 0.5) / 0.28209479 (SH band 0), opacity (logit),

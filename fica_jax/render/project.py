@@ -1,4 +1,4 @@
-"""Stage 1 of the Gaussian rasteriser: EWA projection of 3D Gaussians to 2D (SPECS.md Sec. 7).
+"""Stage 1 of the Gaussian rasteriser: EWA projection of 3D Gaussians to 2D (docs/architecture.md §7).
 
 Matches gsplat 1.5.3's `fully_fused_projection` (pinhole, 3DGS, not packed):
 - covariance `R S S^T R^T` from a (w, x, y, z) quaternion (normalised here) and scales;

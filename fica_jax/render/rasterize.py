@@ -1,4 +1,4 @@
-"""gsplat-compatible entry point: project -> bin into tiles -> composite (SPECS.md Sec. 7).
+"""gsplat-compatible entry point: project -> bin into tiles -> composite (docs/architecture.md §7).
 
 `rasterization(...)` mirrors `gsplat.rasterization`'s signature and outputs for the pinhole,
 non-packed, colour (not SH) case. Internally the options travel as one frozen `RasterOptions`

@@ -1,6 +1,6 @@
 """Mesh-proxy rendering for the refiner: UV maps as surface-aligned flat Gaussians (FiCA Sec. 2.3).
 
-The refiner's losses (photo L1, mask L1, keypoint L1; SPECS.md Sec. 4) need the image, the
+The refiner's losses (photo L1, mask L1, keypoint L1; docs/architecture.md §4) need the image, the
 silhouette and projected landmarks of the *current* UV texture + UV position map, with gradients
 to both. Each valid texel becomes one Gaussian ("surfel"):
 - mean = the texel's 3D position;

@@ -1,4 +1,4 @@
-"""Stage 2 of the Gaussian rasteriser: tile intersection with static shapes (SPECS.md Sec. 7).
+"""Stage 2 of the Gaussian rasteriser: tile intersection with static shapes (docs/architecture.md §7).
 
 gsplat emits one (tile, depth) key per Gaussian-tile intersection, sorts them and gives each
 tile a variable-length range. TPUs need static shapes, so here:

@@ -12,30 +12,29 @@ depend on the dataset's length unit.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from data_pipelines.pipeline import stage_data
+from data_pipelines import transforms
+from data_pipelines.pipeline import CaptureData
+from fica_jax import config
 from fica_jax.models.vit import VARIANTS, DensePredictor
-from fica_jax.train.stage import Stage, needs_config
+from fica_jax.train.stage import Stage
 
 
-def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor:
-    if cfg.model.variant not in VARIANTS:
-        raise ValueError(f"unknown ViT variant {cfg.model.variant!r}; expected {sorted(VARIANTS)}")
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor:
     # Non-zero `cfg.model.{width,depth,heads,patch,head_channels,final_upsample}` change the
     # named variant (the CPU demo uses a finer patch grid than Sapiens' 16).
     keys = ("width", "depth", "heads", "patch", "head_channels", "final_upsample")
-    sizes = {k: cfg.model[k] for k in keys if cfg.model[k]}
-    variant = dataclasses.replace(
-        VARIANTS[cfg.model.variant],
+    variant = config.variant(
+        VARIANTS,
+        cfg.model.variant,
+        "model.variant",
+        {k: cfg.model[k] for k in keys},
         image_size=(cfg.data.image_size, cfg.data.image_size),
         remat=cfg.train.remat,
-        **sizes,
     )
     return DensePredictor(variant, rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
 
@@ -63,7 +62,7 @@ def dense_losses(
     }
 
 
-def make_loss_fn(cfg: ml_collections.ConfigDict):
+def make_loss(cfg: ml_collections.ConfigDict):
     w = cfg.model.loss_weights
     weights = {"uv_l1": w.uv, "vtx_l1": w.vtx, "nrm_cos": w.nrm, "mask_bce": w.mask}
     center = jnp.asarray(cfg.model.position_center, jnp.float32)
@@ -78,7 +77,7 @@ def make_loss_fn(cfg: ml_collections.ConfigDict):
     return loss_fn
 
 
-def make_eval_fn(cfg: ml_collections.ConfigDict):
+def make_eval(cfg: ml_collections.ConfigDict):
     """UV error on held-out identities against the best constant predictor of the same pixels
     (the per-batch mean UV of the foreground), vertex error in mm, normal angle in degrees, and
     mask IoU."""
@@ -102,10 +101,6 @@ def make_eval_fn(cfg: ml_collections.ConfigDict):
     return eval_fn
 
 
-def make_data(cfg, split, process_index, process_count):
-    return stage_data(cfg, split, process_index, process_count, stage="dense")
-
-
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     b, s, n_kpts = cfg.data.batch_size, cfg.data.image_size, cfg.data.landmarks
     f32 = jnp.float32
@@ -121,16 +116,7 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
-def configure(cfg: ml_collections.ConfigDict) -> Stage:
-    return dataclasses.replace(STAGE, loss_fn=make_loss_fn(cfg), eval_fn=make_eval_fn(cfg))
+make_data = CaptureData(transforms.dense_example)
 
-
-STAGE = Stage(
-    name="dense",
-    network="vit",
-    init_fn=init_fn,
-    loss_fn=needs_config("dense"),
-    make_data=make_data,
-    batch_spec=batch_spec,
-    configure=configure,
-)
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+STAGE = Stage("dense", "vit", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)

@@ -21,8 +21,6 @@ stream with the right shapes and a learnable relation between conditions and tar
 
 from __future__ import annotations
 
-import dataclasses
-
 import grain
 import jax
 import jax.numpy as jnp
@@ -30,36 +28,37 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fica_jax import flow
+from data_pipelines.pipeline import host_records
+from fica_jax import config, flow
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
-from fica_jax.train.stage import Stage, needs_config
+from fica_jax.train.stage import Stage
 
 
 def dit_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
     """`VARIANTS[cfg.model.variant]` with the data shapes from the config; width/depth/heads
     override the variant when non-zero."""
     m = cfg.model
-    if m.variant not in VARIANTS:
-        raise ValueError(f"unknown DiT variant {m.variant!r}; expected one of {sorted(VARIANTS)}")
-    fields = dict(
+    return config.variant(
+        VARIANTS,
+        m.variant,
+        "model.variant",
+        {k: m.get(k) for k in ("width", "depth", "heads")},
         in_channels=m.latent_channels,
         control_channels=m.control_channels,
         image_emb_dim=m.image_emb_dim,
         patch=m.patch,
         qk_norm=m.qk_norm,
         grid=m.latent_size // m.patch,
+        remat=cfg.train.remat,
     )
-    fields.update({k: m[k] for k in ("width", "depth", "heads") if m.get(k)})
-    return dataclasses.replace(VARIANTS[m.variant], **fields)
 
 
-def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
     return DiT(
         dit_config(cfg),
         rngs=rngs,
         dtype=jnp.dtype(cfg.train.compute_dtype),
         param_dtype=jnp.dtype(cfg.train.param_dtype),
-        remat=cfg.train.remat,
     )
 
 
@@ -68,7 +67,7 @@ def _time_kw(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return dict(mean=float(m.t_mean), std=float(m.t_std), shift=float(m.t_shift))
 
 
-def make_loss_fn(cfg: ml_collections.ConfigDict):
+def make_loss(cfg: ml_collections.ConfigDict):
     """(model, batch, rng) -> (L_T + L_G, metrics), with CFG condition dropout."""
     p_uncond, time_kw = float(cfg.model.p_uncond), _time_kw(cfg)
 
@@ -90,7 +89,7 @@ def make_loss_fn(cfg: ml_collections.ConfigDict):
     return loss_fn
 
 
-def make_eval_fn(cfg: ml_collections.ConfigDict):
+def make_eval(cfg: ml_collections.ConfigDict):
     """The training loss without condition dropout (the rng fixes times and noise)."""
     time_kw = _time_kw(cfg)
 
@@ -165,16 +164,17 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
     """This host's batches of `SyntheticLatents` (a stand-in; see the module docstring).
 
     train: records [0, num_records) shuffled, repeated forever; eval: the next num_eval_records,
-    once. Each host takes every process_count-th record and batches batch_size / process_count.
+    once. Each host takes its slice (`host_records`) and batches batch_size / process_count.
     """
     m = cfg.model
     per_host = cfg.data.batch_size // process_count
     if split == "train":
-        ds = grain.MapDataset.range(m.num_records).shuffle(seed=cfg.data.shuffle_seed)
-        ds = ds.repeat(None)
+        records, seed, epochs = (0, m.num_records), cfg.data.shuffle_seed, None
     else:
-        ds = grain.MapDataset.range(m.num_records, m.num_records + m.num_eval_records)
-    ds = ds[process_index::process_count]
+        records, seed, epochs = (m.num_records, m.num_records + m.num_eval_records), None, 1
+    ds = host_records(
+        grain.MapDataset.range(*records), process_index, process_count, seed=seed, num_epochs=epochs
+    )
     ds = ds.map(
         SyntheticLatents(m.latent_size, m.latent_channels, m.control_channels, m.image_emb_dim)
     )
@@ -192,16 +192,5 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
-def configure(cfg: ml_collections.ConfigDict) -> Stage:
-    return dataclasses.replace(STAGE, loss_fn=make_loss_fn(cfg), eval_fn=make_eval_fn(cfg))
-
-
-STAGE = Stage(
-    name="dit",
-    network="dit",
-    init_fn=init_fn,
-    loss_fn=needs_config("dit"),
-    make_data=make_data,
-    batch_spec=batch_spec,
-    configure=configure,
-)
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+STAGE = Stage("dit", "dit", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)

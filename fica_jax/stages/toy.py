@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from data_pipelines.pipeline import host_records
 from fica_jax import sharding as shd
 from fica_jax.models import layers
+from fica_jax.models import remat as remat_lib
 from fica_jax.train.stage import Stage
 
 
@@ -39,18 +41,27 @@ class Block(nnx.Module):
 class ToyNet(nnx.Module):
     """x: [B, din] -> [B, dout] through `depth` scanned residual blocks of width `width`."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        m = cfg.model
-        self.dtype = jnp.dtype(cfg.train.compute_dtype)
-        self.remat = cfg.train.remat
-        kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.dtype(cfg.train.param_dtype))
-        self.inp = layers.linear(m.din, m.width, (None, shd.EMBED), **kw)
-        self.out = layers.linear(m.width, m.dout, (shd.EMBED, None), **kw)
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        width: int,
+        depth: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: remat_lib.Remat = "none",
+    ):
+        self.dtype, self.remat = dtype, remat
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.inp = layers.linear(din, width, (None, shd.EMBED), **kw)
+        self.out = layers.linear(width, dout, (shd.EMBED, None), **kw)
 
-        @nnx.split_rngs(splits=m.depth)
+        @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: shd.LAYERS})
         def make_blocks(rngs):
-            return Block(m.width, rngs=rngs, dtype=self.dtype, param_dtype=kw["param_dtype"])
+            return Block(width, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
         self.blocks = make_blocks(rngs)
 
@@ -60,8 +71,10 @@ class ToyNet(nnx.Module):
         return self.out(layers.scan_blocks(self.blocks, x, self.remat)).astype(jnp.float32)
 
 
-def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ToyNet:
-    return ToyNet(cfg, rngs=rngs)
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ToyNet:
+    m, t = cfg.model, cfg.train
+    dtypes = dict(dtype=jnp.dtype(t.compute_dtype), param_dtype=jnp.dtype(t.param_dtype))
+    return ToyNet(m.din, m.dout, m.width, m.depth, rngs=rngs, remat=t.remat, **dtypes)
 
 
 def loss_fn(model: ToyNet, batch, rng: jax.Array):
@@ -103,13 +116,22 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
     per_host = cfg.data.batch_size // process_count
     m = cfg.model
     if split == "train":
-        ds = grain.MapDataset.range(m.num_records).shuffle(seed=cfg.data.shuffle_seed)
-        ds = ds.repeat(None)
-        nan_at = m.nan_at_step
+        records, seed, epochs, nan_at = (
+            (0, m.num_records),
+            cfg.data.shuffle_seed,
+            None,
+            m.nan_at_step,
+        )
     else:  # a disjoint, fixed eval set read once
-        ds = grain.MapDataset.range(m.num_records, m.num_records + m.num_eval_records)
-        nan_at = -1
-    ds = ds[process_index::process_count]
+        records, seed, epochs, nan_at = (
+            (m.num_records, m.num_records + m.num_eval_records),
+            None,
+            1,
+            -1,
+        )
+    ds = host_records(
+        grain.MapDataset.range(*records), process_index, process_count, seed=seed, num_epochs=epochs
+    )
     ds = ds.map_with_index(MakeExample(m.din, m.dout, per_host, nan_at))
     return ds.batch(per_host, drop_remainder=True).to_iter_dataset()
 
@@ -124,10 +146,10 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
 
 STAGE = Stage(
     name="toy",
-    network="default",
-    init_fn=init_fn,
-    loss_fn=loss_fn,
+    rules="default",
+    make_model=make_model,
+    make_loss=lambda cfg: loss_fn,
     make_data=make_data,
     batch_spec=batch_spec,
-    eval_fn=eval_fn,
+    make_eval=lambda cfg: eval_fn,
 )

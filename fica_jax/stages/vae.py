@@ -7,7 +7,8 @@ map type) this stage trains the autoencoder from scratch, so the DiT's latent sp
 learned one, never random.
 
 One network serves both domains, as in the paper: every batch holds the texture maps and the
-geometry (position) maps of the same identities, each mapped to [-1, 1] by
+geometry (position) maps of the same identities (textures arrive in [0, 1], as in every stage),
+each mapped to [-1, 1] by
 `fica_jax.models.uv_latent.normalize_map` with the position statistics from the config.
 
 Loss = L1(recon, x) over texels inside the UV layout + kl_weight * KL(posterior || N(0, I)),
@@ -17,32 +18,30 @@ needs LPIPS weights, which are not shipped; `cfg.model.kl_weight` sets the KL ba
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines.pipeline import stage_data
+from data_pipelines import transforms
+from data_pipelines.pipeline import CaptureData
+from fica_jax import config
 from fica_jax.models import uv_latent
 from fica_jax.models.vae import VARIANTS, AutoencoderKL, VAEConfig
-from fica_jax.train.stage import Stage, needs_config
+from fica_jax.train.stage import Stage
 
 
 def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:
     """The variant named by `cfg.model.variant`, with `block_out_channels` etc. overridable."""
-    m = cfg.model
-    base = VARIANTS[m.variant] if m.variant in VARIANTS else None
-    if base is None:
-        raise ValueError(f"unknown VAE variant {m.variant!r}; expected one of {sorted(VARIANTS)}")
-    fields = {}
-    for key in ("block_out_channels", "layers_per_block", "norm_groups", "latent_channels"):
-        value = m.get(key)
-        if value:
-            fields[key] = tuple(value) if isinstance(value, list | tuple) else value
-    return VAEConfig(**{**base.__dict__, **fields, "remat": cfg.train.remat != "none"})
+    keys = ("block_out_channels", "layers_per_block", "norm_groups", "latent_channels")
+    return config.variant(
+        VARIANTS,
+        cfg.model.variant,
+        "model.variant",
+        {k: cfg.model.get(k) for k in keys},
+        remat=cfg.train.remat,
+    )
 
 
 def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
@@ -52,7 +51,7 @@ def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
     )
 
 
-def init_fn(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AutoencoderKL:
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AutoencoderKL:
     return AutoencoderKL(vae_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
 
 
@@ -60,8 +59,7 @@ def model_inputs(batch, stats: uv_latent.MapStats) -> tuple[jax.Array, jax.Array
     """[2B, R, R, 3] maps in [-1, 1] (texture rows then geometry rows) and their [2B, R, R, 1]
     UV-layout mask."""
     mask = batch["uv_mask"]
-    # The pipeline gives the texture already in [-1, 1]; normalize_map expects [0, 1] floats.
-    tex = uv_latent.normalize_map("texture", (batch["uv_texture"] + 1.0) * 0.5, stats, mask)
+    tex = uv_latent.normalize_map("texture", batch["uv_texture"], stats, mask)
     geo = uv_latent.normalize_map("position", batch["uv_geometry"], stats, mask)
     x = jnp.concatenate([tex, geo], axis=0)
     m = jnp.concatenate([mask, mask], axis=0)[..., None]
@@ -83,7 +81,7 @@ def _split_metrics(recon, x, m, stats) -> dict[str, jax.Array]:
     }
 
 
-def make_loss_fn(cfg: ml_collections.ConfigDict):
+def make_loss(cfg: ml_collections.ConfigDict):
     stats, kl_weight = map_stats(cfg), float(cfg.model.kl_weight)
 
     def loss_fn(model: AutoencoderKL, batch, rng: jax.Array):
@@ -97,7 +95,7 @@ def make_loss_fn(cfg: ml_collections.ConfigDict):
     return loss_fn
 
 
-def make_eval_fn(cfg: ml_collections.ConfigDict):
+def make_eval(cfg: ml_collections.ConfigDict):
     """Reconstruction with the posterior mode (what the DiT's targets are encoded with) and the
     8x-downsample-then-bilinear-upsample baseline on the same maps."""
     stats = map_stats(cfg)
@@ -122,10 +120,6 @@ def downsample_upsample(x: jax.Array, factor: int) -> jax.Array:
     return jax.image.resize(small, x.shape, method="bilinear")
 
 
-def make_data(cfg, split, process_index, process_count):
-    return stage_data(cfg, split, process_index, process_count, stage="vae")
-
-
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     b, r = cfg.data.batch_size, cfg.data.uv_resolution
     f32 = jnp.float32
@@ -139,21 +133,12 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
 
 def reference_metrics(batches, model, cfg) -> dict[str, float]:
     """Mean eval metrics over an iterable of host batches (used by reports and tests)."""
-    fn = jax.jit(lambda mdl, b: make_eval_fn(cfg)(mdl, b, None))
+    fn = jax.jit(lambda mdl, b: make_eval(cfg)(mdl, b, None))
     rows = [jax.device_get(fn(model, {k: jnp.asarray(v) for k, v in b.items()})) for b in batches]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def configure(cfg: ml_collections.ConfigDict) -> Stage:
-    return dataclasses.replace(STAGE, loss_fn=make_loss_fn(cfg), eval_fn=make_eval_fn(cfg))
+make_data = CaptureData(transforms.vae_example)
 
-
-STAGE = Stage(
-    name="vae",
-    network="vae",
-    init_fn=init_fn,
-    loss_fn=needs_config("vae"),
-    make_data=make_data,
-    batch_spec=batch_spec,
-    configure=configure,
-)
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+STAGE = Stage("vae", "vae", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)

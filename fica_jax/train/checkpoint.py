@@ -117,3 +117,23 @@ def load_params(run_dir: str | pathlib.Path, abstract_params: dict) -> tuple[int
         ) from None
     manager.close()
     return step, out["state"]["params"]
+
+
+def load_model(
+    cfg: ml_collections.ConfigDict, run_dir: str | pathlib.Path, *, device: jax.Device | None = None
+) -> tuple[int, Any]:
+    """`cfg.stage`'s model with the params of `run_dir`'s latest checkpoint, on one device
+    (the first local one by default) for evaluation, sampling and export. -> (step, model)."""
+    from flax import nnx
+
+    from fica_jax.train.stage import get_stage
+
+    model = get_stage(cfg.stage).make_model(cfg, nnx.Rngs(cfg.seed))
+    dev = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+        nnx.state(model, nnx.Param).to_pure_dict(),
+    )
+    step, params = load_params(run_dir, abstract)
+    nnx.update(model, params)
+    return step, model

@@ -35,9 +35,9 @@ def cmd_train(args, extra) -> int:
     from fica_jax.train.loop import train
     from fica_jax.train.stage import get_stage
 
-    get_stage(args.stage)  # unknown stage -> UserError before loading anything heavy
+    stage = get_stage(args.stage)  # unknown stage -> UserError before loading anything heavy
     cfg = load_config(args.config, extra)
-    if cfg.stage != args.stage:
+    if get_stage(cfg.stage) is not stage:
         raise UserError(
             f"config {args.config} is for stage {cfg.stage!r}, not {args.stage!r}; "
             f"run `fica train {cfg.stage} --config {args.config} ...`"
@@ -65,7 +65,7 @@ def cmd_plan(args, extra) -> int:
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a stage (resumes from WORKDIR's checkpoints)")
-    p.add_argument("stage", help="stage name, e.g. toy, vae, dense, dit")
+    p.add_argument("stage", help="stage: a name (toy, vae, dense, dit, ...) or path/to/stage.py")
     p.add_argument("--config", required=True, help="FILE[:ARG] config, e.g. configs/toy.py:tiny")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and profiles go here")
     p.add_argument("--init_from", default=None, help="another run's workdir: take its params")

@@ -1,6 +1,6 @@
 """FLOPs and collective traffic read from compiled HLO text, with while-loop trip counts applied.
 
-XLA's `cost_analysis()` counts a while body once (SPECS.md section 10), so a model whose 28 blocks
+XLA's `cost_analysis()` counts a while body once (docs/architecture.md §10), so a model whose 28 blocks
 run under `nnx.scan` would be under-counted 28x. Here every computation is walked from ENTRY and a
 while body is weighted by its `known_trip_count`. Counted: `dot` and `convolution` FLOPs (the
 matmul work that sets the roofline; elementwise work is ignored) and the bytes each device moves

@@ -64,14 +64,17 @@ def _check_finite(step: int, scalars: dict[str, float], ckpt: Checkpointer) -> N
 
 
 class _Evaluator:
-    """Means of `stage.eval_fn` over the eval split (read once), plus the optional sample hook."""
+    """Means of the stage's eval function over the eval split (read once), plus the optional
+    sample hook; both built once from the config."""
 
     def __init__(self, setup: Setup, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
         self.setup, self.cfg, self.workdir = setup, cfg, workdir
         stage = setup.stage
+        eval_fn = stage.make_eval(cfg)
+        self._sample = stage.make_sample(cfg) if stage.make_sample is not None else None
 
         def one(params, rest, batch, rng):
-            return stage.eval_fn(setup.model(params, rest), batch, rng)
+            return eval_fn(setup.model(params, rest), batch, rng)
 
         self._fn = jax.jit(one)  # built once: jit caches by function identity
 
@@ -87,9 +90,9 @@ class _Evaluator:
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 n += 1
-            if stage.sample_fn is not None and batch is not None:
+            if self._sample is not None and batch is not None:
                 model = setup.model(params, state["rest"])
-                stage.sample_fn(model, batch, state["rng"], self.workdir, step)
+                self._sample(model, batch, state["rng"], self.workdir, step)
         return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
 
 
@@ -127,7 +130,7 @@ def train(
 
 
 def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preemption):
-    stage = get_stage(cfg.stage, cfg)
+    stage = get_stage(cfg.stage)
     pi, pc, primary = jax.process_index(), jax.process_count(), jax.process_index() == 0
     if cfg.data.batch_size % pc:
         raise UserError(f"config data.batch_size={cfg.data.batch_size} must divide by {pc} hosts")
@@ -165,7 +168,7 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
     compiled = setup.lower().compile()
     flops = hlo_stats.analyze(compiled.as_text()).flops or mlib.compiled_flops(compiled)
     meter = mlib.Throughput(int(cfg.data.batch_size), flops, mlib.peak_flops())
-    evaluate = _Evaluator(setup, cfg, workdir) if stage.eval_fn is not None else None
+    evaluate = _Evaluator(setup, cfg, workdir) if stage.make_eval is not None else None
     bar = mlib.Progress(total, start, enabled=primary)
     profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
     log_every, ckpt_every = max(int(cfg.train.log_every), 1), int(cfg.train.ckpt_every)

@@ -3,7 +3,7 @@
 `WORKDIR/metrics.jsonl` gets one JSON object per logged step (`{"step": ..., "loss": ...}`), the
 same scalars go to TensorBoard event files in `WORKDIR/tb`. MFU = (matmul FLOPs of one compiled
 step per device, counted from its HLO with scan trip counts, `hlo_stats`) x steps/s / peak dense
-bf16 FLOP/s of the chip (SPECS.md section 9). Remat recomputation is included, so with remat on
+bf16 FLOP/s of the chip (docs/architecture.md §9). Remat recomputation is included, so with remat on
 this is hardware-FLOPs utilisation, an upper bound on model-FLOPs MFU. Left out on chips without a
 known peak (CPU).
 """
@@ -18,25 +18,13 @@ from collections.abc import Mapping
 
 import jax
 
-# Peak dense bf16 FLOP/s per chip (SPECS.md section 9). Keys are matched against device_kind.
-PEAK_FLOPS: dict[str, float] = {
-    "v5p": 459e12,
-    "v6e": 918e12,
-    "v6 lite": 918e12,  # device_kind of a v6e chip
-    "v5e": 197e12,
-    "v5 lite": 197e12,
-    "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
-}
+from fica_jax.train.chips import chip_of
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for key, value in PEAK_FLOPS.items():
-        if key in kind:
-            return value
-    return None
+    """Peak dense bf16 FLOP/s of the device's chip (`fica_jax.train.chips`); None if unknown."""
+    chip = chip_of(device)
+    return chip.peak_flops if chip else None
 
 
 def compiled_flops(compiled) -> float | None:

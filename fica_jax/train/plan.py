@@ -8,8 +8,8 @@ count is fixed once JAX starts). Nothing is allocated: the state and batch are a
 Reported (per device unless named global): parameter count; bytes of params / optimizer state /
 EMA from their shardings; XLA's memory analysis (arguments, outputs, temporaries = activations);
 FLOPs per step from the HLO with while-loop trip counts applied (`hlo_stats`) next to XLA's own
-`cost_analysis()` figure (which counts a scanned body once, SPECS.md section 10); collective bytes
-by kind; and a roofline per chip (SPECS.md section 9): compute time = FLOPs / peak, collective
+`cost_analysis()` figure (which counts a scanned body once, docs/architecture.md §10); collective bytes
+by kind; and a roofline per chip (docs/architecture.md §9): compute time = FLOPs / peak, collective
 time = bytes / interconnect bandwidth, step time = max of the two (perfect overlap, so an upper
 bound on speed) and the MFU that implies. The HBM term is left out: the CPU compiler's fusion
 decisions say little about a TPU's memory traffic.
@@ -32,18 +32,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 from fica_jax.errors import UserError
+from fica_jax.train.chips import CHIPS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-# Per chip: peak dense bf16 FLOP/s, HBM bytes, interconnect bytes/s (SPECS.md sections 9-10;
-# A100/H100 HBM sizes are the 80 GB parts). Interconnect figures are vendor upper bounds.
-CHIPS: dict[str, dict[str, float]] = {
-    "v5p": {"peak_flops": 459e12, "hbm_bytes": 95e9, "link_bytes_per_s": 1200e9},
-    "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "link_bytes_per_s": 800e9},
-    "v5e": {"peak_flops": 197e12, "hbm_bytes": 16e9, "link_bytes_per_s": 400e9},
-    "a100": {"peak_flops": 312e12, "hbm_bytes": 80e9, "link_bytes_per_s": 600e9},
-    "h100": {"peak_flops": 989e12, "hbm_bytes": 80e9, "link_bytes_per_s": 900e9},
-}
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -85,8 +76,8 @@ def roofline(flops: float, coll_bytes: float, mem_bytes: float, chips: Sequence[
     out = {}
     for chip in chips:
         c = CHIPS[chip]
-        compute_s = flops / c["peak_flops"]
-        comm_s = coll_bytes / c["link_bytes_per_s"]
+        compute_s = flops / c.peak_flops
+        comm_s = coll_bytes / c.link_bytes_per_s
         step_s = max(compute_s, comm_s)
         out[chip] = {
             "compute_s": compute_s,
@@ -94,7 +85,7 @@ def roofline(flops: float, coll_bytes: float, mem_bytes: float, chips: Sequence[
             "step_s": step_s,
             "step_s_no_overlap": compute_s + comm_s,
             "mfu": compute_s / step_s if step_s > 0 else None,
-            "fits_hbm": mem_bytes <= c["hbm_bytes"],
+            "fits_hbm": mem_bytes <= c.hbm_bytes,
         }
     return out
 
@@ -109,7 +100,7 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
 
-    stage = get_stage(cfg.stage, cfg)
+    stage = get_stage(cfg.stage)
     mesh = shd.make_mesh(dict(mesh_shape))
     n_dev = mesh.size
     batch = int(cfg.data.batch_size)
@@ -180,12 +171,12 @@ def sharding_table(cfg, mesh_shape: Mapping[str, int]) -> dict[str, list]:
     from fica_jax import sharding as shd
     from fica_jax.train.stage import get_stage
 
-    stage = get_stage(cfg.stage, cfg)
+    stage = get_stage(cfg.stage)
     sizes = tuple(int(mesh_shape.get(a, 1)) for a in shd.MESH_AXES)
     mesh = AbstractMesh(sizes, shd.MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes))
-    model = nnx.eval_shape(lambda: stage.init_fn(cfg, nnx.Rngs(params=0, default=0)))
+    model = nnx.eval_shape(lambda: stage.make_model(cfg, nnx.Rngs(params=0, default=0)))
     params = nnx.state(model, nnx.Param)
-    specs = shd.param_specs(params, shd.rules_for(stage.network), mesh).to_pure_dict()
+    specs = shd.param_specs(params, shd.rules_for(stage.rules), mesh).to_pure_dict()
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, tuple))[0]
     shapes = dict(jax.tree_util.tree_flatten_with_path(params.to_pure_dict())[0])
     out = {}

@@ -1,15 +1,23 @@
-"""What a training stage plugs into the one shared train loop.
+"""What a training stage plugs into the one shared train loop, and the one stage registry.
 
 A stage (dense predictor, VAE, DiT, refiner, UPM, and the `toy` stage used by the runtime tests)
-is a module under `fica_jax/stages/` exposing `STAGE = Stage(...)`. The loop owns everything
-else: mesh, sharded init, optimizer, accumulation, precision, checkpoints, logging, preemption.
+is one module exposing `STAGE = Stage(...)`: the stage declares everything about itself there
+(name, sharding rule table, data, factories). The loop owns everything else: mesh, sharded init,
+optimizer, accumulation, precision, checkpoints, logging, preemption. The registry is the
+`fica_jax/stages/` package itself: `fica train NAME` imports `fica_jax.stages.NAME`; a stage kept
+outside the package is named by the path of its `.py` file (or a dotted module path). Recipe for a
+new stage: `fica_jax/stages/README.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+import importlib.util
+import pathlib
+import pkgutil
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -20,64 +28,80 @@ from fica_jax.errors import UserError
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+Config = ml_collections.ConfigDict
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
+EvalFn = Callable[[nnx.Module, Batch, jax.Array], Metrics]
+SampleFn = Callable[[nnx.Module, Batch, jax.Array, pathlib.Path, int], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A stage's contract with the train loop.
+    """A stage's contract with the train loop. Every callable is a factory of `cfg`, called once
+    outside jit, so config constants (loss weights, normalisation) are bound before tracing.
 
-    name:      stage name used on the command line (`fica train NAME`).
-    network:   key of the sharding rule table in `fica_jax.sharding.RULES`.
-    init_fn:   `(cfg, rngs) -> nnx.Module`; pure function of cfg and rngs (it is traced under
-               `eval_shape` and then jitted with sharded outputs, so no host-side side effects).
-    loss_fn:   `(model, batch, rng) -> (scalar loss, {name: scalar})`; runs inside jit, in the
-               compute dtype given by `cfg.train.compute_dtype`.
-    make_data: `(cfg, split, process_index, process_count) -> grain IterDataset/DataLoader`
-               yielding this host's per-host batches (dicts of numpy arrays) forever (train) or
-               once (eval). Its iterator must be checkpointable (`get_state`/`set_state`).
-    batch_spec: `(cfg) -> {name: jax.ShapeDtypeStruct}` of one *global* batch; lets
-               `fica plan` compile the step ahead of time without data.
-    eval_fn:   optional `(model, batch, rng) -> {name: scalar}` evaluated on the eval split.
-    sample_fn: optional `(model, batch, rng, workdir, step) -> None` writing images/avatars.
-    configure: optional `(cfg) -> Stage` returning the stage with config-dependent functions
-               (loss weights, normalisation constants) bound, so `loss_fn` keeps its
-               three-argument form and the config is read once, outside the jitted step.
+    name:        stage name used on the command line (`fica train NAME`) and in `cfg.stage`.
+    rules:       key of the sharding rule table in `fica_jax.sharding.RULES`.
+    make_model:  `(cfg, rngs) -> nnx.Module`; pure function of cfg and rngs (traced under
+                 `eval_shape`, then jitted with sharded outputs: no host-side side effects).
+    make_loss:   `(cfg) -> loss_fn`, `loss_fn(model, batch, rng) -> (scalar, {name: scalar})`;
+                 runs inside jit in the compute dtype `cfg.train.compute_dtype`.
+    make_data:   `(cfg, split, process_index, process_count) -> iterable` of this host's batches
+                 (dicts of numpy arrays), forever for "train", once for "eval"; the train
+                 iterator must be checkpointable (`get_state`/`set_state`). Stages that read
+                 capture shards use `data_pipelines.pipeline.CaptureData(transform)`.
+    batch_spec:  `(cfg) -> {name: jax.ShapeDtypeStruct}` of one *global* batch; lets `fica plan`
+                 compile the step ahead of time without data.
+    make_eval:   optional `(cfg) -> eval_fn(model, batch, rng) -> {name: scalar}` on the eval split.
+    make_sample: optional `(cfg) -> sample_fn(model, batch, rng, workdir, step)` writing previews.
     """
 
     name: str
-    network: str
-    init_fn: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
-    loss_fn: Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
-    make_data: Callable[[ml_collections.ConfigDict, str, int, int], Any]
-    batch_spec: Callable[[ml_collections.ConfigDict], dict[str, jax.ShapeDtypeStruct]]
-    eval_fn: Callable[[nnx.Module, Batch, jax.Array], Metrics] | None = None
-    sample_fn: Callable[..., None] | None = None
-    configure: Callable[[ml_collections.ConfigDict], Stage] | None = None
+    rules: str
+    make_model: Callable[[Config, nnx.Rngs], nnx.Module]
+    make_loss: Callable[[Config], LossFn]
+    make_data: Callable[[Config, str, int, int], Iterable]
+    batch_spec: Callable[[Config], dict[str, jax.ShapeDtypeStruct]]
+    make_eval: Callable[[Config], EvalFn] | None = None
+    make_sample: Callable[[Config], SampleFn] | None = None
 
 
-def needs_config(stage_name: str) -> Callable[..., Any]:
-    """Placeholder `loss_fn` of a stage whose real loss is built by `configure(cfg)`."""
+def stage_names() -> list[str]:
+    """The stages shipped in `fica_jax/stages/` (every module there defining STAGE)."""
+    import fica_jax.stages as pkg
 
-    def unbound(*args, **kwargs):
-        raise RuntimeError(f"stage {stage_name!r} is config-bound: use get_stage(name, cfg)")
-
-    return unbound
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg)
 
 
-# Stage name -> module defining STAGE. Imported lazily so `fica data ...` stays light.
-STAGE_MODULES: dict[str, str] = {
-    "toy": "fica_jax.stages.toy",
-    "vae": "fica_jax.stages.vae",
-    "dense": "fica_jax.stages.dense",
-    "dit": "fica_jax.stages.dit",
-}
+def _load_file(path: pathlib.Path) -> Any:
+    name = f"_fica_stage_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def get_stage(name: str, cfg: ml_collections.ConfigDict | None = None) -> Stage:
-    """The registered stage; with `cfg`, its config-bound form (see `Stage.configure`)."""
-    if name not in STAGE_MODULES:
-        raise UserError(f"unknown stage {name!r}; expected one of {sorted(STAGE_MODULES)}")
-    stage = importlib.import_module(STAGE_MODULES[name]).STAGE
-    if cfg is not None and stage.configure is not None:
-        stage = stage.configure(cfg)
+def get_stage(spec: str) -> Stage:
+    """The stage named `spec`: a module of `fica_jax/stages/`, a `path/to/stage.py`, or a dotted
+    importable module path. Anything else is a one-line `UserError` listing the stages."""
+    if spec.endswith(".py"):
+        path = pathlib.Path(spec)
+        if not path.is_file():
+            raise UserError(f"stage file {spec} not found; expected a .py file defining STAGE")
+        module = _load_file(path)
+    elif "." in spec:
+        try:
+            module = importlib.import_module(spec)
+        except ModuleNotFoundError:
+            raise UserError(f"stage module {spec!r} cannot be imported") from None
+    elif spec in stage_names():
+        module = importlib.import_module(f"fica_jax.stages.{spec}")
+    else:
+        raise UserError(
+            f"unknown stage {spec!r}; expected one of {stage_names()} or a path/to/stage.py"
+        )
+    stage = getattr(module, "STAGE", None)
+    if not isinstance(stage, Stage):
+        raise UserError(f"stage module {spec!r} defines no STAGE = fica_jax.train.stage.Stage(...)")
     return stage

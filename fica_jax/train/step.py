@@ -91,7 +91,7 @@ class Setup:
 
 
 def _model_fn(cfg: ml_collections.ConfigDict, stage: Stage):
-    return lambda: stage.init_fn(cfg, nnx.Rngs(params=cfg.seed, default=cfg.seed))
+    return lambda: stage.make_model(cfg, nnx.Rngs(params=cfg.seed, default=cfg.seed))
 
 
 def _split(model: nnx.Module):
@@ -128,7 +128,7 @@ def _microbatches(x: jax.Array, n: int) -> jax.Array:
 
 def build(cfg: ml_collections.ConfigDict, stage: Stage, mesh: Mesh) -> Setup:
     """Traces the model abstractly, derives shardings and jits init and the update step."""
-    rules = shd.rules_for(stage.network)
+    rules = shd.rules_for(stage.rules)
     model_fn = _model_fn(cfg, stage)
     tx = optim.make_optimizer(cfg)
     use_ema = float(cfg.optim.ema_decay) > 0
@@ -178,12 +178,13 @@ def make_step_fn(cfg: ml_collections.ConfigDict, stage: Stage, graphdef, tx) -> 
     or gradient is not finite leaves the state unchanged and reports `finite = 0`; the loop stops.
     """
     accum = int(cfg.train.grad_accum)
+    stage_loss = stage.make_loss(cfg)
     ema_decay = float(cfg.optim.ema_decay)
     schedule = optim.lr_schedule(cfg)
 
     def loss_of(params, rest, batch, rng):
         model = nnx.merge(graphdef, params, rest)
-        loss, aux = stage.loss_fn(model, batch, rng)
+        loss, aux = stage_loss(model, batch, rng)
         return loss.astype(jnp.float32), jax.tree.map(lambda a: a.astype(jnp.float32), aux)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
