@@ -41,6 +41,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.remat = "none"  # none, full, dots_saveable, ... (fica_jax/models/remat.py REMAT_NAMES)
     c.train.log_every = 10
     c.train.eval_every = 0
+    c.train.sample_every = 0  # stage preview images (0: with every eval)
     c.train.ckpt_every = 100
     c.train.keep = 3  # newest checkpoints kept
     c.train.keep_every = 0  # also keep steps divisible by this (0: none)

@@ -1,9 +1,8 @@
 """Stage `dit`: FiCA's DiT + ControlMLP texture/geometry completion model (flow matching).
 
-NOTE: the stage's data is a synthetic latent stand-in until the DiT data issue (see
-fica_jax/stages/dit.py), so these commands exercise the runtime, not FiCA training.
-
-fica train dit --config configs/dit.py:tiny --workdir runs/dit_tiny
+fica data cache --data data/synth --vae runs/vae --dense runs/dense --out data/latents
+fica train dit --config configs/dit.py:tiny --workdir runs/dit_tiny --config.data.dir=data/latents
+fica sample --run runs/dit_tiny --data data/latents --out samples/
 fica plan --config configs/dit.py:paper --mesh data=8,fsdp=8          # AOT plan, 64 chips
 # paper (supplement: 28 DiT+ControlMLP blocks, ~2B params, 32x32x16 latents, patch 2, batch 128,
 # 50k steps on 64 A100s): the documented default mesh is data=8 x fsdp=8 on 64 chips
@@ -13,17 +12,20 @@ fica train dit --config configs/dit.py:paper --workdir gs://BUCKET/dit
 from configs.common import base_config
 
 VARIANTS = {
-    # name: (model variant, latent side, control channels, CLIP dim, batch, steps, lr)
-    "tiny": ("tiny", 8, 8, 32, 8, 200, 1e-3),
-    "base": ("B", 32, 64, 768, 64, 50_000, 1e-4),
-    "paper": ("paper", 32, 64, 768, 128, 50_000, 1e-4),
+    # name: (model variant, latent grid side G, latent channels C, embedding dim, batch, steps, lr)
+    "tiny": ("tiny", 8, 4, 64, 8, 300, 1e-3),
+    "base": ("B", 32, 16, 768, 64, 50_000, 1e-4),
+    "paper": ("paper", 32, 16, 768, 128, 50_000, 1e-4),
+    # 1024 tokens: 512x512 UV maps -> 64x64x4 latents *without* the unshuffle, patch 2 -> 32x32
+    # tokens (a latent cache built with unshuffle 1); control = 4 maps x 4 channels at 64x64.
+    "paper1024": ("paper", 64, 4, 768, 128, 50_000, 1e-4),
 }
 
 
 def get_config(arg: str = "tiny"):
     if arg not in VARIANTS:
         raise ValueError(f"unknown dit variant {arg!r}; expected one of {sorted(VARIANTS)}")
-    variant, size, control, emb, batch, steps, lr = VARIANTS[arg]
+    variant, size, channels, emb, batch, steps, lr = VARIANTS[arg]
     c = base_config("dit")
     m = c.model
     m.variant = variant  # fica_jax/models/dit.py VARIANTS
@@ -31,15 +33,20 @@ def get_config(arg: str = "tiny"):
     m.patch = 2
     m.qk_norm = True
     m.latent_size = size  # h = w of the latent grid (512 UV -> 64x64x4 -> unshuffle 2 -> 32x32x16)
-    m.latent_channels = 16
-    # [I] the partial UV maps [RGB, mask, normal, vertex], each as a 3-channel image through the
-    # VAE (32x32x16 per map) -> 4 x 16 channels at latent resolution.
-    m.control_channels = control
-    m.image_emb_dim = emb  # CLIP ViT-L/14 projected embedding
+    m.latent_channels = channels  # C of the cache's packed latents (tiny: 64 UV -> 8x8x4)
+    # [I] the partial UV maps [rgb, mask, nrm, vtx], each as a 3-channel image through the VAE
+    # (C channels per map at latent resolution). Ablations (paper Table 2): ("rgb", "mask") is
+    # "partial RGB only"; all four adds normal + vertex; use_image_emb adds the embedding.
+    m.control_maps = ("rgb", "mask", "nrm", "vtx")
+    m.use_image_emb = True
+    m.image_emb_dim = emb  # CLIP ViT-L/14 projected embedding (tiny: the dense ViT's pooled 64)
     m.p_uncond = 0.1  # condition dropout for classifier-free guidance
     m.t_mean, m.t_std, m.t_shift = 0.0, 1.0, 1.0  # logit-normal flow times (SD3)
-    m.num_records = 4096  # synthetic stand-in stream (fica_jax/stages/dit.py)
-    m.num_eval_records = 64
+    # Held-out sampling (eval + previews): the cache's VAE run decodes; "" = the one the cache
+    # names. eval_steps Euler steps with guidance cfg_scale (1 = unguided).
+    m.vae = ""
+    m.eval_steps = 50
+    m.cfg_scale = 1.0
 
     c.data.batch_size = batch
     c.optim.lr = lr
@@ -49,10 +56,17 @@ def get_config(arg: str = "tiny"):
     c.train.steps = steps
     c.train.log_every = 20 if arg == "tiny" else 100
     c.train.ckpt_every = 100 if arg == "tiny" else 1000
+    c.optim.ema_decay = 0.99 if arg == "tiny" else 0.9999
     if arg != "tiny":
-        c.optim.ema_decay = 0.9999
         c.train.compute_dtype = "bfloat16"
-        c.train.remat = "full"
+        # Chosen by `fica plan`'s memory and hardware/model FLOP figures (docs/architecture.md
+        # §9, benchmarks/results/plan_dit_paper*.json): paper keeps every matmul output (no
+        # recompute, ~10 GB/chip on v5p-64); paper1024's attention logits are 16x larger, so it
+        # keeps the weight matmuls' outputs and recomputes attention.
+        remat = {"paper": "dots_saveable", "paper1024": "dots_with_no_batch_dims_saveable"}
+        c.train.remat = remat.get(arg, "full")
     if arg == "paper":
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8, 8, 1
+    if arg == "paper1024":
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1
     return c

@@ -46,6 +46,39 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="tfds data_dir root")
     p.set_defaults(func=_tfds)
 
+    p = sub.add_parser("cache", help="encode a dataset into the DiT's latent + condition cache")
+    p.add_argument("--data", required=True, help="capture dataset directory")
+    p.add_argument("--vae", required=True, help="a `fica train vae` run dir, or SDXL VAE weights")
+    p.add_argument(
+        "--dense", default=None, help="a `fica train dense` run dir (control + embedding)"
+    )
+    p.add_argument("--clip", default=None, help="local CLIP vision weights for the image embedding")
+    p.add_argument("--out", required=True, help="output cache directory")
+    p.add_argument(
+        "--control",
+        choices=("dense", "gt"),
+        default=None,
+        help="partial UV maps from the dense predictor (default with --dense) or the stored ground-truth unwrap",
+    )
+    p.add_argument(
+        "--unshuffle",
+        type=int,
+        default=2,
+        help="pixel-unshuffle of the latents onto the DiT grid (paper: 2)",
+    )
+    p.add_argument(
+        "--latent-scale",
+        choices=("auto", "vae"),
+        default="auto",
+        help="auto: 1/std of training latents; vae: the VAE's own scaling factor (SDXL weights)",
+    )
+    p.add_argument(
+        "--process-index", type=int, default=None, help="this host (default: jax.process_index())"
+    )
+    p.add_argument("--process-count", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cache)
+
 
 def _shard_kw(args: argparse.Namespace) -> dict:
     return {} if args.records_per_shard is None else {"records_per_shard": args.records_per_shard}
@@ -98,4 +131,28 @@ def _tfds(args: argparse.Namespace, extra: list[str]) -> int:
     from data_pipelines.tfds_builder import build_tfds
 
     print(f"prepared {build_tfds(args.data_dir, args.out)}")
+    return 0
+
+
+def _cache(args: argparse.Namespace, extra: list[str]) -> int:
+    import jax
+
+    from fica_jax.latent_cache import build_cache
+
+    pi = jax.process_index() if args.process_index is None else args.process_index
+    pc = jax.process_count() if args.process_count is None else args.process_count
+    out = build_cache(
+        args.data,
+        args.vae,
+        args.out,
+        dense_run=args.dense,
+        clip_path=args.clip,
+        control=args.control,
+        unshuffle=args.unshuffle,
+        latent_scale=args.latent_scale,
+        process_index=pi,
+        process_count=pc,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote latent cache {out}")
     return 0

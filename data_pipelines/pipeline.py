@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +89,13 @@ def make_pipeline(
     image_size: int | None = None,
     shuffle: bool = True,
     source: Any = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> grain.IterDataset:
     """This host's batches of `transform(record, rng, options)` (a stage's example function from
     `data_pipelines.transforms`): dicts of numpy arrays with leading dim
     global_batch_size // process_count. `num_epochs=None` repeats forever. `source` overrides
-    the source opened from `data_dir` (tests, custom sources)."""
+    the source opened from `data_dir` (tests, custom sources, the latent cache); `extra` reaches
+    the example function as `options.extra`."""
     if global_batch_size % process_count:
         raise UserError(
             f"global batch size {global_batch_size} is not divisible by {process_count} hosts"
@@ -112,7 +115,8 @@ def make_pipeline(
         seed=seed if shuffle else None,
         num_epochs=num_epochs,
     )
-    options = TransformOptions(augment=augment, image_size=image_size)
+    extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (extra or {}).items()))
+    options = TransformOptions(augment=augment, image_size=image_size, extra=extra)
     ds = ds.random_map(StageTransform(transform, options), seed=seed)
     ds = ds.batch(per_host, drop_remainder=True)
     it = ds.to_iter_dataset()

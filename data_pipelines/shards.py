@@ -92,6 +92,9 @@ class DatasetWriter:
         records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
         generator: Mapping[str, Any] | None = None,
         template: Mapping[str, Any] | None = None,
+        kind: str = "fica-capture",
+        version: int = schema.SCHEMA_VERSION,
+        info: Mapping[str, Any] | None = None,
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -106,6 +109,9 @@ class DatasetWriter:
         self.records_per_shard = records_per_shard
         self.generator = dict(generator or {})
         self.template = dict(template or {})
+        # Other record kinds (the latent cache) reuse the writer with their own format tag,
+        # version and extra metadata.
+        self.kind, self.version, self.info = kind, version, dict(info or {})
         self._tmp: Path | None = None
         self._writers: dict[str, Any] = {}
         self._shards: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -173,6 +179,11 @@ class DatasetWriter:
         if shards[-1]["num_records"] >= self.records_per_shard:
             self._writers.pop(split).close()
 
+    def write_file(self, name: str, data: bytes) -> None:
+        """A side file (e.g. the latent cache's baselines) swapped in with the shards."""
+        assert self._tmp is not None, "use DatasetWriter as a context manager"
+        (self._tmp / name).write_bytes(data)
+
     # ------------------------------------------------------------------ finishing
     def _finish(self) -> None:
         assert self._tmp is not None
@@ -192,9 +203,10 @@ class DatasetWriter:
                 "shards": shards,
             }
         meta = {
-            "format": "fica-capture",
-            "schema_version": schema.SCHEMA_VERSION,
+            "format": self.kind,
+            "schema_version": self.version,
             **self._dims,
+            **self.info,
             "splits": splits,
             "template": self.template,
             "generator": self.generator,
@@ -214,6 +226,19 @@ class DatasetWriter:
 
 
 # ---------------------------------------------------------------------- reading metadata
+def read_metadata_file(path: Path) -> dict[str, Any]:
+    """A metadata.json as a dict; a missing, unreadable or non-object file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return meta
+
+
 def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Loads and checks `DIR/metadata.json`; every problem is a UserError naming the path."""
     data_dir = Path(data_dir)
@@ -225,12 +250,7 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path}: missing; {data_dir} is not a fica dataset "
             "(create one with `fica data synth` or `fica data convert`)"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    meta = read_metadata_file(path)
     version = meta.get("schema_version")
     if version != schema.SCHEMA_VERSION:
         raise UserError(

@@ -23,10 +23,14 @@ from fica_jax.errors import UserError
 class CaptureSource:
     """Random access over one split of a dataset directory; items are schema record dicts."""
 
+    # Other record kinds (data_pipelines/latents.py) override how metadata and records are read.
+    read_metadata = staticmethod(read_metadata)
+    decode = staticmethod(schema.decode)
+
     def __init__(self, data_dir: str | os.PathLike, split: str, *, check_files: bool = True):
         self.data_dir = Path(data_dir)
         self.split = split
-        self.metadata = read_metadata(self.data_dir)
+        self.metadata = self.read_metadata(self.data_dir)
         splits = self.metadata["splits"]
         if split not in splits:
             raise UserError(
@@ -49,7 +53,7 @@ class CaptureSource:
         return self._len
 
     def __repr__(self) -> str:  # grain DataLoader checkpoints key on the source repr
-        return f"CaptureSource({str(self.data_dir)!r}, {self.split!r}, n={self._len})"
+        return f"{type(self).__name__}({str(self.data_dir)!r}, {self.split!r}, n={self._len})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -104,7 +108,7 @@ class CaptureSource:
         index = int(index)
         data = self.read_bytes(index)
         shard_file, j = self.locate(index)
-        return schema.decode(data, where=f"{shard_file} record {j}")
+        return self.decode(data, where=f"{shard_file} record {j}")
 
     def close(self) -> None:
         for r in self._readers.values():

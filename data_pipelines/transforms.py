@@ -45,6 +45,7 @@ class TransformOptions:
     augment: bool = True
     image_size: int | None = None  # output image side; None keeps the stored size
     aug: AugmentConfig = AugmentConfig()
+    extra: tuple = ()  # (key, value) pairs a stage's example function reads (hashable)
 
 
 # ------------------------------------------------------------------------- geometry

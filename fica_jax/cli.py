@@ -15,8 +15,9 @@ from fica_jax.errors import UserError
 
 # Modules contributing sub-commands (each defines add_commands(subparsers)).
 COMMAND_MODULES = (
-    "data_pipelines.cli",  # fica data synth | inspect | convert
+    "data_pipelines.cli",  # fica data synth | inspect | convert | tfds | cache
     "fica_jax.train.cli",  # fica train STAGE, fica plan
+    "fica_jax.sample",  # fica sample
     "fica_jax.demo",  # fica demo
 )
 

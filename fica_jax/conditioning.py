@@ -51,6 +51,12 @@ def unwrap_batch(images: jax.Array, dense: dict[str, jax.Array], resolution: int
     return jax.vmap(fn)(images, dense["mask"], dense["uv"], dense["nrm"], dense["vtx"])
 
 
+@nnx.jit
+def embed_clip(images: jax.Array, clip_model: clip_lib.CLIPVisionEncoder) -> jax.Array:
+    """images [B, H, W, 3] in [0, 1] -> CLIP image embeddings [B, E]."""
+    return clip_model(clip_lib.preprocess(images, clip_model.cfg.image_size))["image_embeds"]
+
+
 # Defined once at module level: nnx.jit caches the trace by function identity (a jit built
 # inside `condition` would re-trace on every call).
 @nnx.jit(static_argnums=(2,))
@@ -58,7 +64,7 @@ def _run(dense_model, images, resolution, clip_model):
     dense = predict_dense(dense_model, images)
     partial = unwrap_batch(images, dense, resolution)
     if clip_model is not None:
-        emb = clip_model(clip_lib.preprocess(images, clip_model.cfg.image_size))["image_embeds"]
+        emb = embed_clip(images, clip_model)
     else:
         emb = dense["pooled"]
     return partial, emb, dense

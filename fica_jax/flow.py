@@ -102,18 +102,19 @@ def two_domain_loss(
     return loss_t + loss_g, {"loss_texture": loss_t, "loss_geometry": loss_g, "s_mean": s.mean()}
 
 
-def guided(velocity_fn: VelocityFn, scale: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def guided(velocity_fn, scale: float):
     """Classifier-free guidance: v = v_uncond + scale (v_cond - v_uncond), one batched call.
 
-    scale = 1 is the plain conditional model (one call, nothing dropped).
+    scale = 1 is the plain conditional model (one call, nothing dropped). Extra arguments
+    (`*state`) pass through to `velocity_fn`.
     """
 
-    def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    def fn(x: jax.Array, t: jax.Array, *state) -> jax.Array:
         b = x.shape[0]
         if scale == 1.0:
-            return velocity_fn(x, t, jnp.zeros((b,), bool))
+            return velocity_fn(x, t, jnp.zeros((b,), bool), *state)
         drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-        v = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), drop)
+        v = velocity_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), drop, *state)
         v_cond, v_uncond = v[:b], v[b:]
         return v_uncond + scale * (v_cond - v_uncond)
 
@@ -126,23 +127,29 @@ def time_grid(steps: int, shift: float = 1.0) -> jax.Array:
 
 
 def euler_sample(
-    velocity_fn: VelocityFn,
+    velocity_fn,
     noise: jax.Array,
     steps: int = 50,
     cfg_scale: float = 1.0,
     shift: float = 1.0,
+    state=None,
 ) -> jax.Array:
     """Integrates dx/ds = v_hat from s = 1 (x = noise) to s = 0 in `steps` Euler steps.
 
     noise: [B, ...] -> sample [B, ...]. With cfg_scale != 1 every step evaluates the
-    conditional and the unconditional (drop = True) velocity in one batch of 2B.
+    conditional and the unconditional (drop = True) velocity in one batch of 2B. `state` (a
+    pytree, e.g. a model's pure NNX state) rides in the loop carry and reaches
+    `velocity_fn(x, t, drop, state)`: a model rebuilt from it inside the loop body lives at the
+    loop's trace level, which NNX's lifted transforms (the DiT's scanned blocks) require.
     """
     fn = guided(velocity_fn, cfg_scale)
     grid = time_grid(steps, shift)
+    extra = () if state is None else (state,)
 
-    def body(i, x):
+    def body(i, carry):
+        x, *st = carry
         s, s_next = grid[i], grid[i + 1]
         t = jnp.full((x.shape[0],), network_time(s), jnp.float32)
-        return x + (s_next - s) * fn(x, t).astype(x.dtype)
+        return (x + (s_next - s) * fn(x, t, *st).astype(x.dtype), *st)
 
-    return jax.lax.fori_loop(0, steps, body, noise.astype(jnp.float32))
+    return jax.lax.fori_loop(0, steps, body, (noise.astype(jnp.float32), *extra))[0]

@@ -237,8 +237,19 @@ def test_sharding_annotations_and_sharded_forward(trained_like):
 
 
 # ----------------------------------------------------------------------------- stage
-def test_stage_data_and_spec():
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    from latent_fixture import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path_factory.mktemp("latents") / "cache")
     cfg = dit_configs.get_config("tiny")
+    with cfg.unlocked():
+        cfg.data.dir = str(cache)
+    return cfg
+
+
+def test_stage_data_and_spec(tiny_cfg):
+    cfg = tiny_cfg
     stage = get_stage("dit")
     assert stage.name == "dit" and stage.rules == "dit"
     it = iter(stage.make_data(cfg, "train", 0, 1))
@@ -268,9 +279,9 @@ def test_stage_data_and_spec():
     assert (m.width, m.depth, m.heads, m.patch, m.width // m.heads) == (1792, 28, 28, 2, 64)
 
 
-def test_train_steps_reduce_loss():
+def test_train_steps_reduce_loss(tiny_cfg):
     """A few Adam steps of the stage loss on one fixed batch (and fixed noise) reduce it."""
-    cfg = dit_configs.get_config("tiny")
+    cfg = tiny_cfg
     stage = get_stage("dit")
     model = stage.make_model(cfg, nnx.Rngs(0))
     batch = {k: jnp.asarray(v) for k, v in next(iter(stage.make_data(cfg, "train", 0, 1))).items()}

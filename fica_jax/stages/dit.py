@@ -1,36 +1,51 @@
 """Stage `dit`: FiCA's texture/geometry completion DiT trained by flow matching (paper s.2.2).
 
 One network, two domains: every batch holds the texture latent and the geometry latent of the
-same identities, with their shared conditions (partial-UV control map at latent resolution, CLIP
-image embedding). The loss is `fica_jax.flow.two_domain_loss`, L(texture, d_T) + L(geometry, d_G)
-with logit-normal flow times; each example's conditions (image embedding and control) are
+same identities, with their shared conditions (the partial-UV control maps at latent resolution,
+the portrait's image embedding). The loss is `fica_jax.flow.two_domain_loss`,
+L(texture, d_T) + L(geometry, d_G) with logit-normal flow times; each example's conditions are
 dropped with probability `cfg.model.p_uncond` for classifier-free guidance.
 
-Batch (global, `batch_spec`):
-  tex_latent  [B, h, w, C]   VAE latent of the complete UV texture (FiCA: 32x32x16)
-  geo_latent  [B, h, w, C]   VAE latent of the complete UV geometry (position) map
-  control     [B, h, w, Cc]  partial UV maps [RGB, mask, normal, vertex] at latent resolution
-  image_emb   [B, E]         CLIP image embedding of the portrait
+Data: the latent cache written by `fica data cache` (`cfg.data.dir`; `data_pipelines/latents.py`).
+Training samples each latent from its cached VAE posterior. The conditioning inputs are
+switchable for the paper's ablation: `cfg.model.control_maps` picks control groups from
+(rgb, mask, nrm, vtx) and `cfg.model.use_image_emb=False` zeroes the embedding.
 
-DATA STAND-IN: `make_data` does not read captures yet. Until the DiT data issue wires the VAE
-encoder and the CLIP encoder into the pipeline, it yields a deterministic *synthetic* latent
-stream with the right shapes and a learnable relation between conditions and targets
-(`SyntheticLatents`), through a checkpointable Grain iterator. It exists so the train loop,
-`fica plan` and the tests run end to end; a model trained on it is not a FiCA model.
+Batch (global, `batch_spec`):
+  tex_latent  [B, G, G, C]   sampled VAE latent of the complete UV texture (FiCA: 32x32x16)
+  geo_latent  [B, G, G, C]   sampled VAE latent of the complete UV geometry (position) map
+  control     [B, G, G, Cc]  chosen control groups, C channels each (Cc = C x groups)
+  image_emb   [B, E]         image embedding of the portrait
+
+Held-out evaluation (`make_eval`; decoded with the cache's VAE run, or `cfg.model.vae`) samples both
+domains with `cfg.model.eval_steps` guided Euler steps, decodes them and reports texture PSNR /
+SSIM on the UV mask against the mean training texture and geometry L1 (mm) against the mean
+training neutral geometry; `make_sample` writes the preview sheet and a TensorBoard image.
 """
 
 from __future__ import annotations
 
-import grain
+import dataclasses
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from data_pipelines.pipeline import host_records
+from data_pipelines.latents import (
+    LatentSource,
+    cache_metadata,
+    control_channels,
+    latent_example,
+    load_baselines,
+)
+from data_pipelines.pipeline import make_pipeline
 from fica_jax import config, flow
+from fica_jax.errors import UserError
+from fica_jax.models import uv_latent
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
+from fica_jax.sample import decode, generate, preview_rows, sample_latents, uv_metrics, write_sheet
 from fica_jax.train.stage import Stage
 
 
@@ -44,7 +59,7 @@ def dit_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         "model.variant",
         {k: m.get(k) for k in ("width", "depth", "heads")},
         in_channels=m.latent_channels,
-        control_channels=m.control_channels,
+        control_channels=len(m.control_maps) * m.latent_channels,
         image_emb_dim=m.image_emb_dim,
         patch=m.patch,
         qk_norm=m.qk_norm,
@@ -90,8 +105,21 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
 
 def make_eval(cfg: ml_collections.ConfigDict):
-    """The training loss without condition dropout (the rng fixes times and noise)."""
+    """The flow loss without condition dropout (fixed times and noise) and, with a VAE
+    (`cfg.model.vae`), decoded held-out metrics of guided samples against the baselines."""
     time_kw = _time_kw(cfg)
+    ctx = (
+        decoding_context(cfg, cache_metadata(cfg.data.dir), "config model.vae")
+        if cfg.data.dir
+        else None
+    )
+    if ctx is not None:
+        vae_def, vae_state = nnx.split(ctx.vae)
+    steps, scale, shift = (
+        int(cfg.model.eval_steps),
+        float(cfg.model.cfg_scale),
+        float(cfg.model.t_shift),
+    )
 
     def eval_fn(model: DiT, batch, rng: jax.Array):
         rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -102,7 +130,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
         def velocity(x_s, t, domain, drop2):
             return model(x_s, t, image_emb, domain, control, drop2)
 
-        loss, metrics = flow.two_domain_loss(
+        loss, out = flow.two_domain_loss(
             velocity,
             batch["tex_latent"],
             batch["geo_latent"],
@@ -110,87 +138,202 @@ def make_eval(cfg: ml_collections.ConfigDict):
             jnp.zeros((b,), bool),
             **time_kw,
         )
-        return {"loss": loss, **metrics}
+        out = {"loss": loss, **out}
+        if ctx is not None:
+            vae = nnx.merge(vae_def, vae_state)
+            tex, geo = sample_latents(
+                model,
+                batch["control"],
+                batch["image_emb"],
+                rng,
+                steps=steps,
+                cfg_scale=scale,
+                shift=shift,
+            )
+            texture, geometry = decode(
+                vae, ctx.stats, ctx.unshuffle, tex, geo, batch["uv_mask"], jit=False
+            )
+            out.update(uv_metrics(texture, geometry, batch, ctx.baselines))
+            # What the VAE alone keeps of the ground truth (the ceiling for any sample).
+            recon, _ = decode(
+                vae,
+                ctx.stats,
+                ctx.unshuffle,
+                batch["tex_latent"],
+                batch["geo_latent"],
+                batch["uv_mask"],
+                jit=False,
+            )
+            out["vae_texture_psnr"] = uv_metrics(recon, geometry, batch, ctx.baselines)[
+                "texture_psnr"
+            ]
+        return out
 
     return eval_fn
 
 
+def make_sample(cfg: ml_collections.ConfigDict):
+    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` (+ TensorBoard image) of the eval batch."""
+    if not cfg.data.dir:
+        return None
+    ctx = decoding_context(cfg, cache_metadata(cfg.data.dir), "config model.vae")
+    steps, scale, shift = (
+        int(cfg.model.eval_steps),
+        float(cfg.model.cfg_scale),
+        float(cfg.model.t_shift),
+    )
+
+    def sample_fn(model: DiT, batch, rng, workdir, step: int) -> None:
+        tex, geo = generate(
+            model,
+            batch["control"],
+            batch["image_emb"],
+            rng,
+            steps=steps,
+            cfg_scale=scale,
+            shift=shift,
+        )
+        texture, geometry = decode(ctx.vae, ctx.stats, ctx.unshuffle, tex, geo, batch["uv_mask"])
+        batch, texture, geometry = jax.device_get((batch, texture, geometry))
+        sheet = write_sheet(
+            preview_rows(batch, texture, geometry),
+            pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png",
+        )
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            with SummaryWriter(str(pathlib.Path(workdir) / "tb")) as tb:
+                tb.add_image("samples", sheet, step, dataformats="HWC")
+
+    return sample_fn
+
+
+# ----------------------------------------------------------------------------- decoding
+@dataclasses.dataclass
+class DecodingContext:
+    """What decoding a cache's latents needs: its VAE (latent scale applied), map statistics,
+    unshuffle factor and held-out baselines."""
+
+    vae: nnx.Module
+    stats: uv_latent.MapStats
+    unshuffle: int
+    baselines: dict
+    cache: str
+
+    def identities(self, split: str) -> list[str]:
+        src = LatentSource(self.cache, split)
+        return [str(src[i]["identity"]) for i in range(len(src))]
+
+
+def decoding_context(cfg: ml_collections.ConfigDict, meta: dict, where: str) -> DecodingContext:
+    """Loads `cfg.model.vae` (else the VAE the cache names) and refuses a cache built with
+    another VAE checkpoint."""
+    from fica_jax import latent_cache
+
+    vae = latent_cache.load_vae(cfg.model.vae or meta["vae"]["path"], int(meta["unshuffle"]))
+    latent_cache.check_vae(meta, vae, where)
+    vae = latent_cache.with_scale(vae, meta["latent_scale"])
+    stats = uv_latent.MapStats.from_dict(meta["map_stats"])
+    return DecodingContext(
+        vae.model, stats, vae.unshuffle, load_baselines(cfg.data.dir), str(cfg.data.dir)
+    )
+
+
 # ----------------------------------------------------------------------------- data
-class SyntheticLatents:
-    """Record index -> one synthetic example (shape-correct stand-in until the DiT data issue).
+def _check_cache(cfg: ml_collections.ConfigDict, meta: dict) -> None:
+    m, where = cfg.model, f"latent cache {cfg.data.dir}"
+    grid = m.latent_size
+    want = {"grid": grid, "token_channels": m.latent_channels, "image_emb_dim": m.image_emb_dim}
+    for key, value in want.items():
+        if int(meta[key]) != int(value):
+            cfg_key = {
+                "grid": "model.latent_size",
+                "token_channels": "model.latent_channels",
+                "image_emb_dim": "model.image_emb_dim",
+            }[key]
+            raise UserError(
+                f"{where} has {key} {meta[key]}, but config {cfg_key}={value}; pass --config.{cfg_key}={meta[key]}"
+            )
+    if m.use_image_emb and meta["embedding"] == "none":
+        raise UserError(
+            f"{where} holds no image embedding (built without --dense/--clip); pass --config.model.use_image_emb=false or rebuild it"
+        )
 
-    The texture latent is a smooth random field (4x4-block upsampled noise plus fine noise); the
-    geometry latent is a fixed linear mix of it plus its own smooth field; a random visible
-    half-plane masks both, and the control map is a fixed random projection of
-    [masked texture, masked geometry, mask] to Cc channels; the image embedding is a fixed
-    projection of the texture latent's channel means. All fixed maps come from seed 1234, the
-    example from seed `record`: any process computes the same example for the same index.
-    Top-level and picklable so Grain worker processes can import it.
-    """
 
-    def __init__(self, size: int, channels: int, control_channels: int, image_emb_dim: int):
-        self.size, self.c, self.cc, self.e = size, channels, control_channels, image_emb_dim
-        fixed = np.random.default_rng(1234)
-        self.mix = fixed.standard_normal((channels, channels)) / np.sqrt(channels)
-        self.ctrl = fixed.standard_normal((2 * channels + 1, control_channels))
-        self.ctrl /= np.sqrt(2 * channels + 1)
-        self.img = fixed.standard_normal((channels, image_emb_dim)) / np.sqrt(channels)
-
-    def _field(self, rng: np.random.Generator) -> np.ndarray:
-        coarse = max(1, self.size // 4)
-        low = rng.standard_normal((coarse, coarse, self.c))
-        up = np.kron(low, np.ones((self.size // coarse, self.size // coarse, 1)))
-        return up + 0.1 * rng.standard_normal((self.size, self.size, self.c))
-
-    def __call__(self, record: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(int(record))
-        tex = self._field(rng)
-        geo = 0.7 * tex @ self.mix + 0.7 * self._field(rng)
-        yy, xx = np.mgrid[: self.size, : self.size] / max(1, self.size - 1) - 0.5
-        angle, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.2, 0.2)
-        mask = (np.cos(angle) * xx + np.sin(angle) * yy > offset).astype(np.float64)[..., None]
-        control = np.concatenate([tex * mask, geo * mask, mask], axis=-1) @ self.ctrl
-        image_emb = np.tanh(tex.mean(axis=(0, 1)) @ self.img)
-        f = lambda a: np.asarray(a, np.float32)
-        return {
-            "tex_latent": f(tex),
-            "geo_latent": f(geo),
-            "control": f(control),
-            "image_emb": f(image_emb),
-        }
+def _pipeline(
+    cfg: ml_collections.ConfigDict,
+    split: str,
+    process_index: int,
+    process_count: int,
+    *,
+    ground_truth: bool,
+    **kw,
+):
+    if not cfg.data.dir:
+        raise UserError(
+            "config data.dir is empty; build a latent cache with `fica data cache --data DIR --vae RUN --out CACHE` and pass --config.data.dir=CACHE"
+        )
+    _check_cache(cfg, cache_metadata(cfg.data.dir))
+    shard_split = "test" if split == "eval" else split
+    extra = {
+        "control": tuple(control_channels(cfg.model.control_maps, cfg.model.latent_channels)),
+        "image_emb": bool(cfg.model.use_image_emb),
+        "ground_truth": ground_truth,
+    }
+    args = dict(
+        global_batch_size=cfg.data.batch_size,
+        seed=(cfg.data.shuffle_seed + cfg.seed) % 2**32,
+        process_index=process_index,
+        process_count=process_count,
+        workers=cfg.data.workers,
+        source=LatentSource(cfg.data.dir, shard_split),
+        extra=extra,
+    )
+    return make_pipeline(cfg.data.dir, latent_example, shard_split, **{**args, **kw})
 
 
 def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int):
-    """This host's batches of `SyntheticLatents` (a stand-in; see the module docstring).
-
-    train: records [0, num_records) shuffled, repeated forever; eval: the next num_eval_records,
-    once. Each host takes its slice (`host_records`) and batches batch_size / process_count.
-    """
-    m = cfg.model
-    per_host = cfg.data.batch_size // process_count
+    """Train: posterior samples, shuffled, forever. Eval: posterior means and the ground-truth
+    maps of the held-out identities, one ordered pass (at least one full batch)."""
     if split == "train":
-        records, seed, epochs = (0, m.num_records), cfg.data.shuffle_seed, None
-    else:
-        records, seed, epochs = (m.num_records, m.num_records + m.num_eval_records), None, 1
-    ds = host_records(
-        grain.MapDataset.range(*records), process_index, process_count, seed=seed, num_epochs=epochs
+        return _pipeline(cfg, split, process_index, process_count, ground_truth=False)
+    n = len(LatentSource(cfg.data.dir, "test"))
+    epochs = max(1, -(-int(cfg.data.batch_size) // max(n, 1)))
+    return _pipeline(
+        cfg,
+        split,
+        process_index,
+        process_count,
+        ground_truth=True,
+        augment=False,
+        shuffle=False,
+        num_epochs=epochs,
     )
-    ds = ds.map(
-        SyntheticLatents(m.latent_size, m.latent_channels, m.control_channels, m.image_emb_dim)
+
+
+def held_out_batches(cfg: ml_collections.ConfigDict, split: str = "test"):
+    """Every identity of `split` once, in order, with ground truth (for `fica sample`): the
+    batch is the largest divisor of the split size up to the config's batch size."""
+    n = len(LatentSource(cfg.data.dir, split))
+    b = max(d for d in range(1, min(int(cfg.data.batch_size), n) + 1) if n % d == 0)
+    with cfg.unlocked():
+        cfg.data.batch_size = b
+    return _pipeline(
+        cfg, split, 0, 1, ground_truth=True, augment=False, shuffle=False, num_epochs=1
     )
-    return ds.batch(per_host, drop_remainder=True).to_iter_dataset()
 
 
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     b, m = cfg.data.batch_size, cfg.model
     s, f32 = m.latent_size, jnp.float32
+    cc = len(m.control_maps) * m.latent_channels
     return {
         "tex_latent": jax.ShapeDtypeStruct((b, s, s, m.latent_channels), f32),
         "geo_latent": jax.ShapeDtypeStruct((b, s, s, m.latent_channels), f32),
-        "control": jax.ShapeDtypeStruct((b, s, s, m.control_channels), f32),
+        "control": jax.ShapeDtypeStruct((b, s, s, cc), f32),
         "image_emb": jax.ShapeDtypeStruct((b, m.image_emb_dim), f32),
     }
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
-STAGE = Stage("dit", "dit", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)
+STAGE = Stage("dit", "dit", make_model, make_loss, make_data, batch_spec, make_eval, make_sample)

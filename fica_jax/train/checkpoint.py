@@ -79,7 +79,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(run_dir: str | pathlib.Path, abstract_params: dict) -> tuple[int, dict]:
+def load_params(
+    run_dir: str | pathlib.Path, abstract_params: dict, item: str = "params"
+) -> tuple[int, dict]:
     """Params only from another run's latest checkpoint (`--init_from DIR`), on our shardings.
 
     `run_dir` is that run's workdir (or its `checkpoints/` folder). Optimizer state, step and data
@@ -105,8 +107,8 @@ def load_params(run_dir: str | pathlib.Path, abstract_params: dict) -> tuple[int
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
-                    restore_args={"params": restore_args},
+                    item={item: abstract_params},
+                    restore_args={item: restore_args},
                     partial_restore=True,
                 )
             ),
@@ -116,14 +118,32 @@ def load_params(run_dir: str | pathlib.Path, abstract_params: dict) -> tuple[int
             f"--init_from {run_dir}: step {step} params do not match this model ({e})"
         ) from None
     manager.close()
-    return step, out["state"]["params"]
+    return step, out["state"][item]
+
+
+def load_run_config(run_dir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a run was trained with (`WORKDIR/config.json`, written by the train loop)."""
+    import json
+
+    path = pathlib.Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {run_dir} is not a `fica train` run directory")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_model(
-    cfg: ml_collections.ConfigDict, run_dir: str | pathlib.Path, *, device: jax.Device | None = None
+    cfg: ml_collections.ConfigDict,
+    run_dir: str | pathlib.Path,
+    *,
+    device: jax.Device | None = None,
+    ema: bool = False,
 ) -> tuple[int, Any]:
     """`cfg.stage`'s model with the params of `run_dir`'s latest checkpoint, on one device
-    (the first local one by default) for evaluation, sampling and export. -> (step, model)."""
+    (the first local one by default) for evaluation, sampling and export. -> (step, model).
+    `ema=True` takes the EMA of the params when the run keeps one (`optim.ema_decay` > 0)."""
     from flax import nnx
 
     from fica_jax.train.stage import get_stage
@@ -134,6 +154,7 @@ def load_model(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
         nnx.state(model, nnx.Param).to_pure_dict(),
     )
-    step, params = load_params(run_dir, abstract)
+    use_ema = ema and float(cfg.optim.get("ema_decay", 0.0)) > 0
+    step, params = load_params(run_dir, abstract, "ema" if use_ema else "params")
     nnx.update(model, params)
     return step, model

@@ -64,36 +64,49 @@ def _check_finite(step: int, scalars: dict[str, float], ckpt: Checkpointer) -> N
 
 
 class _Evaluator:
-    """Means of the stage's eval function over the eval split (read once), plus the optional
-    sample hook; both built once from the config."""
+    """Means of the stage's eval function over the eval split (read once), and the stage's
+    sample hook on the first eval batch; both built once from the config."""
 
     def __init__(self, setup: Setup, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
         self.setup, self.cfg, self.workdir = setup, cfg, workdir
         stage = setup.stage
-        eval_fn = stage.make_eval(cfg)
+        eval_fn = stage.make_eval(cfg) if stage.make_eval is not None else None
         self._sample = stage.make_sample(cfg) if stage.make_sample is not None else None
 
         def one(params, rest, batch, rng):
             return eval_fn(setup.model(params, rest), batch, rng)
 
-        self._fn = jax.jit(one)  # built once: jit caches by function identity
+        self._fn = jax.jit(one) if eval_fn is not None else None  # built once
+
+    def _batches(self):
+        data = self.setup.stage.make_data(
+            self.cfg, "eval", jax.process_index(), jax.process_count()
+        )
+        for host_batch in data:
+            yield shd.put_batch(host_batch, self.setup.mesh)
 
     def __call__(self, state: dict, step: int) -> dict[str, float]:
-        setup, stage = self.setup, self.setup.stage
-        data = stage.make_data(self.cfg, "eval", jax.process_index(), jax.process_count())
+        if self._fn is None:
+            return {}
         params = state["ema"] if state["ema"] else state["params"]
-        totals, n, batch = {}, 0, None
-        with setup.context():
-            for host_batch in data:
-                batch = shd.put_batch(host_batch, setup.mesh)
+        totals, n = {}, 0
+        with self.setup.context():
+            for batch in self._batches():
                 out = jax.device_get(self._fn(params, state["rest"], batch, state["rng"]))
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 n += 1
-            if self._sample is not None and batch is not None:
-                model = setup.model(params, state["rest"])
-                self._sample(model, batch, state["rng"], self.workdir, step)
         return {f"eval/{k}": v / max(n, 1) for k, v in totals.items()}
+
+    def sample(self, state: dict, step: int) -> None:
+        if self._sample is None:
+            return
+        params = state["ema"] if state["ema"] else state["params"]
+        with self.setup.context():
+            batch = next(iter(self._batches()), None)
+            if batch is not None:
+                model = self.setup.model(params, state["rest"])
+                self._sample(model, batch, state["rng"], self.workdir, step)
 
 
 def _check_batch(host_batch, spec: dict, process_count: int) -> None:
@@ -168,11 +181,13 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
     compiled = setup.lower().compile()
     flops = hlo_stats.analyze(compiled.as_text()).flops or mlib.compiled_flops(compiled)
     meter = mlib.Throughput(int(cfg.data.batch_size), flops, mlib.peak_flops())
-    evaluate = _Evaluator(setup, cfg, workdir) if stage.make_eval is not None else None
+    eval_every = int(cfg.train.eval_every)
+    sample_every = int(cfg.train.get("sample_every", 0)) or eval_every
+    hooks = (stage.make_eval and eval_every) or (stage.make_sample and sample_every)
+    evaluate = _Evaluator(setup, cfg, workdir) if hooks else None
     bar = mlib.Progress(total, start, enabled=primary)
     profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
     log_every, ckpt_every = max(int(cfg.train.log_every), 1), int(cfg.train.ckpt_every)
-    eval_every = int(cfg.train.eval_every)
 
     # ------------------------------------------------------------------ loop
     last: dict[str, float] = {}
@@ -194,9 +209,11 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
             row = {}
             if step % log_every == 0 or step == total:
                 row = last = {**scalars, **meter.read()}
-            if eval_every and evaluate is not None and step % eval_every == 0:
+            if evaluate is not None and eval_every and step % eval_every == 0:
                 evals = evaluate(state, step)
                 row, last = {**row, **evals}, {**last, **evals}
+            if evaluate is not None and sample_every and step % sample_every == 0:
+                evaluate.sample(state, step)
             if row:
                 writer.write(step, row)
             stop = preempt.flag if pc == 1 else ckpt.reached_preemption(step)

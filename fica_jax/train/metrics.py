@@ -106,20 +106,27 @@ class Throughput:
 
 
 class Progress:
-    """A tqdm bar on an interactive terminal (process 0), nothing otherwise."""
+    """A tqdm bar on an interactive terminal (process 0); otherwise, with `log_every`, one
+    `label: n/total` line every `log_every` items (so a batch job's log shows progress)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self._bar = None
+    def __init__(self, total: int, initial: int, enabled: bool, label: str = "", log_every: int = 0):
+        self._bar, self._n, self.total = None, initial, total
+        self.label, self.log_every = label, log_every if enabled else 0
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc=label or None)
+            self.log_every = 0
 
     def update(self, n: int = 1, **postfix) -> None:
+        self._n += n
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()})
+        elif self.log_every and (self._n % self.log_every < n or self._n == self.total):
+            extra = " ".join(f"{k}={v:.4g}" for k, v in postfix.items())
+            print(f"{self.label}: {self._n}/{self.total} {extra}".rstrip(), flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -1,0 +1,206 @@
+"""The DiT's latent + condition cache: records, reading, and the `dit` stage's example function.
+
+Written by `fica data cache` (`fica_jax/latent_cache.py`) with the same atomic shard writer as the
+captures (`shards.DatasetWriter`, format `fica-latent-cache`); the layout and every key are in
+`SCHEMA.md` ("Latent cache"). One record per identity:
+
+  tex_mean, tex_std  float32 [G, G, Ct]   VAE posterior of the UV texture, scaled and packed onto
+  geo_mean, geo_std  float32 [G, G, Ct]   the DiT grid (posterior std kept: training samples it)
+  control            float32 [G, G, 4 Ct] partial UV maps [rgb, mask, nrm, vtx] through the VAE
+                                          (posterior mean), one Ct-channel group per map
+  image_emb          float32 [E]          portrait embedding (source named in the metadata)
+  uv_texture uint8 [R, R, 3], uv_geometry float32 [R, R, 3], uv_mask uint8 [R, R],
+  partial_uv float16 [R, R, 10]           ground truth and the control's source maps, for
+                                          decoded held-out metrics and previews
+
+A cache may be split into `part-IIIII-of-NNNNN/` directories, one per host that built it; the
+source reads all parts. Beside the shards, `baselines.npz` holds the training split's mean UV
+texture and mean neutral geometry (the held-out baselines).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.shards import METADATA_FILE, read_metadata_file
+from data_pipelines.source import CaptureSource
+from data_pipelines.transforms import Example, Record, TransformOptions
+from fica_jax.errors import UserError
+
+FORMAT = "fica-latent-cache"
+VERSION = 1
+CONTROL_GROUPS = ("rgb", "mask", "nrm", "vtx")  # order of the `control` channel groups
+BASELINES_FILE = "baselines.npz"
+KEYS = {
+    "identity": "str",
+    "split": "str",
+    "tex_mean": "float32",
+    "tex_std": "float32",
+    "geo_mean": "float32",
+    "geo_std": "float32",
+    "control": "float32",
+    "image_emb": "float32",
+    "uv_texture": "uint8",
+    "uv_geometry": "float32",
+    "uv_mask": "uint8",
+    "partial_uv": "float16",
+}
+
+
+# ----------------------------------------------------------------------------- records
+def encode(record: dict[str, np.ndarray]) -> bytes:
+    missing = sorted(set(KEYS) - set(record))
+    if missing:
+        raise UserError(f"latent cache record: missing keys {missing}")
+    buf = io.BytesIO()
+    arrays = {
+        k: np.asarray(record[k]) if t == "str" else np.asarray(record[k], t)
+        for k, t in KEYS.items()
+    }
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode(data: bytes, where: str = "record") -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            record = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise UserError(f"{where}: corrupt or truncated record ({type(e).__name__}: {e})") from None
+    missing = sorted(set(KEYS) - set(record))
+    if missing:
+        raise UserError(f"{where}: not a latent cache record (missing {missing})")
+    return record
+
+
+def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """`DIR/metadata.json` of one cache part, checked for format and version."""
+    path = Path(data_dir) / METADATA_FILE
+    meta = read_metadata_file(path)
+    if meta.get("format") != FORMAT or meta.get("schema_version") != VERSION:
+        raise UserError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('schema_version')}, expected "
+            f"{FORMAT!r} v{VERSION}; build the cache with `fica data cache`"
+        )
+    return meta
+
+
+class _PartSource(CaptureSource):
+    read_metadata = staticmethod(read_metadata)
+    decode = staticmethod(decode)
+
+
+def part_dirs(cache_dir: str | os.PathLike) -> list[Path]:
+    """The directories holding one cache's shards: the cache itself, or all of its parts."""
+    root = Path(cache_dir)
+    if (root / METADATA_FILE).is_file():
+        return [root]
+    parts = sorted(root.glob("part-*-of-*")) if root.is_dir() else []
+    if not parts:
+        raise UserError(
+            f"{root}: no latent cache here (no metadata.json or part-*/); "
+            "build one with `fica data cache --data DIR --vae RUN --out DIR`"
+        )
+    want = int(parts[0].name.rsplit("-", 1)[1])
+    names = {p.name for p in parts if (p / METADATA_FILE).is_file()}
+    missing = [
+        f"part-{i:05d}-of-{want:05d}"
+        for i in range(want)
+        if f"part-{i:05d}-of-{want:05d}" not in names
+    ]
+    if missing:
+        raise UserError(f"{root}: cache parts {missing} are missing or unfinished")
+    return [root / f"part-{i:05d}-of-{want:05d}" for i in range(want)]
+
+
+def cache_metadata(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Metadata of a cache (part 0's, after checking that every part was built alike)."""
+    metas = [read_metadata(d) for d in part_dirs(cache_dir)]
+    same = ("vae", "dense", "control_source", "embedding", "grid", "token_channels")
+    for d, m in zip(part_dirs(cache_dir)[1:], metas[1:], strict=True):
+        for k in same:
+            if m.get(k) != metas[0].get(k):
+                raise UserError(f"{d}: {k} differs from part 0's; rebuild the cache")
+    return metas[0]
+
+
+class LatentSource:
+    """Random access over one split of a latent cache (all parts, in order)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, split: str):
+        self.cache_dir = Path(cache_dir)
+        self.parts = [_PartSource(d, split) for d in part_dirs(cache_dir)]
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __repr__(self) -> str:
+        return f"LatentSource({str(self.cache_dir)!r}, n={len(self)})"
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {self!r}")
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.parts[part][index - self._starts[part]]
+
+
+def load_baselines(cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = part_dirs(cache_dir)[0] / BASELINES_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing; rebuild the cache with `fica data cache`")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ----------------------------------------------------------------------------- examples
+def control_channels(groups: Sequence[str], token_channels: int) -> list[int]:
+    """Channel indices of the chosen control groups in a record's `control` array."""
+    bad = [g for g in groups if g not in CONTROL_GROUPS]
+    if bad or not groups:
+        raise UserError(
+            f"control maps {list(groups)}: expected a non-empty subset of {CONTROL_GROUPS}"
+        )
+    return [
+        CONTROL_GROUPS.index(g) * token_channels + c for g in groups for c in range(token_channels)
+    ]
+
+
+def latent_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
+    """DiT training example: texture/geometry latents sampled from their cached posteriors
+    (z = mean + std * eps; `augment=False` takes the mean), the control groups and embedding.
+
+    `opts.extra` carries the stage's choices: `control` (channel indices), `image_emb` (False
+    zeroes the embedding: the ablation without it), `ground_truth` (add the decoded-metric maps).
+    """
+    extra = dict(opts.extra)
+
+    def posterior(name):
+        mean, std = np.asarray(record[f"{name}_mean"]), np.asarray(record[f"{name}_std"])
+        return (
+            mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+            if opts.augment
+            else mean
+        )
+
+    emb = np.asarray(record["image_emb"], np.float32)
+    out = {
+        "tex_latent": posterior("tex").astype(np.float32),
+        "geo_latent": posterior("geo").astype(np.float32),
+        "control": np.asarray(record["control"], np.float32)[..., list(extra["control"])],
+        "image_emb": emb if extra.get("image_emb", True) else np.zeros_like(emb),
+    }
+    if extra.get("ground_truth"):
+        out["uv_texture"] = np.asarray(record["uv_texture"], np.float32) / 255.0
+        out["uv_geometry"] = np.asarray(record["uv_geometry"], np.float32)
+        out["uv_mask"] = np.asarray(record["uv_mask"], np.float32)
+        out["partial_uv"] = np.asarray(record["partial_uv"], np.float32)
+    return out

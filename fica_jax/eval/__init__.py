@@ -1,0 +1,1 @@
+"""Evaluation: image metrics with fixed, documented conventions (docs/architecture.md §8)."""

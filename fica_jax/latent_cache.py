@@ -1,0 +1,310 @@
+"""`fica data cache`: encode a capture dataset once into the DiT's latent + condition cache.
+
+For every identity (FiCA paper s.2.1-2.2): the ground-truth UV texture and geometry through the
+trained VAE encoder (posterior mean and std, scaled and packed onto the DiT grid), the partial
+UV maps [rgb, mask, nrm, vtx] through the same encoder (the ControlMLP input at latent
+resolution), and the portrait's image embedding. The partial maps are either the ground-truth
+unwrap stored in the record (`--control gt`) or the trained dense predictor's unwrap of the
+portrait (`--control dense`, the default when `--dense` is given: it is what inference sees).
+Record layout: `data_pipelines/latents.py` and SCHEMA.md ("Latent cache").
+
+The latent scale: SDXL's 0.13025 is right for SDXL's own weights (`--latent-scale vae`); a VAE
+trained here from scratch has other latent statistics, so by default (`auto`) the scale is
+1 / std of the posterior means over (up to 64) training identities, stored in the metadata and
+used to decode. Each cache records the fingerprints of the checkpoints it was built from; a
+consumer with another VAE is refused (`check_vae`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_pipelines import latents as L
+from data_pipelines.pipeline import host_slice, open_source
+from data_pipelines.shards import DatasetWriter
+from fica_jax.errors import UserError
+from fica_jax.models import layers, uv_latent
+
+BATCH = 8  # identities encoded per call
+
+
+# ----------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class VAEBundle:
+    """The VAE, how its latents sit on the DiT grid, and where it came from."""
+
+    model: Any
+    stats: uv_latent.MapStats
+    unshuffle: int
+    source: dict  # {"path", "step", "fingerprint"}
+
+
+def fingerprint(model: nnx.Module) -> str:
+    """sha256 over every parameter's path, shape and bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_vae(path: str | os.PathLike, unshuffle: int = 2) -> VAEBundle:
+    """A `vae` stage run directory, or local SDXL weights (diffusers dir / .safetensors)."""
+    from fica_jax.train.checkpoint import load_model, load_run_config
+
+    p = pathlib.Path(path)
+    if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+        cfg = load_run_config(p)
+        if cfg.stage != "vae":
+            raise UserError(f"--vae {path}: run of stage {cfg.stage!r}, expected a `vae` run")
+        step, model = load_model(cfg, p)
+        stats = uv_latent.MapStats(
+            tuple(cfg.model.position_center), tuple(cfg.model.position_extent)
+        )
+    else:
+        from fica_jax.models.vae_import import from_pretrained
+
+        model, step, stats = from_pretrained(p), None, None
+    return VAEBundle(
+        model,
+        stats,
+        unshuffle,
+        {"path": str(p.resolve()), "step": step, "fingerprint": fingerprint(model)},
+    )
+
+
+def check_vae(meta: dict, vae: VAEBundle, where: str) -> None:
+    """One line refusing a cache built with another VAE checkpoint than `vae`."""
+    built = meta["vae"]
+    if built["fingerprint"] != vae.source["fingerprint"]:
+        raise UserError(
+            f"{where}: the latent cache was built with VAE {built['path']} (step {built['step']}, "
+            f"fingerprint {built['fingerprint']}), not {vae.source['path']} (step "
+            f"{vae.source['step']}, fingerprint {vae.source['fingerprint']}); rebuild the cache"
+        )
+
+
+def with_scale(vae: VAEBundle, scale: float) -> VAEBundle:
+    """The bundle with the VAE's latent scaling set to `scale` (what the cache stores)."""
+    vae.model.cfg = dataclasses.replace(vae.model.cfg, scaling_factor=float(scale))
+    return vae
+
+
+# ----------------------------------------------------------------------------- encoding
+@nnx.jit(static_argnums=(2,))
+def _posterior(vae, x, unshuffle):
+    """x [B, R, R, 3] in [-1, 1] -> scaled, packed posterior (mean, std) on the DiT grid."""
+    post, c = vae.encode(x), vae.cfg
+    pack = lambda z: layers.pixel_unshuffle(z, unshuffle)
+    return pack((post.mean - c.shift_factor) * c.scaling_factor), pack(post.std * c.scaling_factor)
+
+
+def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Records' UV maps -> tex/geo posteriors and the 4-group control latents (numpy)."""
+    s, m = vae.stats, batch["uv_mask"]
+    tex = uv_latent.normalize_map("texture", batch["uv_texture"], s, m)
+    geo = uv_latent.normalize_map("position", batch["uv_geometry"], s, m)
+    part = np.asarray(batch["partial_uv"], np.float32)
+    seen = part[..., 3]
+    ctrl = [
+        uv_latent.normalize_map("texture", part[..., 0:3], s, seen),
+        np.repeat(uv_latent.normalize_map("mask", part[..., 3:4], s), 3, axis=-1),
+        uv_latent.normalize_map("normal", part[..., 4:7], s, seen),
+        uv_latent.normalize_map("position", part[..., 7:10], s, seen),
+    ]
+    b = tex.shape[0]
+    mean, std = (
+        np.asarray(a)
+        for a in _posterior(
+            vae.model, jnp.asarray(np.concatenate([tex, geo, *ctrl])), vae.unshuffle
+        )
+    )
+    control = np.concatenate([mean[(2 + i) * b : (3 + i) * b] for i in range(4)], axis=-1)
+    return {
+        "tex_mean": mean[:b],
+        "tex_std": std[:b],
+        "geo_mean": mean[b : 2 * b],
+        "geo_std": std[b : 2 * b],
+        "control": control,
+    }
+
+
+def _scale_from_data(vae: VAEBundle, src, n: int) -> float:
+    vae = with_scale(vae, 1.0)
+    rec = [src[i] for i in range(min(n, len(src)))]
+    out = encode_maps(vae, _stack(rec))
+    z = np.concatenate([out["tex_mean"], out["geo_mean"]])
+    return float(1.0 / max(z.std(), 1e-6))
+
+
+def _stack(records: list[dict]) -> dict[str, np.ndarray]:
+    keys = ("uv_texture", "uv_geometry", "uv_mask", "partial_uv", "view_image")
+    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
+
+
+# ----------------------------------------------------------------------------- the command
+def build_cache(
+    data_dir: str | os.PathLike,
+    vae_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dense_run: str | os.PathLike | None = None,
+    clip_path: str | os.PathLike | None = None,
+    control: str | None = None,
+    unshuffle: int = 2,
+    latent_scale: str = "auto",
+    process_index: int = 0,
+    process_count: int = 1,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes the cache (this host's part when process_count > 1); returns its directory."""
+    from fica_jax import conditioning
+    from fica_jax.train.checkpoint import load_model, load_run_config
+    from fica_jax.train.metrics import Progress
+
+    control = control or ("dense" if dense_run else "gt")
+    if control not in ("gt", "dense") or (control == "dense" and not dense_run):
+        raise UserError(
+            f"--control {control!r}: expected 'gt', or 'dense' together with --dense RUN"
+        )
+    out = pathlib.Path(out)
+    target = out if process_count == 1 else out / f"part-{process_index:05d}-of-{process_count:05d}"
+    vae = load_vae(vae_path, unshuffle)
+    dense = None
+    if dense_run:
+        dcfg = load_run_config(dense_run)
+        step, model = load_model(dcfg, dense_run)
+        dense = (
+            dcfg,
+            model,
+            {
+                "path": str(pathlib.Path(dense_run).resolve()),
+                "step": step,
+                "fingerprint": fingerprint(model),
+            },
+        )
+    clip = None
+    if clip_path:
+        from fica_jax.models.clip import from_pretrained as clip_from_pretrained
+
+        clip = clip_from_pretrained(clip_path)
+    if (target / "metadata.json").is_file() and not overwrite:
+        meta = L.read_metadata(target)
+        check_vae(meta, vae, str(target))
+        if meta.get("dense") != (dense[2] if dense else None) or meta["control_source"] != control:
+            raise UserError(
+                f"{target}: cache built from other conditioning (dense {meta.get('dense')}, control {meta['control_source']}); pass --overwrite to rebuild"
+            )
+        print(f"{target}: up to date (VAE fingerprint {meta['vae']['fingerprint']})")
+        return target
+
+    train = open_source(data_dir, "train")
+    if vae.stats is None:  # SDXL weights: position statistics from the training geometry
+        geo = np.stack([train[i]["uv_geometry"] for i in range(min(64, len(train)))])
+        msk = np.stack([train[i]["uv_mask"] for i in range(min(64, len(train)))])
+        vae.stats = uv_latent.MapStats.from_positions(geo, msk)
+    scale = (
+        vae.model.cfg.scaling_factor if latent_scale == "vae" else _scale_from_data(vae, train, 64)
+    )
+    vae = with_scale(vae, scale)
+    sources = {split: open_source(data_dir, split) for split in ("train", "test")}
+    todo = [
+        (split, i)
+        for split, src in sources.items()
+        for i in range(len(src))[host_slice(len(src), process_index, process_count)]
+    ]
+    embedding = "clip" if clip is not None else ("dense-vit-pooled" if dense else "none")
+    info = {
+        "vae": vae.source,
+        "dense": dense[2] if dense else None,
+        "control_source": control,
+        "embedding": embedding,
+        "control_groups": list(L.CONTROL_GROUPS),
+        "latent_scale": scale,
+        "map_stats": vae.stats.to_dict(),
+        "unshuffle": unshuffle,
+        "data": str(pathlib.Path(data_dir).resolve()),
+    }
+    bar = Progress(len(todo), 0, True, label="cache", log_every=max(1, len(todo) // 10))
+    with DatasetWriter(
+        target, overwrite=overwrite, kind=L.FORMAT, version=L.VERSION, info=info
+    ) as w:
+        for k in range(0, len(todo), BATCH):
+            chunk = todo[k : k + BATCH]
+            recs = [sources[s][i] for s, i in chunk]
+            batch = _stack(recs)
+            if control == "dense" or embedding != "none":
+                dcfg, dmodel, _ = dense if dense else (None, None, None)
+                size = int(dcfg.data.image_size) if dcfg else batch["view_image"].shape[2]
+                img = jax.image.resize(
+                    jnp.asarray(batch["view_image"][:, 0], jnp.float32) / 255.0,
+                    (len(recs), size, size, 3),
+                    "bilinear",
+                )
+                if dense:
+                    cond = conditioning.condition(img, dmodel, batch["uv_texture"].shape[1], clip)
+                    emb = np.asarray(cond.image_emb, np.float32)
+                    if control == "dense":
+                        batch["partial_uv"] = np.asarray(cond.partial_uv, np.float32)
+                else:
+                    emb = np.asarray(conditioning.embed_clip(img, clip), np.float32)
+            else:
+                emb = np.zeros((len(recs), 1), np.float32)
+            enc = encode_maps(vae, batch)
+            for j, rec in enumerate(recs):
+                row = {k2: v[j] for k2, v in enc.items()}
+                row.update(
+                    identity=rec["identity"],
+                    split=rec["split"],
+                    image_emb=emb[j],
+                    uv_texture=rec["uv_texture"],
+                    uv_geometry=rec["uv_geometry"],
+                    uv_mask=rec["uv_mask"],
+                    partial_uv=batch["partial_uv"][j],
+                )
+                dims = {
+                    "grid": int(row["tex_mean"].shape[0]),
+                    "token_channels": int(row["tex_mean"].shape[-1]),
+                    "image_emb_dim": int(emb.shape[-1]),
+                    "uv_resolution": int(rec["uv_texture"].shape[0]),
+                }
+                w.add_encoded(
+                    str(rec["split"]),
+                    dims,
+                    L.encode(row),
+                    str(rec["identity"]),
+                    f"{data_dir} {rec['identity']}",
+                )
+            bar.update(len(recs))
+        w.write_file(L.BASELINES_FILE, _baselines(train))
+    bar.close()
+    return target
+
+
+def _baselines(train) -> bytes:
+    """npz of the training split's mean UV texture [0, 1] and mean neutral geometry."""
+    tex = np.zeros(np.asarray(train[0]["uv_texture"]).shape, np.float64)
+    geo = np.zeros(np.asarray(train[0]["uv_geometry"]).shape, np.float64)
+    for i in range(len(train)):
+        r = train[i]
+        tex += np.asarray(r["uv_texture"], np.float64) / 255.0
+        geo += np.asarray(r["uv_geometry"], np.float64)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        mean_texture=(tex / len(train)).astype(np.float32),
+        mean_geometry=(geo / len(train)).astype(np.float32),
+    )
+    return buf.getvalue()

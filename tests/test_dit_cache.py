@@ -1,0 +1,251 @@
+"""The DiT on real conditioning: latent cache -> `fica train dit` -> `fica sample`, and the
+sampler's contract (both domains from one noise, determinism, CFG scale 1 = unguided)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines.latents import LatentSource, cache_metadata
+from fica_jax import flow, sample
+from fica_jax.cli import main
+from fica_jax.models import dit
+
+VAE_ARGS = [
+    "--config.data.uv_resolution=32",
+    "--config.data.batch_size=2",
+    "--config.train.log_every=1",
+]
+DIT_ARGS = [
+    "--config.model.latent_size=4",
+    "--config.model.use_image_emb=false",
+    "--config.data.batch_size=2",
+    "--config.train.log_every=1",
+    "--config.model.eval_steps=2",
+]
+
+
+def _vae_run(synth_dir, workdir, seed):
+    argv = [
+        "train",
+        "vae",
+        "--config",
+        "vae:tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.data.dir={synth_dir}",
+    ]
+    assert main([*argv, *VAE_ARGS, "--config.train.steps=1", f"--config.seed={seed}"]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cache(synth_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit_cache")
+    vae = _vae_run(synth_dir, root / "vae", seed=0)
+    out = root / "cache"
+    assert (
+        main(
+            [
+                "data",
+                "cache",
+                "--data",
+                str(synth_dir),
+                "--vae",
+                str(vae),
+                "--out",
+                str(out),
+                "--unshuffle",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return root, vae, out
+
+
+def test_cache_records_and_metadata(cache, synth_dir):
+    _, vae, out = cache
+    meta = cache_metadata(out)
+    assert meta["control_source"] == "gt" and meta["embedding"] == "none"
+    assert (meta["grid"], meta["token_channels"], meta["unshuffle"]) == (4, 4, 1)
+    assert meta["vae"]["step"] == 1 and len(meta["vae"]["fingerprint"]) == 16
+    train, test = LatentSource(out, "train"), LatentSource(out, "test")
+    assert (len(train), len(test)) == (8, 1)
+    rec = train[0]
+    assert rec["tex_mean"].shape == (4, 4, 4) and (rec["tex_std"] > 0).all()
+    assert rec["control"].shape == (4, 4, 16) and rec["uv_texture"].shape == (32, 32, 3)
+    # the latent scale makes the cached latents roughly unit-variance
+    z = np.concatenate(
+        [train[i]["tex_mean"] for i in range(8)] + [train[i]["geo_mean"] for i in range(8)]
+    )
+    assert 0.5 < z.std() < 2.0
+
+
+def test_cache_from_another_vae_is_refused(cache, synth_dir, tmp_path, capsys):
+    root, _, out = cache
+    other = _vae_run(synth_dir, root / "vae_other", seed=1)
+    capsys.readouterr()
+    # rebuilding the same cache from another VAE checkpoint
+    assert (
+        main(
+            [
+                "data",
+                "cache",
+                "--data",
+                str(synth_dir),
+                "--vae",
+                str(other),
+                "--out",
+                str(out),
+                "--unshuffle",
+                "1",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "built with VAE" in err and "rebuild" in err
+    # training a DiT that decodes with another VAE than the cache's
+    argv = [
+        "train",
+        "dit",
+        "--config",
+        "dit:tiny",
+        "--workdir",
+        str(tmp_path),
+        f"--config.data.dir={out}",
+    ]
+    assert (
+        main(
+            [
+                *argv,
+                *DIT_ARGS,
+                f"--config.model.vae={other}",
+                "--config.train.eval_every=1",
+                "--config.train.steps=1",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "built with VAE" in err
+
+
+def test_train_then_sample_held_out(cache, tmp_path):
+    _, _, out = cache
+    run = tmp_path / "dit"
+    argv = [
+        "train",
+        "dit",
+        "--config",
+        "dit:tiny",
+        "--workdir",
+        str(run),
+        f"--config.data.dir={out}",
+    ]
+    assert main([*argv, *DIT_ARGS, "--config.train.steps=2", "--config.train.eval_every=2"]) == 0
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    for k in (
+        "texture_psnr",
+        "baseline_texture_psnr",
+        "texture_ssim",
+        "geometry_l1_mm",
+        "baseline_geometry_l1_mm",
+        "vae_texture_psnr",
+    ):
+        assert np.isfinite(last[f"eval/{k}"]), k
+    assert (run / "samples" / "step_0000002.png").is_file()
+    res_dir = tmp_path / "samples"
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--data",
+                str(out),
+                "--out",
+                str(res_dir),
+                "--steps",
+                "3",
+                "--cfg",
+                "2.0",
+            ]
+        )
+        == 0
+    )
+    res = json.loads((res_dir / "metrics.json").read_text())
+    assert res["identities"] == 1 and res["steps"] == 3 and np.isfinite(res["texture_psnr"])
+    name = LatentSource(out, "test")[0]["identity"]
+    tex = np.load(res_dir / "maps" / f"{name}_texture.npy")
+    assert tex.shape == (32, 32, 3) and 0 <= tex.min() and tex.max() <= 1
+    assert (res_dir / "sample_000.png").is_file()
+
+
+# ----------------------------------------------------------------------------- sampler
+TINY = dit.DiTConfig(
+    width=32, depth=2, heads=4, in_channels=4, image_emb_dim=8, control_channels=8, grid=4
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = dit.DiT(TINY, rngs=nnx.Rngs(0))
+    state = nnx.state(m, nnx.Param)
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 10_000))
+    nnx.update(m, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), state))
+    return m
+
+
+def _conds(b=2):
+    r = np.random.RandomState(1)
+    return jnp.asarray(r.randn(b, 8, 8, 8).astype("f4")), jnp.asarray(r.randn(b, 8).astype("f4"))
+
+
+def _one_domain(model, control, emb, noise, domain, steps, scale, drop_all=None):
+    """One domain's Euler sample, written out independently of `sample.generate`."""
+    d = jnp.full((noise.shape[0],), domain, jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def v(x, t, drop, st):
+        k = x.shape[0] // noise.shape[0]
+        rep = lambda a: jnp.concatenate([a] * k)
+        drop = drop if drop_all is None else jnp.full_like(drop, drop_all)
+        return nnx.merge(graphdef, st)(x, t, rep(emb), rep(d), rep(control), drop)
+
+    return flow.euler_sample(v, noise, steps=steps, cfg_scale=scale, state=state)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_both_domains_from_one_noise_differ_only_by_the_domain_token(model, scale):
+    control, emb = _conds()
+    key = jax.random.PRNGKey(7)
+    tex, geo = sample.generate(model, control, emb, key, steps=4, cfg_scale=scale)
+    noise = jax.random.normal(key, (2, 8, 8, 4))
+    np.testing.assert_allclose(tex, _one_domain(model, control, emb, noise, 0, 4, scale), atol=1e-5)
+    np.testing.assert_allclose(geo, _one_domain(model, control, emb, noise, 1, 4, scale), atol=1e-5)
+    assert float(jnp.abs(tex - geo).max()) > 1e-3
+    # with the two domain embeddings made equal, the two samples are identical
+    same = nnx.clone(model)
+    same.domain_embed.embedding[...] = jnp.stack([model.domain_embed.embedding[0]] * 2)
+    t2, g2 = sample.generate(same, control, emb, key, steps=4, cfg_scale=scale)
+    np.testing.assert_allclose(t2, g2, atol=1e-6)
+
+
+def test_sampling_is_deterministic_and_cfg_one_is_unguided(model):
+    control, emb = _conds()
+    key = jax.random.PRNGKey(3)
+    a = sample.generate(model, control, emb, key, steps=3)
+    b = sample.generate(model, control, emb, key, steps=3)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    c = sample.generate(model, control, emb, jax.random.PRNGKey(4), steps=3)
+    assert float(jnp.abs(a[0] - c[0]).max()) > 1e-3
+    # CFG scale 1 is the plain conditional model: never evaluates the dropped branch
+    noise = jax.random.normal(key, (2, 8, 8, 4))
+    plain = _one_domain(model, control, emb, noise, 0, 3, 1.0, drop_all=False)
+    np.testing.assert_allclose(a[0], plain, atol=1e-5)
