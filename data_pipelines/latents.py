@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import io
 import os
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipelines import schema
 from data_pipelines.shards import METADATA_FILE, read_metadata_file
 from data_pipelines.source import CaptureSource
 from data_pipelines.transforms import Example, Record, TransformOptions
@@ -69,11 +69,7 @@ def encode(record: dict[str, np.ndarray]) -> bytes:
 
 
 def decode(data: bytes, where: str = "record") -> dict[str, np.ndarray]:
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            record = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise UserError(f"{where}: corrupt or truncated record ({type(e).__name__}: {e})") from None
+    record = schema.load_npz(data, where)
     missing = sorted(set(KEYS) - set(record))
     if missing:
         raise UserError(f"{where}: not a latent cache record (missing {missing})")

@@ -16,6 +16,7 @@ coordinates; all are zero outside the mask.
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,12 +137,24 @@ def encode(record: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes, where: str = "record") -> dict[str, np.ndarray]:
-    """Parses bytes from a shard; corrupt or truncated data is a UserError naming `where`."""
+# numpy parses each array header with `ast.literal_eval`; CPython 3.11's AST validator keeps a
+# process-wide recursion counter, and Grain's reader threads parsing headers at the same time
+# crash it ("SystemError: AST constructor recursion depth mismatch"). One lock serialises the
+# (cheap) header parsing; the array bytes are copied outside any Python-level work.
+_NPZ_LOCK = threading.Lock()
+
+
+def load_npz(data: bytes, where: str = "record") -> dict[str, np.ndarray]:
+    """npz bytes (no pickle) -> arrays; corrupt or truncated data is a UserError naming `where`."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            record = {k: z[k] for k in z.files}
+        with _NPZ_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise UserError(f"{where}: corrupt or truncated record ({type(e).__name__}: {e})") from None
+
+
+def decode(data: bytes, where: str = "record") -> dict[str, np.ndarray]:
+    """Parses bytes from a shard into a validated record (`load_npz`, then `validate`)."""
+    record = load_npz(data, where)
     validate(record, where)
     return record

@@ -84,6 +84,27 @@ def decode(
     return texture, geometry
 
 
+def sample_maps(
+    model,
+    vae,
+    stats,
+    unshuffle: int,
+    batch,
+    rng,
+    *,
+    steps: int,
+    cfg_scale: float,
+    shift: float,
+    jit: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Generated (texture, geometry) maps for a batch's conditions: `generate` + `decode`.
+    `jit=False` from inside another jit (the stage's eval step)."""
+    gen = generate if jit else sample_latents
+    kw = dict(steps=steps, cfg_scale=cfg_scale, shift=shift)
+    tex, geo = gen(model, batch["control"], batch["image_emb"], rng, **kw)
+    return decode(vae, stats, unshuffle, tex, geo, batch["uv_mask"], jit=jit)
+
+
 # ----------------------------------------------------------------------------- metrics
 def uv_metrics(
     texture, geometry, batch, baselines: dict[str, Any], unit_mm: float = 1000.0
@@ -192,16 +213,9 @@ def sample_run(
     names = [str(r) for r in ctx.identities(split)]
     for k, batch in enumerate(dit_stage.held_out_batches(cfg, split)):
         batch = {key: jnp.asarray(v) for key, v in batch.items()}
-        tex, geo = generate(
-            model,
-            batch["control"],
-            batch["image_emb"],
-            jax.random.fold_in(rng, k),
-            steps=steps,
-            cfg_scale=scale,
-            shift=float(cfg.model.t_shift),
-        )
-        texture, geometry = decode(ctx.vae, ctx.stats, ctx.unshuffle, tex, geo, batch["uv_mask"])
+        key = jax.random.fold_in(rng, k)
+        kw = dict(steps=steps, cfg_scale=scale, shift=float(cfg.model.t_shift))
+        texture, geometry = sample_maps(model, ctx.vae, ctx.stats, ctx.unshuffle, batch, key, **kw)
         b = texture.shape[0]
         for key, v in uv_metrics(texture, geometry, batch, ctx.baselines).items():
             totals[key] = totals.get(key, 0.0) + float(v) * b

@@ -176,7 +176,8 @@ def test_remat_same_values_and_grads(trained_like, remat):
     a = inputs()
     cfg = dataclasses.replace(trained_like.cfg, remat=remat)
     rem = nnx.merge(nnx.graphdef(dit.DiT(cfg, rngs=nnx.Rngs(0))), state)
-    jaxpr = str(jax.make_jaxpr(lambda: rem(**a))())
+    gd, st = nnx.split(rem)  # nnx transforms refuse modules closed over from an outer trace
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(gd, s)(**a))(st))
     assert "remat" in jaxpr  # the blocks really run under jax.checkpoint
     assert "attn_out" in jaxpr and "mlp_out" in jaxpr  # the tags name-based policies keep
 
@@ -301,3 +302,22 @@ def test_train_steps_reduce_loss(tiny_cfg):
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0]
     _, aux = step(model, opt)
     assert set(aux) >= {"loss_texture", "loss_geometry", "drop_frac"}
+
+
+def test_ablation_switches_pick_control_groups_and_embedding(tiny_cfg):
+    """The paper's ablations from one cache: RGB-only control, and no image embedding."""
+    from fica_jax.config import apply_overrides
+
+    cfg = tiny_cfg.copy_and_resolve_references()
+    apply_overrides(
+        cfg, ["--config.model.control_maps=('rgb', 'mask')", "--config.model.use_image_emb=false"]
+    )
+    stage = get_stage("dit")
+    batch = next(iter(stage.make_data(cfg, "train", 0, 1)))
+    full = next(iter(stage.make_data(tiny_cfg, "train", 0, 1)))
+    c = cfg.model.latent_channels
+    assert batch["control"].shape[-1] == 2 * c and full["control"].shape[-1] == 4 * c
+    np.testing.assert_array_equal(batch["control"], full["control"][..., : 2 * c])
+    assert not batch["image_emb"].any() and full["image_emb"].any()
+    assert stage.batch_spec(cfg)["control"].shape[-1] == 2 * c
+    assert dit_stage.dit_config(cfg).control_channels == 2 * c

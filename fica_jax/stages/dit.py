@@ -45,7 +45,7 @@ from fica_jax import config, flow
 from fica_jax.errors import UserError
 from fica_jax.models import uv_latent
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
-from fica_jax.sample import decode, generate, preview_rows, sample_latents, uv_metrics, write_sheet
+from fica_jax.sample import decode, preview_rows, sample_maps, uv_metrics, write_sheet
 from fica_jax.train.stage import Stage
 
 
@@ -141,18 +141,8 @@ def make_eval(cfg: ml_collections.ConfigDict):
         out = {"loss": loss, **out}
         if ctx is not None:
             vae = nnx.merge(vae_def, vae_state)
-            tex, geo = sample_latents(
-                model,
-                batch["control"],
-                batch["image_emb"],
-                rng,
-                steps=steps,
-                cfg_scale=scale,
-                shift=shift,
-            )
-            texture, geometry = decode(
-                vae, ctx.stats, ctx.unshuffle, tex, geo, batch["uv_mask"], jit=False
-            )
+            kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
+            texture, geometry = sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
             out.update(uv_metrics(texture, geometry, batch, ctx.baselines))
             # What the VAE alone keeps of the ground truth (the ceiling for any sample).
             recon, _ = decode(
@@ -184,16 +174,8 @@ def make_sample(cfg: ml_collections.ConfigDict):
     )
 
     def sample_fn(model: DiT, batch, rng, workdir, step: int) -> None:
-        tex, geo = generate(
-            model,
-            batch["control"],
-            batch["image_emb"],
-            rng,
-            steps=steps,
-            cfg_scale=scale,
-            shift=shift,
-        )
-        texture, geometry = decode(ctx.vae, ctx.stats, ctx.unshuffle, tex, geo, batch["uv_mask"])
+        kw = dict(steps=steps, cfg_scale=scale, shift=shift)
+        texture, geometry = sample_maps(model, ctx.vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
         batch, texture, geometry = jax.device_get((batch, texture, geometry))
         sheet = write_sheet(
             preview_rows(batch, texture, geometry),
