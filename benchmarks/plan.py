@@ -5,7 +5,8 @@
 
 Each writes `benchmarks/results/plan_NAME.json` (the `fica plan` report plus the command that made
 it). Nothing here runs on an accelerator: the devices are fake CPU devices, the numbers are the
-compiler's memory analysis, HLO-counted FLOPs and collective bytes, and a roofline (docs/architecture.md §9-§10).
+compiler's memory analysis, HLO-counted hardware and model FLOPs, collective bytes, and a roofline
+with MaxText-convention MFU (docs/architecture.md §9-§10).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PLANS = {
     "toy_wide_64": ("configs/toy.py:wide", "data=8,fsdp=8", ["--config.data.batch_size=128"]),
     "dit_paper_64": ("configs/dit.py:paper", "data=8,fsdp=8", []),
     "dit_paper_64_fullfsdp": ("configs/dit.py:paper", "data=1,fsdp=64", []),
+    "dit_paper1024_16": ("configs/dit.py:paper1024", "data=1,fsdp=16", []),
 }
 
 
@@ -48,11 +50,16 @@ def main() -> int:
         report["wall_s"] = time.perf_counter() - t0
         out = REPO / "benchmarks" / "results" / f"plan_{name}.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
+        v5p = report["roofline"].get("v5p", {})
         summary = {
             "params": report["param_count"],
             "peak_bytes_per_device": report["per_device_bytes"]["peak_estimate"],
-            "flops_per_device": report["flops"]["per_device_per_step"],
-            "v5p_step_s": report["roofline"].get("v5p", {}).get("step_s"),
+            "hardware_flops_per_device": report["flops"]["hardware_per_device_per_step"],
+            "model_flops_per_device": report["flops"]["model_per_device_per_step"],
+            "collective_bytes_per_device": report["collective_bytes_per_device"]["total"],
+            "v5p_step_s": v5p.get("step_s"),
+            "v5p_mfu": v5p.get("mfu"),
+            "v5p_mfu_no_overlap": v5p.get("mfu_no_overlap"),
         }
         print(json.dumps({name: summary}))
     return 0

@@ -7,6 +7,7 @@ Regenerate a golden file after an intended layout change (and review the diff):
       --out tests/golden/sharding_toy_wide.json
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -28,10 +29,49 @@ GOLDEN = {  # name: (config, golden file); a config not yet in the repo is skipp
 }
 
 
-def _toy_dot_flops_per_example(din=16, width=32, depth=2, dout=8) -> int:
-    """Forward + weight grads + input grads (none for the data input), no remat."""
-    fwd = 2 * (din * width + depth * 2 * (width * 2 * width) + width * dout)
-    return 3 * fwd - 2 * din * width
+def _toy_forward_flops_per_example(din=16, width=32, depth=2, dout=8) -> int:
+    return 2 * (din * width + depth * 2 * (width * 2 * width) + width * dout)
+
+
+def _toy_dot_flops_per_example(din=16, width=32, depth=2, dout=8, remat="none") -> int:
+    """Forward + weight grads + input grads (none for the data input); remat "full" recomputes
+    each block's first MLP matmul in the backward pass (the second one's output is not needed
+    there, so XLA drops its recomputation)."""
+    fwd = _toy_forward_flops_per_example(din, width, depth, dout)
+    recompute = depth * 2 * (width * 2 * width) if remat == "full" else 0
+    return 3 * fwd - 2 * din * width + recompute
+
+
+def _same_taps(size: int, kernel: int, stride: int) -> int:
+    """(output, tap) pairs of a 'SAME' conv along one dim that read a real (unpadded) input."""
+    out = -(-size // stride)
+    lo = max((out - 1) * stride + kernel - size, 0) // 2
+    return sum(0 <= o * stride + t - lo < size for o in range(out) for t in range(kernel))
+
+
+def _dit_forward_flops(c, batch: int, side: int) -> int:
+    """Dot/conv FLOPs of one forward of `fica_jax/models/dit.py`'s DiT, derived from the code:
+    `batch` sequences of a `side` x `side` latent, DiTConfig `c` (docs/architecture.md §2)."""
+    d, p, hid, cin = c.width, c.patch, int(c.width * c.mlp_ratio), c.in_channels
+    n = (side // p) ** 2  # tokens
+    lin = lambda rows, din, dout: 2 * rows * din * dout  # a Linear on `rows` rows
+    f = lin(batch * n, p * p * cin, d)  # patch_embed
+    f += lin(batch, c.freq_dim, d) + lin(batch, d, d)  # t_embed (per sample)
+    f += lin(batch, c.image_emb_dim, d)  # image_proj; domain_embed is a gather
+    block = lin(batch, d, 6 * d)  # adaLN modulation (per sample)
+    block += 4 * lin(batch * n, d, d)  # q, k, v, out
+    block += 2 * (2 * batch * n * n * d)  # q.k^T and probs.v over all heads
+    block += lin(batch * n, d, hid) + lin(batch * n, hid, d)  # MLP
+    if c.control_channels:
+        f += lin(batch, c.freq_dim, d) + lin(batch, d, d)  # control_t_embed
+        k = max(3, p)  # ControlMLP: conv3x3 Cc -> D, conv k/stride p D -> 2D, conv1x1 2D -> D
+        f += 2 * batch * c.control_channels * d * _same_taps(side, 3, 1) ** 2
+        f += 2 * batch * d * 2 * d * _same_taps(side, k, p) ** 2
+        f += lin(batch * n, 2 * d, d)
+        block += lin(batch, d, 2 * d) + lin(batch * n, d, d)  # ZeroControl mod (per sample), proj
+    f += c.depth * block
+    f += lin(batch, d, 2 * d) + lin(batch * n, d, p * p * cin)  # final adaLN + linear
+    return f
 
 
 def test_fica_plan_toy_json(tmp_path, capsys):
@@ -49,9 +89,103 @@ def test_fica_plan_toy_json(tmp_path, capsys):
     f = report["flops"]
     assert f["while_trip_counts"] == [2, 2]  # scanned blocks forward and backward
     assert f["per_device_per_step"] == _toy_dot_flops_per_example() * 16 / 8
-    assert report["collective_bytes_per_device"]["total"] > 0
+    assert f["hardware_per_device_per_step"] == f["per_device_per_step"]
+    assert f["model_global_per_step"] == 3 * _toy_forward_flops_per_example() * 16
+    c = report["collective_bytes_per_device"]
+    assert c["total"] > 0 and "reduce-scatter" in c  # grads reduced onto fsdp shards
+    assert c["total"] < c["cpu_compiled"]["total"]  # all-reduce + slice counted as one RS
     assert set(report["roofline"]) == {"v5p", "v6e", "a100", "h100"}
-    assert 0 < report["roofline"]["v5p"]["mfu"] <= 1
+    _check_mfu_is_model_flops(report)
+
+
+def _check_mfu_is_model_flops(report):
+    """MaxText MFU: model FLOPs / (peak x predicted step time), overlapped and serial."""
+    from fica_jax.train.chips import CHIPS
+
+    model = report["flops"]["model_per_device_per_step"]
+    hw = report["flops"]["hardware_per_device_per_step"]
+    for chip, r in report["roofline"].items():
+        peak = CHIPS[chip].peak_flops
+        assert r["step_s"] == max(r["compute_s"], r["collective_s"])
+        assert r["step_s_no_overlap"] == pytest.approx(r["compute_s"] + r["collective_s"])
+        assert r["compute_s"] == pytest.approx(hw / peak)
+        assert r["mfu"] == pytest.approx(model / (peak * r["step_s"]))
+        assert r["mfu_no_overlap"] == pytest.approx(model / (peak * r["step_s_no_overlap"]))
+        assert r["hfu"] == pytest.approx(hw / (peak * r["step_s"]))
+        assert 0 < r["mfu_no_overlap"] <= r["mfu"]
+
+
+def test_fica_plan_mfu_excludes_remat_recompute():
+    """With remat=full the hardware runs the blocks' forward twice; model FLOPs (and so MFU) do
+    not count it: hardware/model > 1, and MFU < 1 even where the step is compute-bound."""
+    report = plan.plan_in_subprocess(
+        "configs/toy.py", "data=2,fsdp=4", "v5p", ["--config.train.remat=full"]
+    )
+    f = report["flops"]
+    assert f["hardware_per_device_per_step"] == _toy_dot_flops_per_example(remat="full") * 2
+    assert f["model_per_device_per_step"] == 3 * _toy_forward_flops_per_example() * 2
+    assert f["hardware_over_model"] > 1.1
+    _check_mfu_is_model_flops(report)
+    r = report["roofline"]["v5p"]
+    assert r["mfu"] < r["hfu"]
+    compute_bound = plan.roofline(
+        f["hardware_per_device_per_step"], f["model_per_device_per_step"], 0.0, 0.0, ["v5p"]
+    )["v5p"]
+    assert compute_bound["hfu"] == 1.0
+    assert compute_bound["mfu"] == pytest.approx(1 / f["hardware_over_model"]) and (
+        compute_bound["mfu"] < 1
+    )
+
+
+def test_model_flops_match_analytic_dit():
+    """`plan.model_flops` (3 x the HLO-counted forward, remat off) against a hand count of the
+    DiT's matmuls, convs and attention: the bare model, and the `dit` stage's two-domain loss
+    (texture and geometry rows in one call: 2 x batch sequences)."""
+    from fica_jax.models import dit
+    from fica_jax.stages.dit import dit_config
+
+    side, batch = 8, 4
+    for cfg_dit in (dit.VARIANTS["tiny"], dataclasses.replace(dit.VARIANTS["tiny"], patch=4)):
+        probe = _dit_probe_stage(cfg_dit, batch, side)
+        cfg = load_config("configs/toy.py", ["--config.train.remat=full"])
+        assert plan.model_flops(cfg, probe) == 3 * _dit_forward_flops(cfg_dit, batch, side)
+
+    cfg = load_config("configs/dit.py:tiny", ["--config.train.remat=full"])
+    m = cfg.model
+    want = 3 * _dit_forward_flops(dit_config(cfg), 2 * cfg.data.batch_size, m.latent_size)
+    assert plan.model_flops(cfg, get_stage("dit")) == want
+
+
+def _dit_probe_stage(c, batch: int, side: int):
+    """A stage whose loss is one plain DiT forward (mean square of the velocity)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fica_jax.models import dit
+    from fica_jax.train.stage import Stage
+
+    def make_model(cfg, rngs):
+        return dit.DiT(dataclasses.replace(c, remat=cfg.train.remat), rngs=rngs)
+
+    def make_loss(cfg):
+        def loss(model, b, rng):
+            drop = jnp.zeros((batch,), bool)
+            v = model(b["x"], b["t"], b["emb"], b["domain"], b["control"], drop)
+            return jnp.mean(v**2), {}
+
+        return loss
+
+    def spec(cfg):
+        f = jnp.float32
+        return {
+            "x": jax.ShapeDtypeStruct((batch, side, side, c.in_channels), f),
+            "t": jax.ShapeDtypeStruct((batch,), f),
+            "emb": jax.ShapeDtypeStruct((batch, c.image_emb_dim), f),
+            "domain": jax.ShapeDtypeStruct((batch,), jnp.int32),
+            "control": jax.ShapeDtypeStruct((batch, side, side, c.control_channels), f),
+        }
+
+    return Stage("dit_probe", "dit", make_model, make_loss, None, spec)
 
 
 def test_plan_rejects_bad_mesh_and_chips():

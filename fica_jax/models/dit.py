@@ -149,8 +149,16 @@ class ControlMLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, control: jax.Array) -> jax.Array:
-        h = nnx.silu(self.conv_in(control.astype(self.dtype)))
-        h = self.conv_out(nnx.silu(self.conv_down(h)))
+        # Every conv output is pinned batch-sharded, channels replicated (FSDP: the kernels are
+        # gathered, the activations never split over channels), as in fica_jax/models/vae.py.
+        # Left to itself, XLA's partitioner (jax 0.10.2) follows the fsdp-sharded output
+        # channels and then gathers the *global* batch to compute the stride-2 conv's weight
+        # gradient on every device ("involuntary full rematerialization"): 42% of the paper
+        # step's FLOPs on a data=8 x fsdp=8 mesh before this pin (`fica plan`, docs §9-§10).
+        pin = lambda h: shd.constrain(h, shd.BATCH, None, None, None)
+        h = nnx.silu(pin(self.conv_in(pin(control.astype(self.dtype)))))
+        h = nnx.silu(pin(self.conv_down(h)))
+        h = pin(self.conv_out(h))
         b, gh, gw, d = h.shape
         return self.norm(h.reshape(b, gh * gw, d))  # f32
 

@@ -13,7 +13,15 @@ Names:
   save_attn_mlp_out    keep only the tensors tagged `attn_out` and `mlp_out` (the two projections
                        that end each transformer branch, see `TAGS`): the backward recomputes
                        the block's interior but never its most expensive outputs twice
+  save_qkv_attn_mlp_out   keep q/k/v (`qkv`) and both branch outputs: the backward recomputes
+                       norms, attention scores/softmax/PV and the MLP's first matmul + GELU
+  save_tagged          keep every tagged tensor (`TAGS`), i.e. all projection outputs of
+                       attention and MLP: only attention's interior and elementwise work recompute
   everything_saveable  for debugging: saves everything (same memory as none, through the wrapper)
+
+Choosing one [ours]: `fica plan` prints the hardware/model FLOP ratio (the recompute cost) and the
+per-device peak bytes for a config and mesh; take the cheapest policy that fits the chip
+(docs/architecture.md §9, benchmarks/results/plan_dit_*.json).
 
 Tags are `jax.ad_checkpoint.checkpoint_name` labels put on tensors by the shared layers
 (`fica_jax.models.layers`); a name-based policy only keeps what is tagged.
@@ -39,6 +47,10 @@ _POLICIES: dict[str, Callable] = {
     "checkpoint_dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+    "save_qkv_attn_mlp_out": jax.checkpoint_policies.save_only_these_names(
+        "qkv", "attn_out", "mlp_out"
+    ),
+    "save_tagged": jax.checkpoint_policies.save_only_these_names(*TAGS),
 }
 REMAT_NAMES = ("none", *_POLICIES)
 

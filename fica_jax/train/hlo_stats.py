@@ -1,10 +1,18 @@
-"""FLOPs and collective traffic read from compiled HLO text, with while-loop trip counts applied.
+"""FLOPs and collective traffic read from HLO text, with while-loop trip counts applied.
 
 XLA's `cost_analysis()` counts a while body once (docs/architecture.md §10), so a model whose 28 blocks
 run under `nnx.scan` would be under-counted 28x. Here every computation is walked from ENTRY and a
-while body is weighted by its `known_trip_count`. Counted: `dot` and `convolution` FLOPs (the
-matmul work that sets the roofline; elementwise work is ignored) and the bytes each device moves
-in all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute (ring algorithm).
+while body is weighted by its `known_trip_count` (compiled HLO) or, failing that, by the bound of
+its `counter < N` condition (HLO before optimisation). Counted: `dot` and `convolution` FLOPs (the
+matmul work that sets the roofline; elementwise work is ignored; a convolution counts only the
+kernel taps that read real input, not padding or the holes of a dilated input, as XLA's
+HloCostAnalysis does) and the bytes each device moves in all-gather / reduce-scatter /
+all-reduce / all-to-all / collective-permute (ring algorithm).
+
+`reduce_scatter=True` counts an all-reduce whose every user is a `dynamic-slice` keeping 1/n of it
+(n = group size) as the reduce-scatter it is: that is the SPMD partitioner's output for a gradient
+reduced onto a sharded parameter, which the TPU/GPU pipelines rewrite to a reduce-scatter
+(XLA's `ReduceScatterCreator`) and the CPU pipeline leaves alone.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ _INST = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
@@ -78,14 +87,59 @@ def _dot_flops(result: str, operands: list[str], attrs: str, shapes: dict) -> fl
     return 2.0 * math.prod(out[0][1]) * contract
 
 
+def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
+    m = re.search(rf"\b{key}=([\dx_\-]+)", attrs)
+    if not m:
+        return [default] * n
+    return [int(v) for v in m.group(1).split("x")]
+
+
+def _valid_taps(
+    out: int, kernel: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int
+) -> int:
+    """(output position, kernel tap) pairs of one spatial dim that read a real input element
+    (not padding, not a hole of lhs dilation): XLA's HloCostAnalysis convention."""
+    last = (size - 1) * lhs_dil
+    n = 0
+    for o in range(out):
+        for k in range(kernel):
+            q = o * stride + k * rhs_dil - pad_lo
+            n += 0 <= q <= last and q % lhs_dil == 0
+    return n
+
+
 def _conv_flops(result: str, operands: list[str], attrs: str, shapes: dict) -> float:
+    """2 x output batch x output features x kernel input features x valid taps. Padding and
+    the holes of a base (lhs) dilation are not multiplied: a transposed (strided) conv's input
+    gradient is not counted at stride^2 times its real work."""
     out = _shapes(result)
+    lhs = shapes.get(operands[0]) if operands else None
     rhs = shapes.get(operands[1]) if len(operands) > 1 else None
-    m = re.search(r"dim_labels=\w+_(\w+)->", attrs)
-    if not out or rhs is None or m is None:
+    m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not out or lhs is None or rhs is None or m is None:
         return 0.0
-    kernel_out = rhs[m.group(1).index("o")]
-    return 2.0 * math.prod(out[0][1]) * math.prod(rhs) / max(kernel_out, 1)
+    lab_l, lab_r, lab_o = m.groups()
+    o_shape = out[0][1]
+    spatial = sorted(c for c in lab_o if c.isdigit())
+    nd = len(spatial)
+    stride = _window(attrs, "stride", nd, 1)
+    lhs_dil = _window(attrs, "lhs_dilate", nd, 1)
+    rhs_dil = _window(attrs, "rhs_dilate", nd, 1)
+    pm = re.search(r"\bpad=([\d_x\-]+)", attrs)
+    pads = [int(p.split("_")[0]) for p in pm.group(1).split("x")] if pm else [0] * nd
+    taps = 1
+    for i, d in enumerate(spatial):
+        taps *= _valid_taps(
+            o_shape[lab_o.index(d)],
+            rhs[lab_r.index(d)],
+            lhs[lab_l.index(d)],
+            stride[i],
+            pads[i],
+            lhs_dil[i],
+            rhs_dil[i],
+        )
+    batch, feat, cin = o_shape[lab_o.index("b")], o_shape[lab_o.index("f")], rhs[lab_r.index("i")]
+    return 2.0 * batch * feat * cin * taps
 
 
 def _traffic(op: str, result: str, attrs: str) -> float:
@@ -104,8 +158,43 @@ def _traffic(op: str, result: str, attrs: str) -> float:
     return size * (n - 1) / n  # all-gather, all-to-all
 
 
-def analyze(hlo_text: str) -> HloStats:
-    """Walks the module from ENTRY; a while body counts `known_trip_count` times."""
+def _elements(result: str) -> int:
+    s = _shapes(result)
+    return math.prod(s[0][1]) if len(s) == 1 else -1
+
+
+def _trip_count(rest: str, operands: list[str], insts: dict, comps: dict) -> int:
+    """`known_trip_count`, else N - init of a `get-tuple-element(p, k) < constant(N)` condition."""
+    t = _TRIP.search(rest)
+    if t:
+        return int(t.group(1))
+    cond = _COND.search(rest)
+    body = comps.get(cond.group(1), []) if cond else []
+    by_name = {i[0]: i for i in body if i[0] != "__params__"}
+    root = next((i for i in body if i[0] != "__params__" and i[-1]), None)
+    if root is None or root[2] != "compare" or "direction=LT" not in root[3]:
+        return 1
+    args = re.findall(r"%([\w.\-]+)", root[3].split(")")[0])
+    if len(args) != 2 or args[1] not in by_name or by_name[args[1]][2] != "constant":
+        return 1
+    bound = re.match(r"\s*(-?\d+)", by_name[args[1]][3])
+    gte = by_name.get(args[0])
+    k = re.search(r"index=(\d+)", gte[3]) if gte and gte[2] == "get-tuple-element" else None
+    if bound is None or k is None:
+        return 1
+    init = 0
+    tup = insts.get(operands[0]) if operands else None
+    if tup is not None and tup[2] == "tuple":
+        elems = re.findall(r"%([\w.\-]+)", tup[3].split(")")[0])
+        src = insts.get(elems[int(k.group(1))]) if int(k.group(1)) < len(elems) else None
+        if src is not None and src[2] == "constant":
+            m = re.match(r"\s*(-?\d+)", src[3])
+            init = int(m.group(1)) if m else 0
+    return max(int(bound.group(1)) - init, 0)
+
+
+def analyze(hlo_text: str, reduce_scatter: bool = False) -> HloStats:
+    """Walks the module from ENTRY; a while body counts its trip count times (see module doc)."""
     comps: dict[str, list] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -124,12 +213,18 @@ def analyze(hlo_text: str) -> HloStats:
             continue
         m = _INST.match(line)
         if m:
-            comps[current].append(m.groups())
+            comps[current].append((*m.groups(), line.lstrip().startswith("ROOT ")))
     trips: list[int] = []
 
     @functools.cache
     def walk(name: str) -> tuple[float, tuple[tuple[str, float], ...]]:
         insts = comps.get(name, [])
+        by_name = {i[0]: i for i in insts if i[0] != "__params__"}
+        users: dict[str, list] = {}
+        if reduce_scatter:
+            for i in by_name.values():
+                for o in set(re.findall(r"%([\w.\-]+)", i[3].split(")")[0])):
+                    users.setdefault(o, []).append(i)
         shapes: dict[str, tuple[int, ...]] = {}
         flops, coll = 0.0, {}
         for inst in insts:
@@ -139,7 +234,7 @@ def analyze(hlo_text: str) -> HloStats:
                     if s:
                         shapes[pname] = s[0][1]
                 continue
-            iname, result, op, rest = inst
+            iname, result, op, rest, _ = inst
             s = _shapes(result.split(")")[0] if result.startswith("(") else result)
             if s:
                 shapes[iname] = s[0][1]
@@ -149,16 +244,24 @@ def analyze(hlo_text: str) -> HloStats:
             elif op == "convolution":
                 flops += _conv_flops(result, operands, rest, shapes)
             elif op.removesuffix("-start") in COLLECTIVES:
-                kind = op.removesuffix("-start")
-                coll[kind] = coll.get(kind, 0.0) + _traffic(op, result, rest)
+                kind, traffic = op.removesuffix("-start"), _traffic(op, result, rest)
+                if (
+                    reduce_scatter
+                    and op == "all-reduce"
+                    and _is_scatter(iname, result, rest, users)
+                ):
+                    kind = "reduce-scatter"
+                    traffic = _traffic("reduce-scatter", users[iname][0][1], rest)
+                coll[kind] = coll.get(kind, 0.0) + traffic
             called = _CALLS.findall(rest)
             for group in _BRANCHES.findall(rest):
                 called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
             mult = 1
             if op == "while":
-                t = _TRIP.search(rest)
-                mult = int(t.group(1)) if t else 1
+                mult = _trip_count(rest, operands, by_name, comps)
                 trips.append(mult)
+                cond = _COND.search(rest)
+                called = [c for c in called if not cond or c != cond.group(1)]
             for c in called:
                 if c in comps and not (op in COLLECTIVES or op.startswith("reduce")):
                     f, cc = walk(c)
@@ -171,3 +274,11 @@ def analyze(hlo_text: str) -> HloStats:
         raise ValueError("no ENTRY computation in the HLO text")
     flops, coll = walk(entry)
     return HloStats(flops=flops, collective_bytes=dict(coll), while_trip_counts=trips)
+
+
+def _is_scatter(name: str, result: str, attrs: str, users: dict) -> bool:
+    """An all-reduce read only by dynamic-slices that each keep 1/n of it (n = group size)."""
+    n, total, us = _group_size(attrs), _elements(result), users.get(name, [])
+    if n <= 1 or total <= 0 or not us:
+        return False
+    return all(u[2] == "dynamic-slice" and _elements(u[1]) * n == total for u in us)

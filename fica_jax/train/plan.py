@@ -7,12 +7,16 @@ count is fixed once JAX starts). Nothing is allocated: the state and batch are a
 
 Reported (per device unless named global): parameter count; bytes of params / optimizer state /
 EMA from their shardings; XLA's memory analysis (arguments, outputs, temporaries = activations);
-FLOPs per step from the HLO with while-loop trip counts applied (`hlo_stats`) next to XLA's own
-`cost_analysis()` figure (which counts a scanned body once, docs/architecture.md §10); collective bytes
-by kind; and a roofline per chip (docs/architecture.md §9): compute time = FLOPs / peak, collective
-time = bytes / interconnect bandwidth, step time = max of the two (perfect overlap, so an upper
-bound on speed) and the MFU that implies. The HBM term is left out: the CPU compiler's fusion
-decisions say little about a TPU's memory traffic.
+FLOPs per step, two ways (docs/architecture.md §9): *hardware* FLOPs, counted in the compiled
+step's HLO with while-loop trip counts applied (`hlo_stats`; includes remat recomputation), next
+to XLA's own `cost_analysis()` figure (which counts a scanned body once, §10), and *model* FLOPs
+(MaxText's MFU numerator: 3 x the forward's matmul/conv/attention FLOPs, remat off,
+`model_flops`); collective bytes by kind, counted in the step as the SPMD partitioner left it
+(`collectives`); and a roofline per chip: compute time = hardware FLOPs / peak, collective time =
+bytes / interconnect bandwidth, step time = their max (perfect overlap) or their sum (none), and
+MFU = model FLOPs / (peak x step time) for both. The HBM term is left out: the CPU compiler's
+fusion decisions say little about a TPU's memory traffic. The memory analysis is the CPU
+compiler's too: it keeps some bf16 tensors as f32 copies, so it overstates a TPU's peak.
 
   python -m fica_jax.train.plan --config configs/toy.py --mesh data=2,fsdp=4
   python -m fica_jax.train.plan --golden configs/dit.py:paper --mesh data=8,fsdp=8 \
@@ -28,6 +32,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
@@ -72,26 +77,120 @@ def _tree_bytes(tree) -> tuple[int, int]:
     return count, per_device
 
 
-def roofline(flops: float, coll_bytes: float, mem_bytes: float, chips: Sequence[str]) -> dict:
+def roofline(
+    hw_flops: float, model_flops: float, coll_bytes: float, mem_bytes: float, chips: Sequence[str]
+) -> dict:
+    """Per-chip roofline of one step from per-device figures (docs/architecture.md §9).
+
+    compute_s = hardware (HLO) FLOPs / peak; collective_s = bytes / interconnect; the step takes
+    max of the two with perfect compute/collective overlap, their sum with none. MFU is MaxText's:
+    model FLOPs / (peak x step time), for both step times; `hfu` is hardware FLOPs over the same.
+    """
     out = {}
     for chip in chips:
         c = CHIPS[chip]
-        compute_s = flops / c.peak_flops
+        compute_s = hw_flops / c.peak_flops
         comm_s = coll_bytes / c.link_bytes_per_s
         step_s = max(compute_s, comm_s)
+        step_serial = compute_s + comm_s
+        ratio = lambda num, den: num / den if den > 0 else None
         out[chip] = {
             "compute_s": compute_s,
+            "model_compute_s": model_flops / c.peak_flops,
             "collective_s": comm_s,
             "step_s": step_s,
-            "step_s_no_overlap": compute_s + comm_s,
-            "mfu": compute_s / step_s if step_s > 0 else None,
+            "step_s_no_overlap": step_serial,
+            "mfu": ratio(model_flops, c.peak_flops * step_s),
+            "mfu_no_overlap": ratio(model_flops, c.peak_flops * step_serial),
+            "hfu": ratio(hw_flops, c.peak_flops * step_s),
             "fits_hbm": mem_bytes <= c.hbm_bytes,
         }
     return out
 
 
-def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
-    """Compiles the train step of `cfg` for `mesh_shape` on the available (fake) devices."""
+def model_flops(cfg, stage) -> float:
+    """Global *model* FLOPs of one train step: 3 x the dot/conv FLOPs of the loss forward.
+
+    MaxText's convention (docs/architecture.md §9): the matmul/conv/attention work of forward +
+    backward (backward = 2 x forward), independent of remat and of sharding. Measured, not
+    modelled, so it holds for any stage: the stage's loss is built with `train.remat="none"`,
+    jitted *forward only* on one device for the global batch (all microbatches of a step), compiled
+    and counted by `hlo_stats.analyze` with loop trip counts.
+    """
+    import jax
+    from flax import nnx
+
+    from fica_jax.train.hlo_stats import analyze
+
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.train.remat = "none"
+    plain = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+    model = nnx.eval_shape(lambda: stage.make_model(cfg, nnx.Rngs(params=0, default=0)))
+    graphdef, state = nnx.split(model)
+    loss_fn = stage.make_loss(cfg)
+
+    def forward(state, batch, rng):
+        return loss_fn(nnx.merge(graphdef, state), batch, rng)[0]
+
+    batch = plain(dict(stage.batch_spec(cfg)))
+    rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
+    compiled = jax.jit(forward).lower(plain(state), batch, rng).compile()  # unsharded
+    return 3.0 * analyze(compiled.as_text()).flops
+
+
+SPMD_PASS = "spmd-partitioning"  # the pass after which XLA dumps the partitioned step
+
+
+def spmd_dump_flags(dump_dir: str) -> str:
+    """XLA_FLAGS that dump the train step's HLO right after SPMD partitioning into `dump_dir`."""
+    return (
+        f"--xla_dump_to={dump_dir} --xla_dump_hlo_pass_re=^{SPMD_PASS}$ "
+        "--xla_dump_hlo_module_re=^jit_step_fn$"
+    )
+
+
+def _spmd_hlo(dump_dir: str | None) -> str | None:
+    if not dump_dir:
+        return None
+    files = sorted(pathlib.Path(dump_dir).glob(f"*jit_step_fn*after_{SPMD_PASS}.*.txt"))
+    return files[-1].read_text() if files else None
+
+
+def collectives(compiled_text: str, spmd_text: str | None) -> dict:
+    """Collective bytes per device by kind, as a TPU pipeline would send them (see `plan`)."""
+    from fica_jax.train.hlo_stats import analyze
+
+    cpu = analyze(compiled_text)
+    cpu_bytes = {**cpu.collective_bytes, "total": cpu.total_collective_bytes}
+    if spmd_text is None:
+        return {**cpu_bytes, "source": "cpu-compiled HLO (no SPMD dump): an upper bound"}
+    tpu = analyze(spmd_text, reduce_scatter=True)
+    return {
+        **tpu.collective_bytes,
+        "total": tpu.total_collective_bytes,
+        "source": f"HLO after XLA's {SPMD_PASS} pass, all-reduce + 1/n dynamic-slice counted "
+        "as reduce-scatter",
+        "cpu_compiled": cpu_bytes,
+    }
+
+
+def plan(
+    cfg,
+    mesh_shape: Mapping[str, int],
+    chips: Sequence[str],
+    hlo_out: str | None = None,
+    spmd_dump_dir: str | None = None,
+) -> dict:
+    """Compiles the train step of `cfg` for `mesh_shape` on the available (fake) devices.
+
+    `hlo_out`: also write the compiled, partitioned HLO text there (for reading collectives).
+    `spmd_dump_dir`: where this process's XLA dumps the step after SPMD partitioning
+    (`spmd_dump_flags`, set by `plan_in_subprocess`); collectives are counted there, as the
+    partitioner placed them. The CPU pipeline then upcasts bf16 collectives to f32 (it has no
+    bf16 all-reduce/all-gather) and never forms reduce-scatters, neither of which a TPU does;
+    without a dump the CPU-compiled figure (an upper bound) is reported.
+    """
     import jax
 
     from fica_jax import sharding as shd
@@ -115,6 +214,8 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    model_global = model_flops(cfg, stage)
+    t3 = time.perf_counter()
 
     s = setup.abstract_state
     n_params, params_b = _tree_bytes(s["params"])
@@ -123,8 +224,13 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
     mem = compiled.memory_analysis()
     peak_mem = mem.argument_size_in_bytes + mem.output_size_in_bytes
     peak_mem += mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    hlo = analyze(compiled.as_text())
+    text = compiled.as_text()
+    if hlo_out:
+        pathlib.Path(hlo_out).write_text(text)
+    hlo = analyze(text)
+    coll = collectives(text, _spmd_hlo(spmd_dump_dir))
     flops = hlo.flops
+    model_dev = model_global / n_dev
     return {
         "config": {"stage": cfg.stage, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()},
         "mesh": dict(mesh.shape),
@@ -142,22 +248,39 @@ def plan(cfg, mesh_shape: Mapping[str, int], chips: Sequence[str]) -> dict:
             "peak_estimate": peak_mem,
         },
         "flops": {
-            "per_device_per_step": flops,
-            "global_per_step": flops * n_dev,
+            "model_per_device_per_step": model_dev,
+            "model_global_per_step": model_global,
+            "hardware_per_device_per_step": flops,
+            "hardware_global_per_step": flops * n_dev,
+            "hardware_over_model": flops / model_dev if model_dev > 0 else None,
+            "per_device_per_step": flops,  # = hardware_per_device_per_step (older readers)
             "xla_cost_analysis_per_device": compiled_flops(compiled),
             "while_trip_counts": hlo.while_trip_counts,
-            "note": "dot+conv FLOPs from the compiled HLO with loop trip counts applied "
-            "(includes remat recomputation); XLA's cost_analysis counts loop bodies once",
+            "note": "model FLOPs (MaxText MFU convention, docs/architecture.md §9): 3 x the "
+            "dot+conv FLOPs of the stage loss's forward pass for the global batch, compiled with "
+            "remat off on one device; remat recomputation and partitioner duplication are not "
+            "counted, and per-device = global / devices. hardware FLOPs: dot+conv FLOPs of the "
+            "compiled, partitioned train step on one device with loop trip counts applied "
+            "(includes remat recomputation). XLA's cost_analysis counts loop bodies once",
         },
         "collective_bytes_per_device": {
-            **hlo.collective_bytes,
-            "total": hlo.total_collective_bytes,
-            "note": "ring-algorithm bytes sent per device, loops unrolled, from the CPU-compiled "
-            "HLO: gradient reductions may show as all-reduce where TPU/GPU compilers emit "
-            "reduce-scatter, so this is an upper bound",
+            **coll,
+            "note": "ring-algorithm bytes sent per device, loops unrolled: all-gather (n-1)/n x "
+            "result, reduce-scatter (n-1) x result, all-reduce 2 (n-1)/n x operand. Counted in "
+            "the step as partitioned (bf16 where the program moves bf16; an all-reduce feeding "
+            "only 1/n dynamic-slices is the reduce-scatter TPU/GPU compilers emit for it). "
+            "`cpu_compiled`: the same count on the CPU executable, where bf16 collectives are "
+            "upcast to f32 and reduce-scatters stay all-reduce + slice (an upper bound)",
         },
-        "roofline": roofline(flops, hlo.total_collective_bytes, peak_mem, chips),
-        "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1},
+        "roofline": roofline(flops, model_dev, coll["total"], peak_mem, chips),
+        "roofline_note": "per chip: compute_s = hardware FLOPs / peak, model_compute_s = model "
+        "FLOPs / peak, collective_s = collective bytes / interconnect; step_s = max(compute_s, "
+        "collective_s) (perfect overlap), step_s_no_overlap = their sum; mfu / mfu_no_overlap = "
+        "model FLOPs / (peak x step_s / step_s_no_overlap) (MaxText MFU); hfu = hardware FLOPs / "
+        "(peak x step_s). A prediction with no HBM, elementwise or latency term: a "
+        "compute-bound plan without recompute reads mfu ~1 (a little above where the 3x "
+        "convention counts gradients of data inputs that the step never computes)",
+        "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1, "model_flops": t3 - t2},
         "jax_version": jax.__version__,
     }
 
@@ -207,12 +330,15 @@ def plan_in_subprocess(
     parse_chips(chips_text)
     n = math.prod(mesh.values())
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "fica_jax.train.plan", "--config", config, "--mesh", mesh_text]
-    cmd += ["--chips", chips_text, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd += ["--chips", chips_text]
+    with tempfile.TemporaryDirectory(prefix="fica_plan_") as dump:
+        flags = f"--xla_force_host_platform_device_count={n} {spmd_dump_flags(dump)}"
+        env["XLA_FLAGS"] = flags
+        cmd += ["--spmd-dump-dir", dump, *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         if lines and lines[-1].startswith("error: "):
@@ -229,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mesh", required=True)
     p.add_argument("--chips", default="v5p,v6e,a100,h100")
     p.add_argument("--out", default=None)
+    p.add_argument("--hlo-out", default=None, help="also write the compiled HLO text here")
+    p.add_argument("--spmd-dump-dir", default=None, help="XLA's dump dir (spmd_dump_flags)")
     args, extra = p.parse_known_args(argv)
     from fica_jax.config import load_config
 
@@ -239,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if not args.config:
                 raise UserError("give --config FILE[:ARG] (or --golden FILE[:ARG])")
-            text = dumps(plan(load_config(args.config, extra), mesh, parse_chips(args.chips)))
+            cfg = load_config(args.config, extra)
+            chips = parse_chips(args.chips)
+            text = dumps(plan(cfg, mesh, chips, args.hlo_out, args.spmd_dump_dir))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
