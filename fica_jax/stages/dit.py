@@ -173,9 +173,18 @@ def make_sample(cfg: ml_collections.ConfigDict):
         float(cfg.model.t_shift),
     )
 
+    vae_def, vae_state = nnx.split(ctx.vae)
+
+    # The VAE's arrays enter as constants (as in eval_fn): they live on one device while the
+    # DiT is sharded over the training mesh.
+    @nnx.jit
+    def maps(model, batch, rng):
+        vae = nnx.merge(vae_def, vae_state)
+        kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
+        return sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
+
     def sample_fn(model: DiT, batch, rng, workdir, step: int) -> None:
-        kw = dict(steps=steps, cfg_scale=scale, shift=shift)
-        texture, geometry = sample_maps(model, ctx.vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
+        texture, geometry = maps(model, batch, rng)
         batch, texture, geometry = jax.device_get((batch, texture, geometry))
         sheet = write_sheet(
             preview_rows(batch, texture, geometry),
