@@ -40,6 +40,25 @@ def open_source(data_dir: str | os.PathLike, split: str) -> Any:
     return CaptureSource(data_dir, split)
 
 
+def mean_maps(data_dir: str | os.PathLike, split: str = "train", limit: int = 4096) -> dict:
+    """The split's mean UV texture [R, R, 3] in [0, 1] and mean neutral geometry [R, R, 3]
+    (dataset units), over its first `limit` records: the mean-texture / mean-shape baselines
+    and the VAE's position reference (`fica_jax.models.uv_latent.MapStats.with_reference`)."""
+    src = open_source(data_dir, split)
+    n = min(len(src), limit)
+    if n == 0:
+        raise UserError(f"{data_dir}: split {split!r} has no records to average")
+    tex = geo = 0.0
+    for i in range(n):
+        r = src[i]
+        tex = tex + np.asarray(r["uv_texture"], np.float64) / 255.0
+        geo = geo + np.asarray(r["uv_geometry"], np.float64)
+    return {
+        "mean_texture": (tex / n).astype(np.float32),
+        "mean_geometry": (geo / n).astype(np.float32),
+    }
+
+
 def host_slice(n: int, process_index: int, process_count: int) -> slice:
     """Contiguous, disjoint slices over all hosts that cover [0, n) (sizes differ by <= 1)."""
     if not 0 <= process_index < process_count:
@@ -115,7 +134,9 @@ def make_pipeline(
         seed=seed if shuffle else None,
         num_epochs=num_epochs,
     )
-    extra = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (extra or {}).items()))
+    extra = tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (extra or {}).items())
+    )
     options = TransformOptions(augment=augment, image_size=image_size, extra=extra)
     ds = ds.random_map(StageTransform(transform, options), seed=seed)
     ds = ds.batch(per_host, drop_remainder=True)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import latents as L
-from data_pipelines.pipeline import host_slice, open_source
+from data_pipelines.pipeline import host_slice, mean_maps, open_source
 from data_pipelines.shards import DatasetWriter
 from fica_jax.errors import UserError
 from fica_jax.models import layers, uv_latent
@@ -69,10 +69,10 @@ def load_vae(path: str | os.PathLike, unshuffle: int = 2) -> VAEBundle:
         cfg = load_run_config(p)
         if cfg.stage != "vae":
             raise UserError(f"--vae {path}: run of stage {cfg.stage!r}, expected a `vae` run")
+        from fica_jax.stages.vae import map_stats
+
         step, model = load_model(cfg, p)
-        stats = uv_latent.MapStats(
-            tuple(cfg.model.position_center), tuple(cfg.model.position_extent)
-        )
+        stats = map_stats(cfg)
     else:
         from fica_jax.models.vae_import import from_pretrained
 
@@ -93,6 +93,13 @@ def check_vae(meta: dict, vae: VAEBundle, where: str) -> None:
             f"{where}: the latent cache was built with VAE {built['path']} (step {built['step']}, "
             f"fingerprint {built['fingerprint']}), not {vae.source['path']} (step "
             f"{vae.source['step']}, fingerprint {vae.source['fingerprint']}); rebuild the cache"
+        )
+    digest = meta["map_stats"].get("reference_digest", "")
+    if vae.stats is not None and digest != vae.stats.reference_digest:
+        raise UserError(
+            f"{where}: the latent cache's position reference (digest {digest or 'none'}) is not "
+            f"the one VAE {vae.source['path']} normalises with "
+            f"({vae.stats.reference_digest or 'none'}); rebuild the cache"
         )
 
 
@@ -211,10 +218,12 @@ def build_cache(
         return target
 
     train = open_source(data_dir, "train")
-    if vae.stats is None:  # SDXL weights: position statistics from the training geometry
+    if vae.stats is None:  # SDXL weights: residual from the training mean shape, its range
+        ref = mean_maps(data_dir, "train")["mean_geometry"]
         geo = np.stack([train[i]["uv_geometry"] for i in range(min(64, len(train)))])
         msk = np.stack([train[i]["uv_mask"] for i in range(min(64, len(train)))])
-        vae.stats = uv_latent.MapStats.from_positions(geo, msk)
+        half = 1.1 * float(np.abs(geo - ref)[np.asarray(msk) > 0.5].max(initial=1e-3))
+        vae.stats = uv_latent.MapStats(position_extent=(half,) * 3).with_reference(ref)
     scale = (
         vae.model.cfg.scaling_factor if latent_scale == "vae" else _scale_from_data(vae, train, 64)
     )
@@ -288,23 +297,17 @@ def build_cache(
                     f"{data_dir} {rec['identity']}",
                 )
             bar.update(len(recs))
-        w.write_file(L.BASELINES_FILE, _baselines(train))
+        w.write_file(L.BASELINES_FILE, _baselines(data_dir, vae.stats))
     bar.close()
     return target
 
 
-def _baselines(train) -> bytes:
-    """npz of the training split's mean UV texture [0, 1] and mean neutral geometry."""
-    tex = np.zeros(np.asarray(train[0]["uv_texture"]).shape, np.float64)
-    geo = np.zeros(np.asarray(train[0]["uv_geometry"]).shape, np.float64)
-    for i in range(len(train)):
-        r = train[i]
-        tex += np.asarray(r["uv_texture"], np.float64) / 255.0
-        geo += np.asarray(r["uv_geometry"], np.float64)
+def _baselines(data_dir, stats: uv_latent.MapStats) -> bytes:
+    """npz of the training split's mean UV texture [0, 1] and mean neutral geometry, and the
+    VAE's position reference map when its statistics have one."""
+    arrays = mean_maps(data_dir, "train")
+    if stats.position_reference is not None:
+        arrays["position_reference"] = np.asarray(stats.position_reference, np.float32)
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        mean_texture=(tex / len(train)).astype(np.float32),
-        mean_geometry=(geo / len(train)).astype(np.float32),
-    )
+    np.savez(buf, **arrays)
     return buf.getvalue()

@@ -120,6 +120,33 @@ def test_stats_from_masked_positions_and_dict_round_trip():
         U.normalize_map("albedo", pos)
 
 
+def test_position_reference_residual_round_trip_and_digest():
+    """Centred on a per-texel reference, positions encode their residual / extent (numpy and
+    jax alike), decode back exactly, and a reference other than the digested one is refused."""
+    ref = RS.uniform(-0.2, 0.2, (4, 4, 3)).astype(np.float32)
+    pos = ref + RS.uniform(-0.01, 0.01, (2, 4, 4, 3)).astype(np.float32)
+    stats = U.MapStats(position_extent=(0.02,) * 3).with_reference(ref)
+    y = U.normalize_map("position", pos, stats)
+    np.testing.assert_allclose(y, (pos - ref) / 0.02, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(U.normalize_map("position", jnp.asarray(pos), stats)), y, rtol=1e-6
+    )
+    np.testing.assert_allclose(U.denormalize_map("position", y, stats), pos, atol=1e-6)
+    d = stats.to_dict()
+    assert "position_reference" not in d and d["reference_digest"] == U.reference_digest(ref)
+    back = U.MapStats.from_dict(d, ref)
+    np.testing.assert_array_equal(back.position_reference, ref)
+    assert back == stats
+    with pytest.raises(UserError, match="not supplied"):
+        U.MapStats.from_dict(d)
+    with pytest.raises(UserError, match="not the one"):
+        U.MapStats.from_dict(d, ref + 1e-3)
+    # without a reference the same extent would clip every texel of this head to +-1
+    assert (
+        np.abs(U.normalize_map("position", pos, U.MapStats(position_extent=(0.02,) * 3))).max() == 1
+    )
+
+
 def test_encode_decode_uv_maps_with_tiny_vae():
     vae = V.AutoencoderKL(V.VARIANTS["tiny"], rngs=nnx.Rngs(0))
     cfg = U.UVLatentConfig(uv_resolution=16, vae_factor=2)

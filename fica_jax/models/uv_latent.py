@@ -17,7 +17,14 @@ fixed, exactly invertible mapping to [-1, 1] (`normalize_map` / `denormalize_map
 `center`/`extent` (per axis) live in `MapStats`, estimated once over the training set or the
 head template (`MapStats.from_positions`) and stored with the config (`to_dict`/`from_dict`):
 they must be identical at train and test time. Positions outside `center +- extent` are clipped
-(the only lossy step; `from_positions` adds a margin so the data never reach it). Texels outside
+(the only lossy step; `from_positions` adds a margin so the data never reach it).
+
+With a per-texel *reference* map (`MapStats.with_reference`: the training split's mean neutral
+geometry, i.e. the mean-shape template in UV space) the centre is that map and `extent` is the
+half-width of the residual: a head spans ~+-190 mm but identities differ from the mean shape by
+<~30 mm, so the VAE spends its [-1, 1] range on what varies and its reconstruction error in mm
+shrinks by the same factor. The map itself is not in `to_dict` (it is an array); its digest is,
+so a consumer holding another reference is refused. Texels outside
 the UV layout's mask are set to a fixed value before encoding (black texture, zero normal,
 centre position) so the VAE never sees undefined data, and to zero in output space on decoding.
 
@@ -27,6 +34,7 @@ The normalisations run on numpy arrays (data pipelines) and on jax arrays (insid
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,12 +98,42 @@ class MapStats:
     position_extent: tuple[float, float, float] = (1.0, 1.0, 1.0)  # half-widths, > 0
     texture_background: float = -1.0  # normalised value of texels outside the mask (black)
     geometry_background: float = 0.0  # normal / position / mask outside the mask
+    reference_digest: str = ""  # of `position_reference`; "" = no reference (centre per axis)
+    # [R, R, 3] per-texel centre of the position normalisation (see the module docstring)
+    position_reference: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if len(self.position_center) != 3 or len(self.position_extent) != 3:
             raise UserError(f"MapStats needs 3 values for center and extent: {self}")
         if min(self.position_extent) <= 0:
             raise UserError(f"MapStats position_extent must be positive: {self.position_extent}")
+        if self.position_reference is not None:
+            ref = np.asarray(self.position_reference)
+            if ref.ndim != 3 or ref.shape[-1] != 3:
+                raise UserError(f"MapStats position_reference must be [R, R, 3]; got {ref.shape}")
+            if reference_digest(ref) != self.reference_digest:
+                raise UserError(
+                    f"MapStats: the position reference map (digest {reference_digest(ref)}) is "
+                    f"not the one these statistics were made with ({self.reference_digest})"
+                )
+        elif self.reference_digest:
+            raise UserError(
+                f"MapStats reference_digest {self.reference_digest} given without its map"
+            )
+
+    def with_reference(self, reference: np.ndarray) -> MapStats:
+        """These statistics centred on a per-texel reference map [R, R, 3] (dataset units);
+        `position_extent` becomes the half-width of the residual."""
+        ref = np.asarray(reference, np.float32)
+        return dataclasses.replace(
+            self, position_reference=ref, reference_digest=reference_digest(ref)
+        )
+
+    def center(self, xp=np):
+        """The normalisation centre: the reference map [R, R, 3] or the per-axis centre [3]."""
+        if self.position_reference is not None:
+            return xp.asarray(self.position_reference, xp.float32)
+        return xp.asarray(self.position_center, xp.float32)
 
     @classmethod
     def from_positions(
@@ -123,14 +161,33 @@ class MapStats:
         return cls(tuple(float(c) for c in center), tuple(float(h) for h in half))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-able fields; the reference map travels separately (its digest is here)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "position_reference"
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> MapStats:
-        known = {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, d: Mapping[str, Any], reference: np.ndarray | None = None) -> MapStats:
+        """Inverse of `to_dict`; `reference` is the map whose digest `d` names (if any)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"position_reference"}
         if set(d) - known:
             raise UserError(f"MapStats: unknown keys {sorted(set(d) - known)}; known {known}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if kw.get("reference_digest") and reference is None:
+            raise UserError(
+                f"MapStats: these statistics are centred on a reference map (digest "
+                f"{kw['reference_digest']}) that was not supplied"
+            )
+        ref = None if reference is None or not kw.get("reference_digest") else reference
+        return cls(**kw, position_reference=None if ref is None else np.asarray(ref, np.float32))
+
+
+def reference_digest(reference: np.ndarray) -> str:
+    """sha256 of a reference map's float32 bytes and shape (first 16 hex digits)."""
+    ref = np.ascontiguousarray(np.asarray(reference, np.float32))
+    return hashlib.sha256(str(ref.shape).encode() + ref.tobytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- packing
@@ -169,9 +226,8 @@ def normalize_map(
         integer = np.issubdtype(np.dtype(x.dtype), np.integer)
         y = xp.asarray(x, xp.float32) / 127.5 - 1.0 if integer else 2.0 * x - 1.0
     elif kind == "position":
-        center = xp.asarray(stats.position_center, xp.float32)
         extent = xp.asarray(stats.position_extent, xp.float32)
-        y = (x - center) / extent
+        y = (x - stats.center(xp)) / extent
     elif kind == "mask":
         y = 2.0 * x - 1.0
     else:  # normal
@@ -202,9 +258,7 @@ def denormalize_map(
     if kind == "texture":
         x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
     elif kind == "position":
-        x = y * xp.asarray(stats.position_extent, xp.float32) + xp.asarray(
-            stats.position_center, xp.float32
-        )
+        x = y * xp.asarray(stats.position_extent, xp.float32) + stats.center(xp)
     elif kind == "mask":
         x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
     else:  # decoded normals are not unit length: project back onto the sphere

@@ -224,10 +224,9 @@ def decoding_context(cfg: ml_collections.ConfigDict, meta: dict, where: str) -> 
     vae = latent_cache.load_vae(cfg.model.vae or meta["vae"]["path"], int(meta["unshuffle"]))
     latent_cache.check_vae(meta, vae, where)
     vae = latent_cache.with_scale(vae, meta["latent_scale"])
-    stats = uv_latent.MapStats.from_dict(meta["map_stats"])
-    return DecodingContext(
-        vae.model, stats, vae.unshuffle, load_baselines(cfg.data.dir), str(cfg.data.dir)
-    )
+    baselines = load_baselines(cfg.data.dir)
+    stats = uv_latent.MapStats.from_dict(meta["map_stats"], baselines.get("position_reference"))
+    return DecodingContext(vae.model, stats, vae.unshuffle, baselines, str(cfg.data.dir))
 
 
 # ----------------------------------------------------------------------------- data

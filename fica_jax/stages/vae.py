@@ -9,7 +9,9 @@ learned one, never random.
 One network serves both domains, as in the paper: every batch holds the texture maps and the
 geometry (position) maps of the same identities (textures arrive in [0, 1], as in every stage),
 each mapped to [-1, 1] by
-`fica_jax.models.uv_latent.normalize_map` with the position statistics from the config.
+`fica_jax.models.uv_latent.normalize_map` with the position statistics from the config
+(`map_stats`: by default positions are encoded as the residual from the training split's mean
+shape, which is what varies between identities).
 
 Loss = L1(recon, x) over texels inside the UV layout + kl_weight * KL(posterior || N(0, I)),
 the usual latent-diffusion autoencoder objective without the adversarial term (a perceptual term
@@ -18,6 +20,9 @@ needs LPIPS weights, which are not shipped; `cfg.model.kl_weight` sets the KL ba
 
 from __future__ import annotations
 
+import functools
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,8 +30,9 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms
-from data_pipelines.pipeline import CaptureData
+from data_pipelines.pipeline import CaptureData, mean_maps
 from fica_jax import config
+from fica_jax.errors import UserError
 from fica_jax.models import uv_latent
 from fica_jax.models.vae import VARIANTS, AutoencoderKL, VAEConfig
 from fica_jax.train.stage import Stage
@@ -44,11 +50,34 @@ def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:
     )
 
 
+REFERENCES = ("", "train_mean")  # cfg.model.position_reference
+
+
 def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
-    return uv_latent.MapStats(
+    """The run's map normalisation. `model.position_reference = "train_mean"` centres positions
+    on the mean neutral geometry of `data.dir`'s training split (read from the data, so a VAE
+    run and every cache built from it agree while the data stay in place; the cache keeps its
+    own copy and the digest), `position_extent` then being the residual's half-width."""
+    stats = uv_latent.MapStats(
         position_center=tuple(cfg.model.position_center),
         position_extent=tuple(cfg.model.position_extent),
     )
+    ref = cfg.model.get("position_reference", "")
+    if ref not in REFERENCES:
+        raise UserError(f"config model.position_reference={ref!r}; expected one of {REFERENCES}")
+    if ref == "train_mean":
+        stats = stats.with_reference(_train_mean_geometry(str(cfg.data.dir)))
+    return stats
+
+
+@functools.lru_cache(maxsize=4)
+def _train_mean_geometry(data_dir: str) -> np.ndarray:
+    if not data_dir or not pathlib.Path(data_dir).is_dir():
+        raise UserError(
+            f"config data.dir={data_dir!r}: no such directory; model.position_reference="
+            "'train_mean' reads the VAE's training data for its mean geometry"
+        )
+    return mean_maps(data_dir, "train")["mean_geometry"]
 
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AutoencoderKL:
