@@ -2,36 +2,52 @@
 
 `rasterization(...)` mirrors `gsplat.rasterization`'s signature and outputs for the pinhole,
 non-packed, colour (not SH) case. Internally the options travel as one frozen `RasterOptions`
-(hashable, so it can be a static argument) and cameras are `jax.vmap`ped, so the whole function
+(hashable, so it can be a static argument) and cameras run under `lax.map`, so the whole function
 also runs under an outer `jax.vmap` (batches of avatars) and under `jit` with sharded inputs.
 
-Differentiability: values are computed by plain jnp ops, and gradients w.r.t. means, quats,
-scales, opacities, colours and backgrounds come from JAX autodiff. Binning (integer tile lists)
-carries no gradient, exactly as in gsplat. Backward memory is bounded twice over: tiles are
-processed `tile_batch` at a time under `lax.map` with a `jax.checkpoint`ed body, and inside a
-tile the Gaussian list is walked in checkpointed chunks of `chunk` (`composite.py`), so only
-per-tile inputs and per-chunk carries are stored and the [pixels, chunk] alpha blocks are
-recomputed. Chunks past a tile's list, or after all its pixels have ended, are skipped by
-`lax.cond` (cameras and tiles run under `lax.map` so that the conds stay branches; under a
-user's outer `vmap` they become selects: same values, no skipping).
+Exactness: every tile composites its whole depth-sorted list (`composite.composite_tiles`), so
+no Gaussian is dropped at any density. The only static size is `isect_capacity`, the number of
+Gaussian-tile slots. Left at None, an eager call (concrete inputs, `jax.grad` included) counts
+the intersections first (`tiles.count_isects`, one cheap jitted pass) and rounds up to a power
+of two (`tiles.bucket_capacity`), so it always fits and recompiles stay rare. Under an outer
+`jit`/`vmap` the inputs are abstract and `tiles.default_isect_capacity` (or the caller's value)
+is used; if it is too small the missing intersections are counted in `meta["isect_overflow"]`
+and a `RasterCapacityWarning` is issued: never a silently truncated frame.
+
+Differentiability: the compositing stage has a custom VJP (gsplat's backward, see
+`composite.py`); projection, antialiasing compensation, the depth channel and the background
+are JAX autodiff around it. Binning (integer tile lists) carries no gradient, as in gsplat.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fica_jax.errors import UserError
-from fica_jax.render.composite import composite
+from fica_jax.render.composite import TileLayout, composite_tiles
 from fica_jax.render.dense import render_dense
 from fica_jax.render.project import Projected, covariance, project
-from fica_jax.render.tiles import BinStats, bin_gaussians, tile_grid
+from fica_jax.render.tiles import (
+    BinStats,
+    bin_gaussians,
+    bucket_capacity,
+    count_isects,
+    default_isect_capacity,
+    tile_grid,
+)
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
+
+
+class RasterCapacityWarning(UserWarning):
+    """`isect_capacity` was too small: some Gaussian-tile intersections are missing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +60,9 @@ class RasterOptions:
     render_mode: str = "RGB"
     rasterize_mode: str = "classic"
     tile_size: int = 16
-    tile_capacity: int = 256  # Gaussians kept per tile (nearest first); see meta overflow
-    isect_capacity: int | None = None  # Gaussian-tile pairs; default tiles.default_isect_capacity
-    tile_batch: int = 1  # tiles composited together (1: sequential, chunks skipped when empty)
-    chunk: int = 64  # Gaussians composited per step inside a tile
+    isect_capacity: int | None = None  # Gaussian-tile slots; None: counted (eager) or default
+    tile_batch: int = 1  # tiles sharing one while loop (1: each tile stops at its own length)
+    chunk: int = 64  # list entries composited per step inside a tile
     dense: bool = False  # reference path: all pixels x all Gaussians
 
     def __post_init__(self):
@@ -57,16 +72,17 @@ class RasterOptions:
             raise UserError(
                 f"rasterize_mode {self.rasterize_mode!r} unknown; expected {RASTERIZE_MODES}"
             )
-        if self.tile_capacity < 1 or self.tile_size < 1:
-            raise UserError(
-                f"tile_size {self.tile_size} and tile_capacity {self.tile_capacity} must be >= 1"
-            )
+        for name in ("tile_size", "tile_batch", "chunk"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.isect_capacity is not None and self.isect_capacity < 1:
+            raise UserError(f"isect_capacity must be >= 1; got {self.isect_capacity}")
 
 
 def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
     """One camera: (colour [H, W, D], transmittance [H, W], BinStats)."""
     ts = opts.tile_size
-    ids, valid, stats = bin_gaussians(
+    lists, stats = bin_gaussians(
         proj.means2d,
         proj.radii,
         proj.depths,
@@ -74,33 +90,15 @@ def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
         opts.width,
         opts.height,
         tile_size=ts,
-        tile_capacity=opts.tile_capacity,
         isect_capacity=opts.isect_capacity,
     )
     tw, th = tile_grid(opts.width, opts.height, ts)
-    t = jnp.arange(tw * th)
-    ox, oy = (t % tw) * ts, (t // tw) * ts  # [T] tile origins
-    ly, lx = jnp.meshgrid(jnp.arange(ts), jnp.arange(ts), indexing="ij")
-    lx, ly = lx.reshape(-1) + 0.5, ly.reshape(-1) + 0.5  # [ts*ts] pixel centres in a tile
-    per_tile = (
-        ox,
-        oy,
-        proj.means2d[ids],  # [T, K, 2]
-        proj.conics[ids],  # [T, K, 3]
-        jnp.where(valid, opacities[ids], 0.0),  # [T, K]
-        colors[ids],  # [T, K, D]
-    )
-
-    count = valid.sum(-1)  # [T]
-
-    def one_tile(x):
-        x0, y0, m, c, o, col, n = x
-        return composite(lx + x0, ly + y0, m, c, o, col, chunk=opts.chunk, count=n)
-
-    # tile_batch 1 keeps the per-chunk lax.cond a real branch (skips empty chunks and ended
-    # tiles); larger batches vmap tiles together (more parallel work, no skipping)
-    batch = {} if opts.tile_batch == 1 else {"batch_size": opts.tile_batch}
-    acc, trans = jax.lax.map(jax.checkpoint(one_tile), per_tile + (count,), **batch)
+    lay = TileLayout(tw, tw * th, ts, opts.chunk, opts.tile_batch)
+    feats = jnp.concatenate([proj.means2d, proj.conics, opacities[:, None], colors], -1)
+    # one gather per camera: each chunk is then a contiguous slice, and the gather's transpose
+    # (autodiff) sums the per-slot gradients of the custom VJP into per-Gaussian ones
+    feats = jnp.pad(feats[lists.gid], ((0, opts.chunk), (0, 0)))
+    acc, trans = composite_tiles(feats, lists.start, lists.count, lay)
     d = colors.shape[-1]
     acc = acc.reshape(th, tw, ts, ts, d).transpose(0, 2, 1, 3, 4).reshape(th * ts, tw * ts, d)
     trans = trans.reshape(th, tw, ts, ts).transpose(0, 2, 1, 3).reshape(th * ts, tw * ts)
@@ -108,6 +106,26 @@ def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
 
 
 def _render_camera(means, covars, opacities, colors, viewmat, K, background, opts):
+    proj, opacities = _project_camera(means, covars, opacities, viewmat, K, opts)
+    if "D" in opts.render_mode:
+        depth = proj.depths[:, None].astype(colors.dtype)
+        colors = jnp.concatenate([colors, depth], -1) if "RGB" in opts.render_mode else depth
+    if opts.dense:
+        acc, trans = render_dense(proj, opacities, colors, opts.width, opts.height)
+        zero = jnp.zeros((), jnp.int32)
+        stats = BinStats(zero, zero, zero)
+    else:
+        acc, trans, stats = _render_tiled(proj, opacities, colors, opts)
+    alpha = 1.0 - trans
+    if opts.render_mode.endswith("ED"):  # expected depth: normalise by coverage (as gsplat)
+        acc = acc.at[..., -1].divide(jnp.maximum(alpha, 1e-10))
+    if background is not None:
+        acc = acc + trans[..., None] * background
+    return acc, alpha[..., None], proj, opacities, stats
+
+
+def _project_camera(means, covars, opacities, viewmat, K, opts: RasterOptions):
+    """Projection plus antialiasing compensation: (Projected, opacities [N])."""
     proj = project(
         means,
         covars,
@@ -121,21 +139,52 @@ def _render_camera(means, covars, opacities, colors, viewmat, K, background, opt
     )
     if opts.rasterize_mode == "antialiased":
         opacities = opacities * proj.compensations
-    if "D" in opts.render_mode:
-        depth = proj.depths[:, None].astype(colors.dtype)
-        colors = jnp.concatenate([colors, depth], -1) if "RGB" in opts.render_mode else depth
-    if opts.dense:
-        acc, trans = render_dense(proj, opacities, colors, opts.width, opts.height)
-        zero = jnp.zeros((), jnp.int32)
-        stats = BinStats(zero, zero, zero, zero, zero)
-    else:
-        acc, trans, stats = _render_tiled(proj, opacities, colors, opts)
-    alpha = 1.0 - trans
-    if opts.render_mode.endswith("ED"):  # expected depth: normalise by coverage (as gsplat)
-        acc = acc.at[..., -1].divide(jnp.maximum(alpha, 1e-10))
-    if background is not None:
-        acc = acc + trans[..., None] * background
-    return acc, alpha[..., None], proj, opacities, stats
+    return proj, opacities
+
+
+@jax.jit(static_argnames=("opts",))
+def _count_jit(means, covars, opacities, viewmats, Ks, opts):
+    """[] int32 most Gaussian-tile intersections over the cameras (the binning's own rule)."""
+
+    def one(x):
+        proj, opac = _project_camera(means, covars, opacities, *x, opts)
+        return count_isects(proj.means2d, proj.radii, opac, opts.width, opts.height, opts.tile_size)
+
+    return jax.lax.map(one, (viewmats, Ks)).max()
+
+
+def _concrete(x):
+    """x's value if known now (eager, or the primal under eager `jax.grad`), else None."""
+    if not isinstance(x, jax.core.Tracer):
+        return x
+    try:
+        from jax._src.core import to_concrete_value  # no public equivalent that sees JVP primals
+    except ImportError:  # pragma: no cover - other JAX versions: the default capacity applies
+        return None
+    return to_concrete_value(x)
+
+
+def _sized(opts: RasterOptions, means, covars, opacities, viewmats, Ks) -> RasterOptions:
+    """opts with `isect_capacity` from a count pass when it is unset and the inputs are known."""
+    if opts.dense or opts.isect_capacity is not None:
+        return opts
+    values = [_concrete(x) for x in (means, covars, opacities, viewmats, Ks)]
+    if any(v is None for v in values):
+        return opts  # traced: tiles.default_isect_capacity, overflow counted and warned
+    n = int(_count_jit(*values, opts=opts))
+    return dataclasses.replace(opts, isect_capacity=bucket_capacity(n))
+
+
+def _warn_overflow(overflow):
+    # constant text: Python's default filter then shows it once per process, not every frame
+    if np.asarray(overflow).max(initial=0) > 0:
+        warnings.warn(
+            "rasterization: isect_capacity is too small, some Gaussian-tile intersections are "
+            "missing (meta['isect_overflow']); pass isect_capacity >= meta['n_isects'] or call "
+            "outside jit so that it is counted",
+            RasterCapacityWarning,
+            stacklevel=2,
+        )
 
 
 def render(
@@ -164,10 +213,18 @@ def render(
         rgb = "RGB" in opts.render_mode
         backgrounds = jnp.concatenate([backgrounds, zeros], -1) if rgb else zeros
 
+    opts = _sized(opts, means, covars, opacities, viewmats, Ks)
     img, alpha, meta = _render_jit(
         means, covars, opacities, colors, viewmats, Ks, backgrounds, opts
     )
-    meta |= {"width": opts.width, "height": opts.height, "tile_size": opts.tile_size}
+    tw, th = tile_grid(opts.width, opts.height, opts.tile_size)
+    cap = opts.isect_capacity or default_isect_capacity(means.shape[0], tw * th)
+    meta |= {
+        "width": opts.width,
+        "height": opts.height,
+        "tile_size": opts.tile_size,
+        "isect_capacity": 0 if opts.dense else cap,  # static slot count used
+    }
     return img, alpha, meta
 
 
@@ -177,11 +234,14 @@ def _render_jit(means, covars, opacities, colors, viewmats, Ks, backgrounds, opt
     def one(viewmat, K, bg):
         return _render_camera(means, covars, opacities, colors, viewmat, K, bg, opts)
 
-    # cameras in sequence (lax.map, not vmap) so that the compositor's conds stay branches
+    # cameras in sequence (lax.map, not vmap) so that each tile's while loop keeps its own
+    # trip count
     if backgrounds is None:
         img, alpha, proj, opac, stats = jax.lax.map(lambda x: one(*x, None), (viewmats, Ks))
     else:
         img, alpha, proj, opac, stats = jax.lax.map(lambda x: one(*x), (viewmats, Ks, backgrounds))
+    if not opts.dense:
+        jax.debug.callback(_warn_overflow, stats.isect_overflow)
     meta = {
         "means2d": proj.means2d,  # [C, N, 2]
         "conics": proj.conics,  # [C, N, 3]
@@ -215,7 +275,6 @@ def rasterization(
     render_mode: str = "RGB",
     rasterize_mode: str = "classic",
     tile_size: int = 16,
-    tile_capacity: int = 256,
     isect_capacity: int | None = None,
     tile_batch: int = 1,
     chunk: int = 64,
@@ -225,10 +284,10 @@ def rasterization(
     """gsplat-style rasterisation -> (colors [C, H, W, D'], alphas [C, H, W, 1], meta).
 
     D' = D for "RGB", 1 for "D"/"ED" (accumulated / expected depth), D + 1 for "RGB+D"/"RGB+ED".
-    `meta` holds means2d, conics, depths, radii, opacities, compensations (per camera) and the
-    binning counters n_isects, isect_overflow, tile_overflow, tiles_overflowed, max_tile_count
-    ([C] each). Non-zero overflow means Gaussians were dropped from some tiles (the farthest
-    first): raise `tile_capacity` (to at least `max_tile_count`) or `isect_capacity`.
+    `meta` holds means2d, conics, depths, radii, opacities, compensations (per camera), the
+    binning counters n_isects, isect_overflow, max_tile_count ([C] each) and isect_capacity.
+    `isect_overflow` is 0 unless a fixed `isect_capacity` (given, or the default under an outer
+    `jit`) was too small; then a `RasterCapacityWarning` is issued too (module doc).
     """
     opts = RasterOptions(
         width=width,
@@ -239,7 +298,6 @@ def rasterization(
         render_mode=render_mode,
         rasterize_mode=rasterize_mode,
         tile_size=tile_size,
-        tile_capacity=tile_capacity,
         isect_capacity=isect_capacity,
         tile_batch=tile_batch,
         chunk=chunk,

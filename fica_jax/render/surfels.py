@@ -113,8 +113,7 @@ def render_surfels(
     opacity: float = 1.0,
     eps2d: float = 0.1,
     tile_size: int = 8,
-    tile_capacity: int = 1024,
-    **raster_kwargs: Any,  # RasterOptions fields (tile_capacity, dense, ...)
+    **raster_kwargs: Any,  # RasterOptions fields (isect_capacity, dense, ...)
 ) -> dict[str, Any]:
     """Renders the UV maps: image [C, H, W, 3], alpha [C, H, W], depth [C, H, W] (expected),
     keypoints [C, L, 2] when landmarks are given, and the rasteriser's meta."""
@@ -134,7 +133,6 @@ def render_surfels(
         render_mode="RGB+ED",
         eps2d=eps2d,
         tile_size=tile_size,
-        tile_capacity=tile_capacity,
         **raster_kwargs,
     )
     img, alpha, meta = render(

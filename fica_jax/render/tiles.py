@@ -1,20 +1,22 @@
-"""Stage 2 of the Gaussian rasteriser: tile intersection with static shapes (docs/architecture.md §7).
+"""Stage 2 of the Gaussian rasteriser: tile intersection lists with static shapes (docs/architecture.md §7).
 
-gsplat emits one (tile, depth) key per Gaussian-tile intersection, sorts them and gives each
-tile a variable-length range. TPUs need static shapes, so here:
+gsplat (`isect_tiles` + `isect_offset_encode`) emits one (tile, depth) key per Gaussian-tile
+intersection, sorts the keys and gives each tile a contiguous range of the sorted list. We build
+the same list with a static number of slots, `isect_capacity`:
 1. Gaussians are ordered by depth (culled ones last);
 2. each Gaussian's tile box (from its radius, tightened by opacity as gsplat's kernel does:
-   beyond `sqrt(2 ln(255 o))` sigma the alpha is below 1/255 anyway) is expanded into at most
-   `isect_capacity` (tile, Gaussian) slots via a cumulative sum + `searchsorted`; the slots are
-   filled in depth order, so if the capacity is too small the *farthest* intersections drop;
-3. a stable sort by tile id keeps each tile's list depth-ordered; every tile takes its first
-   `tile_capacity` entries, i.e. the K nearest Gaussians, and the rest are dropped.
+   beyond `sqrt(2 ln(255 o))` sigma the alpha is below 1/255 anyway) is expanded into the slots
+   by a cumulative sum + `searchsorted`, in depth order;
+3. a stable sort by tile id keeps each tile's run depth-ordered, and `searchsorted` gives every
+   tile its `[start, start + count)` range.
 
-Nothing is dropped silently: `BinStats` counts the dropped intersections per camera
-(`tile_overflow`, `isect_overflow`, returned in the rasteriser's `meta`). Raise
-`tile_capacity` / `isect_capacity` (arguments of `rasterization`) when they are non-zero.
-Cost is O(G log G + S log S + tiles x K) for G Gaussians and S slots: it grows with Gaussians
-plus pixels, not their product. Binning carries no gradient (integer ids only).
+There is no per-tile cap: a tile's list is as long as it is, and the compositor walks exactly
+that range (`composite.composite_tiles`). The only static size is the slot count. The caller
+sizes it from `count_isects` (a cheap pass over the tile boxes) rounded up by `bucket_capacity`,
+so it fits; where it is too small anyway (a capacity fixed under `jit`), the *farthest*
+intersections are the ones missing, and `BinStats.isect_overflow` counts them (the rasteriser
+reports it in `meta` and warns). Cost is O(G log G + S log S) for G Gaussians and S slots.
+Binning carries no gradient (integer ids only).
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ from fica_jax.render.project import EXTENT_SIGMA
 
 class BinStats(NamedTuple):
     n_isects: jax.Array  # [] int32 Gaussian-tile intersections wanted
-    isect_overflow: jax.Array  # [] int32 intersections beyond isect_capacity (dropped)
-    tile_overflow: jax.Array  # [] int32 intersections beyond tile_capacity (dropped)
-    tiles_overflowed: jax.Array  # [] int32 tiles that dropped at least one Gaussian
-    max_tile_count: jax.Array  # [] int32 longest tile list (the capacity that would suffice)
+    isect_overflow: jax.Array  # [] int32 intersections beyond isect_capacity (missing)
+    max_tile_count: jax.Array  # [] int32 longest tile list
+
+
+class TileLists(NamedTuple):
+    gid: jax.Array  # [S] int32 Gaussian ids, grouped by tile, front to back within a tile
+    start: jax.Array  # [T] int32 first slot of each tile's run
+    count: jax.Array  # [T] int32 length of each tile's run
 
 
 def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
@@ -42,8 +48,44 @@ def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
 
 
 def default_isect_capacity(n: int, n_tiles: int) -> int:
-    """Static slot count: every Gaussian in ~8 tiles, never more than all pairs."""
+    """Slot count when nothing better is known (under `jit`): every Gaussian in ~8 tiles."""
     return max(1, min(n * n_tiles, 8 * n + 4096))
+
+
+def bucket_capacity(n_isects: int) -> int:
+    """Slot count for a counted `n_isects`: the next power of two above it plus 1/64 slack
+    (so that 1-ulp differences between the count pass and the render cannot overflow), at
+    least 1024. Powers of two keep the number of distinct compiled shapes small."""
+    need = n_isects + n_isects // 64 + 64
+    return max(1024, 1 << (need - 1).bit_length())
+
+
+def tile_boxes(
+    means2d: jax.Array,  # [N, 2]
+    radii: jax.Array,  # [N, 2] int, 0 = culled
+    opacities: jax.Array,  # [N] (after antialiasing compensation)
+    tiles_x: int,
+    tiles_y: int,
+    tile_size: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per Gaussian: (x0 [N], y0 [N], box width in tiles [N], tiles touched [N], 0 if culled)."""
+    means2d, opacities = jax.lax.stop_gradient(means2d), jax.lax.stop_gradient(opacities)
+    live = (radii[:, 0] > 0) & (radii[:, 1] > 0) & (opacities >= ALPHA_MIN)
+    ext = jnp.sqrt(2.0 * jnp.log(jnp.maximum(opacities, ALPHA_MIN) / ALPHA_MIN))
+    shrink = jnp.minimum(1.0, ext / EXTENT_SIGMA)
+    r = radii.astype(means2d.dtype) * shrink[:, None]
+    lo = jnp.floor((means2d - r) / tile_size).astype(jnp.int32)
+    hi = jnp.ceil((means2d + r) / tile_size).astype(jnp.int32)
+    x0, x1 = jnp.clip(lo[:, 0], 0, tiles_x), jnp.clip(hi[:, 0], 0, tiles_x)
+    y0, y1 = jnp.clip(lo[:, 1], 0, tiles_y), jnp.clip(hi[:, 1], 0, tiles_y)
+    bw = x1 - x0
+    return x0, y0, bw, jnp.where(live, bw * (y1 - y0), 0)
+
+
+def count_isects(means2d, radii, opacities, width: int, height: int, tile_size: int):
+    """[] int32 Gaussian-tile intersections `bin_gaussians` will need (same tile boxes)."""
+    tw, th = tile_grid(width, height, tile_size)
+    return tile_boxes(means2d, radii, opacities, tw, th, tile_size)[3].sum()
 
 
 def bin_gaussians(
@@ -55,28 +97,17 @@ def bin_gaussians(
     height: int,
     *,
     tile_size: int = 16,
-    tile_capacity: int = 256,
     isect_capacity: int | None = None,
-) -> tuple[jax.Array, jax.Array, BinStats]:
-    """Returns (ids [T, K] int32, valid [T, K] bool, stats): each tile's K nearest Gaussians."""
-    means2d, depths, opacities = map(jax.lax.stop_gradient, (means2d, depths, opacities))
+) -> tuple[TileLists, BinStats]:
+    """Depth-ordered per-tile Gaussian lists in `isect_capacity` slots (see module doc)."""
+    depths = jax.lax.stop_gradient(depths)
     n = depths.shape[0]
     tw, th = tile_grid(width, height, tile_size)
     n_tiles = tw * th
     cap = isect_capacity or default_isect_capacity(n, n_tiles)
+    x0, y0, bw, counts = tile_boxes(means2d, radii, opacities, tw, th, tile_size)
 
-    live = (radii[:, 0] > 0) & (radii[:, 1] > 0) & (opacities >= ALPHA_MIN)
-    ext = jnp.sqrt(2.0 * jnp.log(jnp.maximum(opacities, ALPHA_MIN) / ALPHA_MIN))
-    shrink = jnp.minimum(1.0, ext / EXTENT_SIGMA)
-    r = radii.astype(means2d.dtype) * shrink[:, None]
-    lo = jnp.floor((means2d - r) / tile_size).astype(jnp.int32)
-    hi = jnp.ceil((means2d + r) / tile_size).astype(jnp.int32)
-    x0, x1 = jnp.clip(lo[:, 0], 0, tw), jnp.clip(hi[:, 0], 0, tw)
-    y0, y1 = jnp.clip(lo[:, 1], 0, th), jnp.clip(hi[:, 1], 0, th)
-    bw = x1 - x0
-    counts = jnp.where(live, bw * (y1 - y0), 0)
-
-    order = jnp.argsort(jnp.where(live, depths, jnp.inf), stable=True)
+    order = jnp.argsort(jnp.where(counts > 0, depths, jnp.inf), stable=True)
     ends = jnp.cumsum(counts[order])
     total = ends[-1]
     slot = jnp.arange(cap, dtype=ends.dtype)
@@ -93,15 +124,12 @@ def bin_gaussians(
     tids = jnp.arange(n_tiles, dtype=tile.dtype)
     start = jnp.searchsorted(tile_sorted, tids, side="left")
     count = jnp.searchsorted(tile_sorted, tids, side="right") - start
-    k = jnp.arange(tile_capacity)
-    valid = k[None, :] < count[:, None]
-    ids = gid_sorted[jnp.minimum(start[:, None] + k[None, :], cap - 1)]
-    ids = jnp.where(valid, ids, 0).astype(jnp.int32)
+    lists = TileLists(
+        gid_sorted.astype(jnp.int32), start.astype(jnp.int32), count.astype(jnp.int32)
+    )
     stats = BinStats(
         n_isects=total.astype(jnp.int32),
         isect_overflow=jnp.maximum(total - cap, 0).astype(jnp.int32),
-        tile_overflow=jnp.maximum(count - tile_capacity, 0).sum().astype(jnp.int32),
-        tiles_overflowed=(count > tile_capacity).sum().astype(jnp.int32),
         max_tile_count=count.max().astype(jnp.int32),
     )
-    return ids, valid, stats
+    return lists, stats
