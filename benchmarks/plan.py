@@ -5,8 +5,8 @@
 
 Each writes `benchmarks/results/plan_NAME.json` (the `fica plan` report plus the command that made
 it). Nothing here runs on an accelerator: the devices are fake CPU devices, the numbers are the
-compiler's memory analysis, HLO-counted hardware and model FLOPs, collective bytes, and a roofline
-with MaxText-convention MFU (docs/architecture.md §9-§10).
+compiler's memory analysis, HLO-counted hardware and model FLOPs, collective bytes, per-op HBM bytes
+and a per-op roofline with MaxText-convention MFU (docs/architecture.md §9-§10).
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def main() -> int:
             "hardware_flops_per_device": report["flops"]["hardware_per_device_per_step"],
             "model_flops_per_device": report["flops"]["model_per_device_per_step"],
             "collective_bytes_per_device": report["collective_bytes_per_device"]["total"],
+            "hardware_over_model": report["flops"]["hardware_over_model"],
+            "v5p_compute_s": v5p.get("compute_s"),
+            "v5p_hbm_s": v5p.get("hbm_s"),
+            "v5p_op_roofline_s": v5p.get("op_roofline_s"),
+            "v5p_collective_s": v5p.get("collective_s"),
             "v5p_step_s": v5p.get("step_s"),
             "v5p_mfu": v5p.get("mfu"),
             "v5p_mfu_no_overlap": v5p.get("mfu_no_overlap"),

@@ -99,20 +99,102 @@ def test_fica_plan_toy_json(tmp_path, capsys):
 
 
 def _check_mfu_is_model_flops(report):
-    """MaxText MFU: model FLOPs / (peak x predicted step time), overlapped and serial."""
+    """MaxText MFU: model FLOPs / (peak x predicted step time), overlapped and serial; the step
+    time is the per-op roofline (compute or HBM bound per op) against the collectives."""
     from fica_jax.train.chips import CHIPS
 
     model = report["flops"]["model_per_device_per_step"]
     hw = report["flops"]["hardware_per_device_per_step"]
     for chip, r in report["roofline"].items():
         peak = CHIPS[chip].peak_flops
-        assert r["step_s"] == max(r["compute_s"], r["collective_s"])
-        assert r["step_s_no_overlap"] == pytest.approx(r["compute_s"] + r["collective_s"])
+        assert r["op_roofline_s"] >= max(r["compute_s"], r["hbm_s"]) * (1 - 1e-9)
+        assert r["step_s"] == max(r["op_roofline_s"], r["collective_s"])
+        assert r["step_s_no_overlap"] == pytest.approx(r["op_roofline_s"] + r["collective_s"])
         assert r["compute_s"] == pytest.approx(hw / peak)
         assert r["mfu"] == pytest.approx(model / (peak * r["step_s"]))
         assert r["mfu_no_overlap"] == pytest.approx(model / (peak * r["step_s_no_overlap"]))
         assert r["hfu"] == pytest.approx(hw / (peak * r["step_s"]))
-        assert 0 < r["mfu_no_overlap"] <= r["mfu"]
+        assert 0 < r["mfu_no_overlap"] <= r["mfu"] <= 1
+    top = report["top_ops"]
+    kinds = top["by_kind"].values()
+    assert sum(k["seconds"] for k in kinds) == pytest.approx(
+        report["roofline"][top["chip"]]["op_roofline_s"]
+    )
+    assert sum(k["flops"] for k in kinds) == pytest.approx(hw)  # every dot sits in some op
+    assert 0 < len(top["top"]) <= 10
+
+
+def test_op_roofline_hand_counted():
+    """Per-op bytes and FLOPs of a scanned matmul + tanh, counted by hand: each of the L loop
+    iterations slices one [D, D] weight out of the stacked [L, D, D] (reads the slice, not the
+    stack), multiplies [B, D] x [D, D] and applies tanh, all f32; the time is the per-op max of
+    FLOPs / peak and bytes / HBM bandwidth."""
+    import jax
+    import jax.numpy as jnp
+
+    from fica_jax.train.chips import CHIPS, op_roofline
+
+    b, d, n_layers, f32 = 8, 32, 4, 4
+
+    def f(x, w):
+        return jax.lax.scan(lambda x, wi: (jnp.tanh(x @ wi), None), x, w)[0]
+
+    x = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((n_layers, d, d), jnp.float32)
+    ops = {o.name: o for o in plan.op_costs(jax.jit(f).lower(x, w).compile().as_text())}
+    dot = next(o for o in ops.values() if o.kind == "matmul")
+    assert dot.count == n_layers and dot.flops == 2 * b * d * d
+    assert dot.bytes == f32 * (b * d + d * d + b * d)  # x and the weight slice in, x @ w out
+    tanh = next(o for o in ops.values() if "tanh" in o.label)
+    assert (tanh.count, tanh.bytes, tanh.flops) == (n_layers, f32 * 2 * b * d, 0)
+    (ds,) = [o for o in ops.values() if o.kind == "slice-update"]
+    assert ds.count == n_layers and ds.bytes == f32 * 2 * d * d + 4  # slice, result, s32 index
+    assert sum(o.count * o.flops for o in ops.values()) == n_layers * 2 * b * d * d
+    v5p = CHIPS["v5p"]
+    want = sum(o.count * max(o.flops / v5p.peak_flops, o.bytes / v5p.hbm_bytes_per_s)
+               for o in ops.values())  # fmt: skip
+    assert op_roofline(list(ops.values()), v5p) == pytest.approx(want)
+    assert want == pytest.approx(sum(o.count * o.bytes for o in ops.values()) / 2765e9)
+
+
+def test_fusion_bytes_slice_and_in_place_update():
+    """A fusion reading only a dynamic slice of its operand, through the CPU's bf16->f32
+    converts, counts the slice; a dynamic-update-slice of a parameter at a fusion's root is in
+    place: only the update is read and written (XLA's HloCostAnalysis convention)."""
+    hlo = """HloModule m
+
+%ds (p0: bf16[8,16], p1: s32[]) -> f32[16] {
+  %p0 = bf16[8,16]{1,0} parameter(0)
+  %cv = f32[8,16]{1,0} convert(%p0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %sl = f32[1,16]{1,0} dynamic-slice(%cv, %p1, %z), dynamic_slice_sizes={1,16}
+  ROOT %bc = f32[16]{0} bitcast(%sl)
+}
+
+%dus (q0: bf16[8,16], q1: f32[16], q2: s32[]) -> bf16[8,16] {
+  %q0 = bf16[8,16]{1,0} parameter(0)
+  %c0 = f32[8,16]{1,0} convert(%q0)
+  %q1 = f32[16]{0} parameter(1)
+  %b1 = f32[1,16]{1,0} bitcast(%q1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %up = f32[8,16]{1,0} dynamic-update-slice(%c0, %b1, %q2, %z)
+  ROOT %c1 = bf16[8,16]{1,0} convert(%up)
+}
+
+ENTRY %main (a: bf16[8,16], i: s32[]) -> bf16[8,16] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %row = f32[16]{0} fusion(%a, %i), kind=kLoop, calls=%ds
+  ROOT %put = bf16[8,16]{1,0} fusion(%a, %row, %i), kind=kLoop, calls=%dus
+}
+"""
+    ops = {o.name: o for o in plan.op_costs(hlo)}
+    assert set(ops) == {"row", "put"}
+    assert ops["row"].bytes == 16 * 2 + 4 + 16 * 4  # bf16 slice + index in, f32 row out
+    assert ops["put"].bytes == 16 * 4 + 4 + 16 * 2  # f32 row + index in, bf16 row written
+    assert ops["row"].kind == ops["put"].kind == "slice-update"
 
 
 def test_fica_plan_mfu_excludes_remat_recompute():

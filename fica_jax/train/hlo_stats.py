@@ -193,27 +193,25 @@ def _trip_count(rest: str, operands: list[str], insts: dict, comps: dict) -> int
     return max(int(bound.group(1)) - init, 0)
 
 
-def analyze(hlo_text: str, reduce_scatter: bool = False) -> HloStats:
-    """Walks the module from ENTRY; a while body counts its trip count times (see module doc)."""
+def computations(hlo_text: str) -> tuple[dict[str, list], str]:
+    """{computation: [("__params__", {name: type}), (name, result, op, rest, is_root), ...]}
+    and the ENTRY computation's name, from HLO text."""
     comps: dict[str, list] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
-        h = _HEADER.match(line)
-        if h:
+        if h := _HEADER.match(line):
             current = h.group(1)
-            comps[current] = []
-            params = {}
-            for pname, ptype in re.findall(r"([\w.\-]+):\s*([^,()]+\[[\d,]*\])", h.group(2)):
-                params[pname] = ptype
-            comps[current].append(("__params__", params))
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        if current is None:
-            continue
-        m = _INST.match(line)
-        if m:
+            params = dict(re.findall(r"([\w.\-]+):\s*([^,()]+\[[\d,]*\])", h.group(2)))
+            comps[current] = [("__params__", params)]
+            entry = current if line.startswith("ENTRY") else entry
+        elif current is not None and (m := _INST.match(line)):
             comps[current].append((*m.groups(), line.lstrip().startswith("ROOT ")))
+    return comps, entry
+
+
+def analyze(hlo_text: str, reduce_scatter: bool = False) -> HloStats:
+    """Walks the module from ENTRY; a while body counts its trip count times (see module doc)."""
+    comps, entry = computations(hlo_text)
     trips: list[int] = []
 
     @functools.cache

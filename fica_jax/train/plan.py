@@ -12,11 +12,13 @@ step's HLO with while-loop trip counts applied (`hlo_stats`; includes remat reco
 to XLA's own `cost_analysis()` figure (which counts a scanned body once, §10), and *model* FLOPs
 (MaxText's MFU numerator: 3 x the forward's matmul/conv/attention FLOPs, remat off,
 `model_flops`); collective bytes by kind, counted in the step as the SPMD partitioner left it
-(`collectives`); and a roofline per chip: compute time = hardware FLOPs / peak, collective time =
-bytes / interconnect bandwidth, step time = their max (perfect overlap) or their sum (none), and
-MFU = model FLOPs / (peak x step time) for both. The HBM term is left out: the CPU compiler's
-fusion decisions say little about a TPU's memory traffic. The memory analysis is the CPU
-compiler's too: it keeps some bf16 tensors as f32 copies, so it overstates a TPU's peak.
+(`collectives`); HBM bytes and FLOPs of every op of the compiled per-device step (`op_costs`);
+and a roofline per chip (`chips.roofline`): op time = sum over ops of max(FLOPs / peak, bytes /
+HBM bandwidth), collective time = bytes / interconnect bandwidth, step time = their max (perfect
+overlap) or their sum (none), MFU = model FLOPs / (peak x step time) for both. The op bytes and
+the memory analysis are the CPU compiler's: it fuses less than a TPU/GPU compiler, runs bf16
+matmuls and elementwise ops in f32 and keeps f32 copies of some bf16 tensors, so both are
+pessimistic estimates of a TPU's HBM traffic and peak memory.
 
   python -m fica_jax.train.plan --config configs/toy.py --mesh data=2,fsdp=4
   python -m fica_jax.train.plan --golden configs/dit.py:paper --mesh data=8,fsdp=8 \
@@ -26,10 +28,12 @@ compiler's too: it keeps some bf16 tensors as f32 copies, so it overstates a TPU
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,8 @@ import time
 from collections.abc import Mapping, Sequence
 
 from fica_jax.errors import UserError
-from fica_jax.train.chips import CHIPS
+from fica_jax.train import hlo_stats as hs
+from fica_jax.train.chips import CHIPS, OpCost, roofline, top_ops  # noqa: F401 (re-exported)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -77,34 +82,146 @@ def _tree_bytes(tree) -> tuple[int, int]:
     return count, per_device
 
 
-def roofline(
-    hw_flops: float, model_flops: float, coll_bytes: float, mem_bytes: float, chips: Sequence[str]
-) -> dict:
-    """Per-chip roofline of one step from per-device figures (docs/architecture.md §9).
+_NO_TRAFFIC = {  # move no HBM bytes of their own (while/call/conditional bodies are walked)
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
+    "partition-id", "replica-id", "opt-barrier", "add-dependency", "while", "call",
+    "conditional", "copy-done",
+}  # fmt: skip
+_SAME_ELEMENTS = ("convert", "bitcast", "copy", "reshape", "transpose")  # slice-transparent
 
-    compute_s = hardware (HLO) FLOPs / peak; collective_s = bytes / interconnect; the step takes
-    max of the two with perfect compute/collective overlap, their sum with none. MFU is MaxText's:
-    model FLOPs / (peak x step time), for both step times; `hfu` is hardware FLOPs over the same.
-    """
-    out = {}
-    for chip in chips:
-        c = CHIPS[chip]
-        compute_s = hw_flops / c.peak_flops
-        comm_s = coll_bytes / c.link_bytes_per_s
-        step_s = max(compute_s, comm_s)
-        step_serial = compute_s + comm_s
-        ratio = lambda num, den: num / den if den > 0 else None
-        out[chip] = {
-            "compute_s": compute_s,
-            "model_compute_s": model_flops / c.peak_flops,
-            "collective_s": comm_s,
-            "step_s": step_s,
-            "step_s_no_overlap": step_serial,
-            "mfu": ratio(model_flops, c.peak_flops * step_s),
-            "mfu_no_overlap": ratio(model_flops, c.peak_flops * step_serial),
-            "hfu": ratio(hw_flops, c.peak_flops * step_s),
-            "fits_hbm": mem_bytes <= c.hbm_bytes,
-        }
+
+def _hlo_computations(text: str) -> tuple[dict[str, list], str]:
+    """`hlo_stats.computations`, refusing text without an ENTRY computation."""
+    comps, entry = hs.computations(text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+def _args(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _n(result: str) -> int:
+    return max(sum(math.prod(s) for _, s in hs._shapes(result)), 1)
+
+
+def _dot_conv_flops(result: str, op: str, rest: str, shapes: dict) -> float:
+    if op == "dot":
+        return hs._dot_flops(result, _args(rest), rest, shapes)
+    return hs._conv_flops(result, _args(rest), rest, shapes) if op == "convolution" else 0.0
+
+
+def _fusion_bytes(insts: dict, operand_bytes: list[float]) -> float:
+    """HBM bytes of one fusion, counted as XLA's HloCostAnalysis counts a fusion: operands read
+    and outputs written in full, except an operand only dynamic-sliced or sliced (the slice is
+    read) and one updated in place (a dynamic-update-slice of a parameter at the root: only the
+    update is written). Converts, bitcasts, copies, reshapes and transposes between parameter
+    and slice or update (the CPU's f32 detour for bf16) do not change which elements move."""
+    users: dict[str, list] = {}
+    for name, (_, _, rest, _) in insts.items():
+        for i, a in enumerate(_args(rest)):
+            users.setdefault(a, []).append((name, i))
+
+    def source(name):  # up operand 0 through element-preserving ops
+        while insts[name][1] in _SAME_ELEMENTS:
+            name = _args(insts[name][2])[0]
+        return name
+
+    root = next(n for n, v in insts.items() if v[3])
+    written, in_place = 0.0, set()
+    for out in _args(insts[root][2]) if insts[root][1] == "tuple" else [root]:
+        d, full = source(out), hs._bytes(insts[out][0])
+        args = _args(insts[d][2])
+        if insts[d][1] == "dynamic-update-slice" and insts[source(args[0])][1] == "parameter":
+            in_place.add(d)
+            full *= _n(insts[args[1]][0]) / _n(insts[d][0])
+        written += full
+
+    def read_fraction(name) -> float:
+        frac = 0.0
+        for user, i in users.get(name, []):
+            op = insts[user][1]
+            if op in _SAME_ELEMENTS:
+                frac += read_fraction(user)
+            elif op in ("dynamic-slice", "slice") and i == 0:
+                frac += _n(insts[user][0]) / _n(insts[name][0])
+            elif not (op == "dynamic-update-slice" and i == 0 and user in in_place):
+                return 1.0
+        return min(frac, 1.0)
+
+    read = 0.0
+    for name, (_, op, rest, _) in insts.items():
+        k = int(re.match(r"\s*(\d+)", rest).group(1)) if op == "parameter" else -1
+        if 0 <= k < len(operand_bytes):
+            read += operand_bytes[k] * read_fraction(name)
+    return read + written
+
+
+def _kind(op: str, comp: list | None, flops: float) -> str:
+    if flops > 0:
+        return "matmul"
+    ops = {i[2] for i in comp[1:]} if comp else {op}
+    if ops & {"dynamic-update-slice", "dynamic-slice", "slice"}:
+        return "slice-update"
+    if ops <= {"convert", "bitcast", "copy", "parameter", "constant", "broadcast", "tuple"}:
+        return next((k for k in ("convert", "copy", "broadcast") if k in ops), op)
+    if ops & {"reduce", "reduce-window"}:
+        return "reduce"
+    return "elementwise" if op == "fusion" else op
+
+
+def op_costs(hlo_text: str) -> list[OpCost]:
+    """HBM bytes and dot/conv FLOPs of every top-level instruction of a compiled (partitioned,
+    per-device) step: ENTRY, while bodies (times their trip counts), called computations and
+    conditional branches; a fusion's bytes are its operands and outputs (`_fusion_bytes`), its
+    FLOPs the dots and convs inside. Collectives are left to the collective term; parameters,
+    constants, tuples and bitcasts move nothing. docs/architecture.md §9."""
+    comps, entry = _hlo_computations(hlo_text)
+    shapes_of = lambda comp: {i[0]: s[0][1] for i in comp[1:] if (s := hs._shapes(i[1]))}
+
+    @functools.cache
+    def flops_in(name: str) -> float:  # dot/conv FLOPs of a fused computation, nested included
+        comp, shapes = comps[name], shapes_of(comps[name])
+        f = sum(_dot_conv_flops(i[1], i[2], i[3], shapes) for i in comp[1:])
+        return f + sum(flops_in(c) for i in comp[1:] for c in hs._CALLS.findall(i[3]) if c in comps)
+
+    out: list[OpCost] = []
+
+    def walk(name: str, mult: int) -> None:
+        comp = comps[name]
+        by_name, shapes = {i[0]: i for i in comp[1:]}, shapes_of(comp)
+        for iname, result, op, rest, _ in comp[1:]:
+            args, called = _args(rest), [c for c in hs._CALLS.findall(rest) if c in comps]
+            if op == "while":
+                cond = hs._COND.search(rest)
+                n = hs._trip_count(rest, args, by_name, comps)
+                for c in (c for c in called if not cond or c != cond.group(1)):
+                    walk(c, mult * n)
+            elif op in ("call", "conditional"):
+                for group in hs._BRANCHES.findall(rest):
+                    called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+                for c in (c for c in called if c in comps):
+                    walk(c, mult)
+            base = op.removesuffix("-start").removesuffix("-done")
+            if op in _NO_TRAFFIC or base in hs.COLLECTIVES:
+                continue
+            arg_bytes = [hs._bytes(by_name[a][1]) if a in by_name else 0.0 for a in args]
+            fused = comps[called[0]] if op == "fusion" and called else None
+            flops = flops_in(called[0]) if fused else _dot_conv_flops(result, op, rest, shapes)
+            if fused:
+                nb = _fusion_bytes({i[0]: i[1:] for i in fused[1:]}, arg_bytes)
+            elif op in ("dynamic-slice", "slice"):
+                nb = 2.0 * hs._bytes(result)
+            elif op == "dynamic-update-slice":
+                nb = 2.0 * arg_bytes[1]
+            else:
+                nb = sum(dict(zip(args, arg_bytes, strict=True)).values()) + hs._bytes(result)
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            label = re.sub(r"\.\d+$", "", iname) + (f" {meta.group(1)}" if meta else "")
+            out.append(OpCost(iname, _kind(op, fused, flops), label, mult, nb, flops))
+
+    walk(entry, 1)
     return out
 
 
@@ -120,8 +237,6 @@ def model_flops(cfg, stage) -> float:
     import jax
     from flax import nnx
 
-    from fica_jax.train.hlo_stats import analyze
-
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.train.remat = "none"
@@ -136,7 +251,7 @@ def model_flops(cfg, stage) -> float:
     batch = plain(dict(stage.batch_spec(cfg)))
     rng = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
     compiled = jax.jit(forward).lower(plain(state), batch, rng).compile()  # unsharded
-    return 3.0 * analyze(compiled.as_text()).flops
+    return 3.0 * hs.analyze(compiled.as_text()).flops
 
 
 SPMD_PASS = "spmd-partitioning"  # the pass after which XLA dumps the partitioned step
@@ -159,13 +274,11 @@ def _spmd_hlo(dump_dir: str | None) -> str | None:
 
 def collectives(compiled_text: str, spmd_text: str | None) -> dict:
     """Collective bytes per device by kind, as a TPU pipeline would send them (see `plan`)."""
-    from fica_jax.train.hlo_stats import analyze
-
-    cpu = analyze(compiled_text)
+    cpu = hs.analyze(compiled_text)
     cpu_bytes = {**cpu.collective_bytes, "total": cpu.total_collective_bytes}
     if spmd_text is None:
         return {**cpu_bytes, "source": "cpu-compiled HLO (no SPMD dump): an upper bound"}
-    tpu = analyze(spmd_text, reduce_scatter=True)
+    tpu = hs.analyze(spmd_text, reduce_scatter=True)
     return {
         **tpu.collective_bytes,
         "total": tpu.total_collective_bytes,
@@ -194,7 +307,6 @@ def plan(
     import jax
 
     from fica_jax import sharding as shd
-    from fica_jax.train.hlo_stats import analyze
     from fica_jax.train.metrics import compiled_flops
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
@@ -227,7 +339,8 @@ def plan(
     text = compiled.as_text()
     if hlo_out:
         pathlib.Path(hlo_out).write_text(text)
-    hlo = analyze(text)
+    hlo = hs.analyze(text)
+    ops = op_costs(text)
     coll = collectives(text, _spmd_hlo(spmd_dump_dir))
     flops = hlo.flops
     model_dev = model_global / n_dev
@@ -272,14 +385,23 @@ def plan(
             "`cpu_compiled`: the same count on the CPU executable, where bf16 collectives are "
             "upcast to f32 and reduce-scatters stay all-reduce + slice (an upper bound)",
         },
-        "roofline": roofline(flops, model_dev, coll["total"], peak_mem, chips),
-        "roofline_note": "per chip: compute_s = hardware FLOPs / peak, model_compute_s = model "
-        "FLOPs / peak, collective_s = collective bytes / interconnect; step_s = max(compute_s, "
-        "collective_s) (perfect overlap), step_s_no_overlap = their sum; mfu / mfu_no_overlap = "
-        "model FLOPs / (peak x step_s / step_s_no_overlap) (MaxText MFU); hfu = hardware FLOPs / "
-        "(peak x step_s). A prediction with no HBM, elementwise or latency term: a "
-        "compute-bound plan without recompute reads mfu ~1 (a little above where the 3x "
-        "convention counts gradients of data inputs that the step never computes)",
+        "roofline": roofline(flops, model_dev, coll["total"], peak_mem, chips, ops),
+        "roofline_note": "per chip, per device: compute_s = hardware FLOPs / peak; hbm_s = HBM "
+        "bytes of all ops / HBM bandwidth; op_roofline_s = sum over the step's ops of max(op "
+        "FLOPs / peak, op bytes / HBM bandwidth); collective_s = collective bytes / interconnect; "
+        "step_s = max(op_roofline_s, collective_s) (perfect overlap), step_s_no_overlap = their "
+        "sum; mfu / mfu_no_overlap = model FLOPs / (peak x step_s / step_s_no_overlap) (MaxText "
+        "MFU); hfu = hardware FLOPs / (peak x step_s). An estimate: ops and their bytes are read "
+        "from the CPU-compiled step (top-level instructions of ENTRY and of while bodies x trip "
+        "count; a fusion moves its operands and outputs, a dynamic-slice reads its slice, a "
+        "dynamic-update-slice writes its update in place), whose fusion decisions differ from a "
+        "TPU/GPU compiler's: the CPU fuses less, runs bf16 matmuls and elementwise math in f32 "
+        "(f32 matmul operands, bf16<->f32 convert fusions, kind 'convert' in top_ops) and splits "
+        "the optimizer into several passes, so op_roofline_s is likely pessimistic. Peak matmul "
+        "throughput is assumed for every dot (no efficiency factor); no latency term. "
+        "Collectives are counted after SPMD partitioning (bf16 as the program sends them, not "
+        "the CPU's f32 upcast)",
+        "top_ops": top_ops(ops, chips[0]) if chips else None,
         "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1, "model_flops": t3 - t2},
         "jax_version": jax.__version__,
     }
