@@ -205,17 +205,16 @@ def test_sampling_is_deterministic_and_cfg_one_is_unguided(model):
 # ----------------------------------------------------------------------------- quality (slow)
 @pytest.mark.slow
 def test_trained_dit_beats_mean_texture_and_template_on_held_out_identities(tmp_path):
-    """The documented path at CPU scale: synth -> vae -> cache (ground-truth unwrap as control)
-    -> dit -> `fica sample` on held-out identities. Observed (3 held-out identities, 600 steps,
-    width 128, depth 4): texture 15.35 dB vs 12.61 dB for the mean training texture; geometry
-    6.4 mm vs 2.0 mm for the mean training geometry. The geometry does NOT beat that baseline:
-    the from-scratch tiny VAE's own held-out geometry reconstruction (~4.1 mm) is already worse
-    than the mean shape, so the test bounds the DiT's geometry by the VAE's ceiling instead."""
+    """The documented path at CPU scale: synth (64 identities: 56 train, 8 held out) -> vae ->
+    cache (ground-truth unwrap as control) -> dit -> `fica sample` on the held-out identities.
+    Observed with these exact settings (`fica` CLI, 1 core): texture 16.73 dB vs 15.55 dB for the
+    mean training texture; geometry 2.21 mm vs 2.42 mm for the mean training shape (the
+    template), the VAE's own held-out ceiling being 1.65 mm. Margins are about half of those."""
     from data_pipelines.synth import synthesize
     from data_pipelines.synthetic.generator import SynthConfig
 
     data = tmp_path / "data"
-    synthesize(data, 24, SynthConfig(uv_resolution=64, image_size=64, n_frames=1), seed=0)
+    synthesize(data, 64, SynthConfig(uv_resolution=64, image_size=128, n_frames=2), seed=0)
     vae = tmp_path / "vae"
     argv = [
         "train",
@@ -252,7 +251,6 @@ def test_trained_dit_beats_mean_texture_and_template_on_held_out_identities(tmp_
     assert main(["sample", "--run", str(run), "--data", str(cache), "--out", str(out)]) == 0
     res = json.loads((out / "metrics.json").read_text())
     print(res)
-    assert res["texture_psnr"] > res["baseline_texture_psnr"] + 1.5
-    rows = [json.loads(line) for line in (vae / "metrics.jsonl").read_text().splitlines()]
-    vae_geo = [r["eval/geometry_l1_mm"] for r in rows if "eval/geometry_l1_mm" in r][-1]
-    assert res["geometry_l1_mm"] < vae_geo + 3.5
+    assert res["identities"] == 8
+    assert res["texture_psnr"] > res["baseline_texture_psnr"] + 0.6
+    assert res["geometry_l1_mm"] < res["baseline_geometry_l1_mm"] - 0.1
