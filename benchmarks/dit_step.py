@@ -561,6 +561,7 @@ def main() -> None:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
         os.replace(tmp, out)
 
 
