@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines.pipeline import first_batch
+from data_pipelines.pipeline import first_batch, mean_maps
 from fica_jax.config import load_config
+from fica_jax.models.uv_latent import MapStats
 from fica_jax.stages import vae as vae_stage
 from fica_jax.train import loop
 from fica_jax.train.stage import get_stage
@@ -43,9 +44,17 @@ def test_model_inputs_normalise_both_domains(synth_dir):
     assert x.shape == (4, 32, 32, 3) and m.shape == (4, 32, 32, 1)
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
     inside = np.asarray(m[..., 0]) > 0.5
-    # geometry rows are the positions mapped by the configured centre/extent
+    # geometry rows are the residual from the training mean shape over the configured extent;
+    # the tiny extent clips the rarest texels only
+    ref = mean_maps(synth_dir, "train")["mean_geometry"]
+    want = np.clip((batch["uv_geometry"] - ref) / cfg.model.position_extent[0], -1, 1)
     geo = np.asarray(x[2:])[inside[2:]]
-    assert np.abs(geo).max() < 0.95  # the extent has margin: nothing is clipped
+    np.testing.assert_allclose(geo, want[inside[2:]], atol=1e-5)
+    assert (np.abs(geo) >= 1.0).mean() < 0.02
+    # without a reference the configured box centres them and has margin: nothing is clipped
+    box = MapStats(tuple(cfg.model.position_center), (0.19, 0.19, 0.19))
+    x, _ = vae_stage.model_inputs({k: jnp.asarray(v) for k, v in batch.items()}, box)
+    assert np.abs(np.asarray(x[2:])[inside[2:]]).max() < 0.95
 
 
 def test_vae_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
