@@ -37,11 +37,12 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_result  # noqa: E402
 
 # XLA CPU flag sets tried by `--xla-preset` (set here, before jax is imported; documented in
 # the JSON). "default" leaves XLA_FLAGS as it is.
@@ -553,16 +554,9 @@ def main() -> None:
     if a.sweep_xla:
         result["xla_sweep"] = _sweep_xla(a)
     result["loadavg_1m_end"] = loadavg()
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if not a.no_write:
-        out = pathlib.Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
-        os.replace(tmp, out)
+        write_result(result, a.out, indent=2)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_io import write_result  # noqa: E402
 from fica_jax.render import rasterization  # noqa: E402
 from fica_jax.render.composite import composite  # noqa: E402
 from fica_jax.render.project import covariance, project  # noqa: E402
@@ -257,10 +258,7 @@ def main() -> int:
         ),
         "rows": rows,
     }
-    out = pathlib.Path(args.out or REPO / f"benchmarks/results/render_{backend}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    write_result(result, args.out or REPO / f"benchmarks/results/render_{backend}.json")
     return 0
 
 

@@ -1,0 +1,230 @@
+"""A drivable avatar: one identity's UPM bias maps + the shared decoder (FiCA Sec. 2.4).
+
+FiCA's UPM is a hypernetwork: the identity encoder runs once per avatar and its bias maps then
+condition a decoder shared by all identities (docs/architecture.md §5; the RGCA-style Gaussian
+decoder of facebookresearch/goliath). `Avatar` keeps exactly what driving needs:
+- the identity's bias maps (one per decoder level) and texel spacing,
+- its template maps (UV texture, neutral UV geometry, atlas mask),
+- the decoder and expression-encoder params (the identity encoder is dropped),
+and drives it with `drive(expression, view, gaze)` (jitted once per batch shape) and renders it
+with `render(viewmat, K, width, height)`: the rasteriser is then called with concrete inputs, so
+it counts the Gaussian-tile intersections and sizes its buffers to fit (no overflow, ever).
+
+On disk an avatar is a folder: `arrays.safetensors` (or `arrays.npz` without the `safetensors`
+package) and `avatar.json` (format, model config), each written to a temp file and renamed.
+A driven frame exports as a standard 3DGS `.ply` (`fica_jax.render.ply`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fica_jax.errors import UserError
+from fica_jax.models.upm import UPM, UPMConfig, flatten, view_direction
+from fica_jax.render import ply, rasterization
+
+FORMAT = "fica-avatar"
+VERSION = 1
+GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
+
+try:  # safetensors when installed (zero-copy, framework-neutral), else numpy's npz
+    from safetensors.numpy import load_file as _st_load
+    from safetensors.numpy import save_file as _st_save
+except ImportError:  # pragma: no cover - the project's environment ships safetensors
+    _st_load = _st_save = None
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    """write(tmp_path) then rename onto path (a reader never sees a partial file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared avatar unreadable
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _param_names(pure: dict) -> tuple[list[str], Any]:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    return ["params" + jax.tree_util.keystr(p) for p, _ in paths], treedef
+
+
+class Avatar:
+    """One identity, drivable. Build with `Avatar.create(model, texture, geometry, mask)`."""
+
+    def __init__(self, model: UPM, identity: dict, texture, geometry, mask):
+        model = nnx.clone(model)  # the caller's (trained) model stays whole
+        model.identity_encoder = None  # ran once; driving never needs it
+        self.model = model
+        self.cfg: UPMConfig = model.cfg
+        self.identity = {  # batch 1: broadcast against B frames by the decoder
+            "biases": [jnp.asarray(b).reshape(1, *b.shape[-3:]) for b in identity["biases"]],
+            "texel": jnp.asarray(identity["texel"], jnp.float32).reshape(1),
+        }
+        self.texture = jnp.asarray(texture, jnp.float32)  # [R, R, 3]
+        self.geometry = jnp.asarray(geometry, jnp.float32)  # [R, R, 3]
+        self.mask = jnp.asarray(mask, jnp.float32)  # [R, R]
+        graphdef, state = nnx.split(model)
+
+        def drive(state, identity, maps, expression, view, gaze):
+            m = nnx.merge(graphdef, state)
+            mean, _ = m.encode_expression(expression)
+            tex, geo, msk = (x[None] for x in maps)
+            return flatten(m.decode(identity, tex, geo, msk, mean, view, gaze))
+
+        self._state = state
+        self._drive = jax.jit(drive)  # traced once per batch size
+
+    @classmethod
+    def create(cls, model: UPM, texture, geometry, mask) -> Avatar:
+        """Runs the identity encoder once. texture, geometry [R, R, 3], mask [R, R]."""
+        ident = model.encode_identity(
+            jnp.asarray(texture, jnp.float32)[None],
+            jnp.asarray(geometry, jnp.float32)[None],
+            jnp.asarray(mask, jnp.float32)[None],
+        )
+        return cls(model, ident, texture, geometry, mask)
+
+    # ------------------------------------------------------------------ driving
+    def drive(self, expression=None, view=None, gaze=None) -> dict[str, jax.Array]:
+        """Gaussians for expression [E] (or [B, E]; None: neutral zeros), unit view direction
+        [3] / [B, 3] (None: frontal +z) and gaze [2] / [B, 2] (None: straight):
+        means [N, 3], quats [N, 4] (w, x, y, z), scales [N, 3], opacities [N], colors [N, 3]
+        with N = R*R (a leading B when the inputs are batched)."""
+        e_dim = self.cfg.expression_dim
+        expression = jnp.zeros(e_dim) if expression is None else jnp.asarray(expression)
+        batched = expression.ndim == 2
+        b = expression.shape[0] if batched else 1
+        fill = lambda x, default: jnp.broadcast_to(
+            jnp.asarray(default if x is None else x, jnp.float32), (b, len(default))
+        )
+        out = self._drive(
+            self._state,
+            self.identity,
+            (self.texture, self.geometry, self.mask),
+            expression.reshape(b, e_dim).astype(jnp.float32),
+            fill(view, (0.0, 0.0, 1.0)),
+            fill(gaze, (0.0, 0.0)),
+        )
+        return out if batched else {k: v[0] for k, v in out.items()}
+
+    def render(
+        self,
+        viewmat,  # [4, 4] world -> camera (OpenCV); the head sits at the world origin
+        K,  # [3, 3]
+        width: int,
+        height: int,
+        *,
+        expression=None,  # [E]
+        gaze=None,  # [2]
+        background=None,  # [3]
+        **raster_kwargs,
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        """One frame -> (image [H, W, 3], alpha [H, W], rasteriser meta), the view direction
+        taken from the camera. Intersections are counted first, so nothing overflows."""
+        viewmat = jnp.asarray(viewmat, jnp.float32)
+        g = self.drive(expression, view_direction(viewmat), gaze)
+        bg = None if background is None else jnp.asarray(background, jnp.float32)[None]
+        img, alpha, meta = rasterization(
+            *(g[k] for k in GAUSSIAN_KEYS),
+            viewmat[None],
+            jnp.asarray(K, jnp.float32)[None],
+            width,
+            height,
+            backgrounds=bg,
+            **raster_kwargs,
+        )
+        return img[0], alpha[0, ..., 0], meta
+
+    def save_ply(self, path, expression=None, view=None, gaze=None) -> int:
+        """Writes the driven frame's visible Gaussians (inside the UV atlas) as a 3DGS .ply;
+        returns how many."""
+        g = jax.device_get(self.drive(expression, view, gaze))
+        keep = np.asarray(self.mask).reshape(-1) > 0.5
+        ply.save_ply(path, *(np.asarray(g[k])[keep] for k in GAUSSIAN_KEYS))
+        return int(keep.sum())
+
+    # ------------------------------------------------------------------ disk
+    def arrays(self) -> dict[str, np.ndarray]:
+        pure = nnx.state(self.model, nnx.Param).to_pure_dict()
+        names, _ = _param_names(pure)
+        out = dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(pure)), strict=True))
+        for i, b in enumerate(self.identity["biases"]):
+            out[f"bias/{i}"] = np.asarray(b)
+        out["texel"] = np.asarray(self.identity["texel"])
+        out |= {"texture": np.asarray(self.texture), "geometry": np.asarray(self.geometry)}
+        out["mask"] = np.asarray(self.mask)
+        return out
+
+    def save(self, directory: str | os.PathLike) -> pathlib.Path:
+        """Writes `directory/arrays.safetensors` (or .npz) and `directory/avatar.json`."""
+        d = pathlib.Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays().items()}
+        if _st_save is not None:
+            name = "arrays.safetensors"
+            _atomic_write(d / name, lambda tmp: _st_save(arrays, tmp))
+        else:  # pragma: no cover
+
+            def write_npz(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+
+            name = "arrays.npz"
+            _atomic_write(d / name, write_npz)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "arrays": name,
+            "levels": len(self.identity["biases"]),
+            "config": dataclasses.asdict(self.cfg),
+        }
+        text = json.dumps(meta, indent=2)
+        _atomic_write(d / "avatar.json", lambda tmp: pathlib.Path(tmp).write_text(text))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Avatar:
+        d = pathlib.Path(directory)
+        try:
+            meta = json.loads((d / "avatar.json").read_text())
+        except FileNotFoundError:
+            raise UserError(
+                f"{d} holds no avatar.json; expected a folder from Avatar.save"
+            ) from None
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise UserError(f"{d}/avatar.json is not a {FORMAT} v{VERSION} file")
+        path = d / meta["arrays"]
+        if path.suffix == ".safetensors":
+            if _st_load is None:  # pragma: no cover
+                raise UserError(f"{path} needs the safetensors package")
+            arrays = _st_load(str(path))
+        else:  # pragma: no cover
+            arrays = dict(np.load(path))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+        # abstract (no init work): every parameter it keeps is then read from the file
+        model = nnx.eval_shape(lambda: UPM(UPMConfig(**fields), rngs=nnx.Rngs(0)))
+        model.identity_encoder = None
+        names, treedef = _param_names(nnx.state(model, nnx.Param).to_pure_dict())
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise UserError(f"{path} lacks {len(missing)} decoder arrays, e.g. {missing[0]}")
+        nnx.update(model, treedef.unflatten([jnp.asarray(arrays[n]) for n in names]))
+        identity = {
+            "biases": [arrays[f"bias/{i}"] for i in range(meta["levels"])],
+            "texel": arrays["texel"],
+        }
+        return cls(model, identity, arrays["texture"], arrays["geometry"], arrays["mask"])

@@ -1,0 +1,191 @@
+"""Stage `upm`: train the universal prior model on dome frames (FiCA Sec. 2.4).
+
+Each example is one identity (UV texture, neutral UV geometry, atlas mask) and one of its dome
+frames (image, mask, camera, expression code, gaze, posed UV geometry; `transforms.upm_example`).
+The UPM decodes one Gaussian per texel for the frame's expression, view and gaze and
+`fica_jax.render.rasterization` renders it from the frame's camera.
+
+Losses (weights `cfg.model.loss_weights`, defaults from the public RGCA recipe, goliath
+`config/rgca_example.yml`; docs/architecture.md §5):
+- `rgb_l1` 10: L1 over the whole frame. The synthetic frames have a random per-frame background
+  that is not stored, so the render is composited over the frame's own background pixels
+  (`frame_image` outside `frame_mask`, black inside): a Gaussian outside the head or a hole in
+  it then costs as in RGCA's composite over the captured background plate.
+- `rgb_ssim` 0.2: 1 - SSIM (dm-pix convention, `fica_jax.eval.metrics`) of the same images.
+- `geom_l2` 0.4: mean squared distance, in `geometry_unit` (mm: RGCA's weights assume
+  millimetre captures), between predicted means and the frame's posed UV geometry, inside the
+  UV atlas.
+- `kl` 2e-3: KL of the expression posterior to N(0, I).
+- `negcolor` 1e-2: mean of relu(-colour).
+- `scale_bound` 1e-2: mean of relu(scale / scale_bound - 1).
+Metrics also log the rasteriser's `n_isects` and `isect_overflow` (must stay 0).
+
+`make_eval` renders held-out identities (test split) with the expression posterior mean and
+reports PSNR/SSIM inside the frame mask next to two baselines: the same decoder with the identity
+bias maps zeroed (ablation (a)) and the identity's UV maps rendered as flat surfels
+(`render/surfels.py`, the textured-mesh proxy; neutral geometry, no expression).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from data_pipelines import transforms
+from data_pipelines.pipeline import CaptureData
+from fica_jax import config
+from fica_jax.eval import metrics
+from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
+from fica_jax.render.surfels import render_surfels
+from fica_jax.train.stage import Stage
+
+_SIZE_KEYS = ("latent_dim", "hidden", "seed_resolution", "seed_channels", "channels",
+              "color_channels", "encoder_channels", "n_cameras")  # fmt: skip
+
+
+def upm_config(cfg: ml_collections.ConfigDict) -> UPMConfig:
+    """The variant named by `cfg.model.variant` at the data's UV resolution and code size;
+    non-empty `cfg.model.{channels, ...}` override its sizes."""
+    return config.variant(
+        VARIANTS,
+        cfg.model.variant,
+        "model.variant",
+        {k: cfg.model.get(k) for k in _SIZE_KEYS},
+        uv_resolution=cfg.data.uv_resolution,
+        expression_dim=cfg.data.expression_dim,
+        position_center=tuple(cfg.model.position_center),
+        position_extent=tuple(cfg.model.position_extent),
+    )
+
+
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UPM:
+    return UPM(upm_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
+
+
+def forward(model: UPM, batch, rng, *, zero_identity: bool = False):
+    """Gaussians of every example's frame -> (Gaussians, KL [B])."""
+    return model(
+        batch["uv_texture"],
+        batch["uv_geometry"],
+        batch["uv_mask"],
+        batch["frame_expression"],
+        batch["frame_viewmat"],
+        batch["frame_gaze"],
+        rng,
+        zero_identity=zero_identity,
+    )
+
+
+def render_frames(model: UPM | None, g, batch) -> dict[str, jax.Array]:
+    """Renders Gaussians g from each frame's camera over the frame's background -> image
+    [B, H, W, 3], alpha [B, H, W], n_isects / isect_overflow [B]. Colours get the model's
+    per-camera correction of `frame_view` when it has one."""
+    if model is not None:
+        g = {**g, "colors": model.correct_colors(g["colors"], batch["frame_view"])}
+    img = batch["frame_image"]
+    bg = img * (1.0 - batch["frame_mask"][..., None])
+    h, w = img.shape[1:3]
+    return render_batch(g, batch["frame_viewmat"], batch["frame_K"], w, h, bg)
+
+
+def upm_losses(g, kl, out, batch, *, geometry_unit: float, scale_bound: float):
+    """Unweighted loss terms (module doc), each a scalar."""
+    img = batch["frame_image"]
+    m = batch["uv_mask"][..., None]
+    d2 = jnp.sum(jnp.square((g["means"] - batch["frame_uv_geometry"]) / geometry_unit), -1)
+    return {
+        "rgb_l1": jnp.mean(jnp.abs(out["image"] - img)),
+        "rgb_ssim": 1.0 - jnp.mean(metrics.ssim(out["image"], img)),
+        "geom_l2": jnp.sum(d2 * m[..., 0]) / (jnp.sum(m) + 1e-6),
+        "kl": jnp.mean(kl),
+        "negcolor": jnp.mean(jax.nn.relu(-g["colors"])),
+        "scale_bound": jnp.mean(jax.nn.relu(g["scales"] / scale_bound - 1.0)),
+    }
+
+
+def make_loss(cfg: ml_collections.ConfigDict):
+    w = dict(cfg.model.loss_weights)
+    unit, bound = float(cfg.model.geometry_unit), float(cfg.model.scale_bound)
+
+    def loss_fn(model: UPM, batch, rng: jax.Array):
+        g, kl = forward(model, batch, rng)
+        out = render_frames(model, g, batch)
+        terms = upm_losses(g, kl, out, batch, geometry_unit=unit, scale_bound=bound)
+        loss = sum(w[k] * v for k, v in terms.items())
+        fm = batch["frame_mask"]
+        terms |= {
+            "psnr_fg": metrics.masked_psnr(out["image"], batch["frame_image"], fm),
+            "n_isects": jnp.mean(out["n_isects"].astype(jnp.float32)),
+            "isect_overflow": jnp.sum(out["isect_overflow"]).astype(jnp.float32),
+        }
+        return loss, terms
+
+    return loss_fn
+
+
+def make_eval(cfg: ml_collections.ConfigDict):
+    """Held-out PSNR/SSIM inside the frame mask: UPM, zero-identity decoder, surfel proxy."""
+
+    def scores(image, batch):
+        fm = batch["frame_mask"]
+        return {
+            "psnr": metrics.masked_psnr(image, batch["frame_image"], fm),
+            "ssim": metrics.masked_ssim(image, batch["frame_image"], fm),
+        }
+
+    def surfels(batch):
+        bg = batch["frame_image"] * (1.0 - batch["frame_mask"][..., None])
+        h, w = batch["frame_image"].shape[1:3]
+
+        def one(tex, geo, mask, nrm, viewmat, K, bgi):
+            r = render_surfels(tex, geo, viewmat[None], K[None], w, h, mask=mask, normal=nrm)
+            return r["image"][0] + (1.0 - r["alpha"][0][..., None]) * bgi
+
+        keys = ("uv_texture", "uv_geometry", "uv_mask", "uv_normal", "frame_viewmat", "frame_K")
+        return jax.vmap(one)(*(batch[k] for k in keys), bg)
+
+    def eval_fn(model: UPM, batch, rng: jax.Array):
+        del rng
+        out = {}
+        g, _ = forward(model, batch, None)
+        r = render_frames(model, g, batch)
+        out |= scores(r["image"], batch)
+        out["isect_overflow"] = jnp.sum(r["isect_overflow"]).astype(jnp.float32)
+        g0, _ = forward(model, batch, None, zero_identity=True)
+        s0 = scores(render_frames(model, g0, batch)["image"], batch)
+        out |= {f"baseline_zero_identity_{k}": v for k, v in s0.items()}
+        s1 = scores(surfels(batch), batch)
+        out |= {f"baseline_surfels_{k}": v for k, v in s1.items()}
+        return out
+
+    return eval_fn
+
+
+def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    b, r, s = cfg.data.batch_size, cfg.data.uv_resolution, cfg.data.image_size
+    e, n_kpts, f32 = cfg.data.expression_dim, cfg.data.landmarks, jnp.float32
+    spec = lambda *shape, dtype=f32: jax.ShapeDtypeStruct((b, *shape), dtype)
+    return {
+        "uv_texture": spec(r, r, 3),
+        "uv_geometry": spec(r, r, 3),
+        "uv_normal": spec(r, r, 3),
+        "uv_mask": spec(r, r),
+        "frame_image": spec(s, s, 3),
+        "frame_mask": spec(s, s),
+        "frame_kpts": spec(n_kpts, 2),
+        "frame_kpts_visible": spec(n_kpts),
+        "frame_K": spec(3, 3),
+        "frame_viewmat": spec(4, 4),
+        "frame_expression": spec(e),
+        "frame_gaze": spec(2),
+        "frame_uv_geometry": spec(r, r, 3),
+        "frame_view": spec(dtype=jnp.int32),
+    }
+
+
+make_data = CaptureData(transforms.upm_example)
+
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+STAGE = Stage("upm", "upm", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)
