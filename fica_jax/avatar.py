@@ -3,7 +3,7 @@
 FiCA's UPM is a hypernetwork: the identity encoder runs once per avatar and its bias maps then
 condition a decoder shared by all identities (docs/architecture.md §5; the RGCA-style Gaussian
 decoder of facebookresearch/goliath). `Avatar` keeps exactly what driving needs:
-- the identity's bias maps (one per decoder level) and texel spacing,
+- the identity's bias maps (one per decoder level) and surfel frames (`upm.surface_frames`),
 - its template maps (UV texture, neutral UV geometry, atlas mask),
 - the decoder and expression-encoder params (the identity encoder is dropped),
 and drives it with `drive(expression, view, gaze)` (jitted once per batch shape) and renders it
@@ -65,14 +65,18 @@ def _param_names(pure: dict) -> tuple[list[str], Any]:
 class Avatar:
     """One identity, drivable. Build with `Avatar.create(model, texture, geometry, mask)`."""
 
-    def __init__(self, model: UPM, identity: dict, texture, geometry, mask):
+    def __init__(self, model: UPM, identity: dict, texture, geometry, mask, info=None):
+        self.info = dict(info or {})  # provenance, expression names (saved in avatar.json)
         model = nnx.clone(model)  # the caller's (trained) model stays whole
         model.identity_encoder = None  # ran once; driving never needs it
         self.model = model
         self.cfg: UPMConfig = model.cfg
-        self.identity = {  # batch 1: broadcast against B frames by the decoder
-            "biases": [jnp.asarray(b).reshape(1, *b.shape[-3:]) for b in identity["biases"]],
-            "texel": jnp.asarray(identity["texel"], jnp.float32).reshape(1),
+        one = lambda x: jnp.asarray(x, jnp.float32).reshape(1, *x.shape[-3:])
+        # batch 1: broadcast against B frames by the decoder
+        self.identity = {
+            "biases": [one(b) for b in identity["biases"]],
+            "frame": one(identity["frame"]),
+            "std": one(identity["std"]),
         }
         self.texture = jnp.asarray(texture, jnp.float32)  # [R, R, 3]
         self.geometry = jnp.asarray(geometry, jnp.float32)  # [R, R, 3]
@@ -89,14 +93,15 @@ class Avatar:
         self._drive = jax.jit(drive)  # traced once per batch size
 
     @classmethod
-    def create(cls, model: UPM, texture, geometry, mask) -> Avatar:
-        """Runs the identity encoder once. texture, geometry [R, R, 3], mask [R, R]."""
+    def create(cls, model: UPM, texture, geometry, mask, info=None) -> Avatar:
+        """Runs the identity encoder once. texture, geometry [R, R, 3], mask [R, R]; `info`: a
+        JSON-able dict kept with the avatar (e.g. `expression_names`, `source`)."""
         ident = model.encode_identity(
             jnp.asarray(texture, jnp.float32)[None],
             jnp.asarray(geometry, jnp.float32)[None],
             jnp.asarray(mask, jnp.float32)[None],
         )
-        return cls(model, ident, texture, geometry, mask)
+        return cls(model, ident, texture, geometry, mask, info)
 
     # ------------------------------------------------------------------ driving
     def drive(self, expression=None, view=None, gaze=None) -> dict[str, jax.Array]:
@@ -134,7 +139,9 @@ class Avatar:
         **raster_kwargs,
     ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         """One frame -> (image [H, W, 3], alpha [H, W], rasteriser meta), the view direction
-        taken from the camera. Intersections are counted first, so nothing overflows."""
+        taken from the camera and eps2d from the model (what it was trained with) unless given.
+        Intersections are counted first, so nothing overflows."""
+        raster_kwargs.setdefault("eps2d", self.cfg.eps2d)
         viewmat = jnp.asarray(viewmat, jnp.float32)
         g = self.drive(expression, view_direction(viewmat), gaze)
         bg = None if background is None else jnp.asarray(background, jnp.float32)[None]
@@ -164,7 +171,8 @@ class Avatar:
         out = dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(pure)), strict=True))
         for i, b in enumerate(self.identity["biases"]):
             out[f"bias/{i}"] = np.asarray(b)
-        out["texel"] = np.asarray(self.identity["texel"])
+        out["frame"] = np.asarray(self.identity["frame"])
+        out["std"] = np.asarray(self.identity["std"])
         out |= {"texture": np.asarray(self.texture), "geometry": np.asarray(self.geometry)}
         out["mask"] = np.asarray(self.mask)
         return out
@@ -191,6 +199,7 @@ class Avatar:
             "arrays": name,
             "levels": len(self.identity["biases"]),
             "config": dataclasses.asdict(self.cfg),
+            "info": self.info,
         }
         text = json.dumps(meta, indent=2)
         _atomic_write(d / "avatar.json", lambda tmp: pathlib.Path(tmp).write_text(text))
@@ -225,6 +234,8 @@ class Avatar:
         nnx.update(model, treedef.unflatten([jnp.asarray(arrays[n]) for n in names]))
         identity = {
             "biases": [arrays[f"bias/{i}"] for i in range(meta["levels"])],
-            "texel": arrays["texel"],
+            "frame": arrays["frame"],
+            "std": arrays["std"],
         }
-        return cls(model, identity, arrays["texture"], arrays["geometry"], arrays["mask"])
+        maps = (arrays["texture"], arrays["geometry"], arrays["mask"])
+        return cls(model, identity, *maps, meta.get("info"))

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "data_pipelines.cli",  # fica data synth | inspect | convert | tfds | cache
     "fica_jax.train.cli",  # fica train STAGE, fica plan
     "fica_jax.sample",  # fica sample
+    "fica_jax.drive",  # fica avatar | render
     "fica_jax.demo",  # fica demo
 )
 

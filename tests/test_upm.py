@@ -15,7 +15,9 @@ from fica_jax.avatar import Avatar
 from fica_jax.cli import main
 from fica_jax.config import load_config
 from fica_jax.models import upm
-from fica_jax.render import ply
+from fica_jax.render import ply, tiles
+from fica_jax.render.project import covariance, project, quat_to_rotmat, rotmat_to_quat
+from fica_jax.render.surfels import render_surfels, surfel_gaussians
 from fica_jax.stages import upm as upm_stage
 from fica_jax.train import loop
 from fica_jax.train.stage import get_stage
@@ -95,6 +97,44 @@ def test_shapes_annotations_and_zero_identity():
     np.testing.assert_allclose(model.correct_colors(g["colors"], jnp.array([1, 3])), g["colors"])
     with pytest.raises(ValueError, match="uv_resolution"):
         upm.UPM(dataclasses.replace(BASE, uv_resolution=64), rngs=nnx.Rngs(0))
+
+
+def test_surface_frames_are_the_surfel_proxy():
+    """On a tilted plane (orthogonal tangents) the UPM's frames give exactly the surfels'
+    covariance, and an untrained UPM renders a capture identity like the surfel proxy."""
+    a, b = np.asarray([0.004, 0.001, 0.0]), np.asarray([0.0, 0.002, 0.003])
+    b = b - a * (a @ b) / (a @ a)  # orthogonal to a
+    yy, xx = np.mgrid[:8, :8].astype(np.float32)
+    geo = (xx[..., None] * a + yy[..., None] * b).astype(np.float32)[None]
+    mask = np.ones((1, 8, 8), np.float32)
+    quat, std = upm.surface_frames(jnp.asarray(geo), jnp.asarray(mask), 0.5, 0.1)
+    ours = covariance(quat, std)[0]
+    ref = surfel_gaussians(jnp.zeros((8, 8, 3)), jnp.asarray(geo[0]), mask[0])["covars"]
+    np.testing.assert_allclose(ours.reshape(-1, 3, 3), ref, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(jnp.linalg.norm(quat, axis=-1), 1.0, atol=1e-6)
+    # rotmat_to_quat inverts quat_to_rotmat (any rotation, up to sign)
+    q = jax.random.normal(jax.random.PRNGKey(0), (500, 4))
+    q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    back = rotmat_to_quat(quat_to_rotmat(q))
+    np.testing.assert_allclose(jnp.abs(jnp.sum(q * back, -1)), 1.0, atol=1e-5)
+
+
+def test_untrained_upm_renders_the_surfel_proxy(synth_dir):
+    rec, v = open_source(synth_dir, "test")[0], 1
+    one = lambda a: jnp.asarray(a, jnp.float32)[None]
+    tex, geo, mask = rec["uv_texture"] / 255.0, rec["uv_geometry"], rec["uv_mask"]
+    cam = (one(rec["view_viewmat"][v]), one(rec["view_K"][v]))
+    g, _ = nnx.jit(_call)(
+        _new(),
+        {"texture": one(tex), "geometry": one(geo), "mask": one(mask),
+         "expression": one(rec["view_expression"][v]), "viewmat": cam[0],
+         "gaze": one(rec["view_gaze"][v])},
+    )  # fmt: skip
+    ours = upm.render_batch(g, *cam, 32, 32, eps2d=BASE.eps2d)
+    ref = render_surfels(tex, geo, *cam, 32, 32, mask=mask, normal=rec["uv_normal"])
+    assert float(ref["alpha"].max()) > 0.9
+    assert float(jnp.abs(ours["image"] - ref["image"]).mean()) < 0.01
+    assert float(jnp.abs(ours["alpha"] - ref["alpha"]).mean()) < 0.01
 
 
 def test_view_direction_is_the_camera_centre():
@@ -182,6 +222,34 @@ def test_no_overflow_on_a_full_resolution_tiny_frame(synth_dir):
         out = render(gs, tile(rec["view_viewmat"][1]), tile(k))
         assert int(out["isect_overflow"].max()) == 0 and int(out["n_isects"].min()) > 0
     assert float(out["alpha"].max()) > 0.9  # the head is in view
+
+
+def test_paper_config_frame_fits_the_default_capacity(synth_dir):
+    """The paper config's full-resolution frame (1024^2 Gaussians, 1024 px): with every Gaussian
+    grown to the scale-bound penalty's edge, the Gaussian-tile intersections of each fixture view
+    fit the capacity of the jitted training render (`model.isect_capacity`; the rasteriser's
+    default 8N + 4096 would not), so no step of a converging run drops any."""
+    cfg = load_config("configs/upm.py:paper", [f"--config.data.dir={synth_dir}"])
+    r, size = cfg.data.uv_resolution, cfg.data.image_size
+    rec = open_source(synth_dir, "train")[0]
+    geo = jax.image.resize(jnp.asarray(rec["uv_geometry"]), (r, r, 3), "linear").reshape(-1, 3)
+    mask = jax.image.resize(jnp.asarray(rec["uv_mask"], jnp.float32), (r, r), "nearest")
+    n = r * r
+    std = jnp.full((n, 3), cfg.model.scale_bound, jnp.float32)
+    covars = covariance(jnp.broadcast_to(jnp.asarray([1.0, 0, 0, 0]), (n, 4)), std)
+    cap = cfg.model.isect_capacity
+    assert cap > tiles.default_isect_capacity(n, tiles.tile_grid(size, size, 16)[0] ** 2)
+
+    @jax.jit
+    def count(viewmat, K):
+        p = project(geo, covars, viewmat, K, size, size, eps2d=upm.VARIANTS["paper"].eps2d)
+        return tiles.count_isects(p.means2d, p.radii, mask.reshape(-1), size, size, 16)
+
+    for v in range(len(rec["view_K"])):
+        k = rec["view_K"][v].copy()
+        k[:2] *= size / rec["view_image"].shape[2]
+        got = int(count(jnp.asarray(rec["view_viewmat"][v]), jnp.asarray(k)))
+        assert n // 4 < got <= cap, (v, got, cap)
 
 
 def test_avatar_save_load_renders_identically_and_exports_ply(synth_dir, tmp_path):

@@ -210,3 +210,33 @@ def make_head_template(resolution: int = 48) -> HeadTemplate:
 def skin_mask(template: HeadTemplate) -> np.ndarray:
     """[V] bool, vertices on the skin (head + neck) chart."""
     return template.part_ids == PART_SKIN
+
+
+def vertex_regions(template: HeadTemplate) -> dict[str, np.ndarray]:
+    """[V] bool masks of what drives each part of the head, read off the template's own bases:
+    - "eyes": the eyeballs (gaze rotates them; no blendshape moves them),
+    - "expressive": other vertices that some blendshape moves by >= 1 mm at full weight (lips,
+      jaw, cheeks, brows, lids),
+    - "back": vertices no blendshape moves by even 0.1 mm, behind the head's centre (3 cm behind
+      its mid-depth): the back of the head, which neither expression nor gaze may change.
+    """
+    moved = np.linalg.norm(template.expr_basis, axis=-1).max(0)  # [V] m at full weight
+    eyes = template.eye_masks.any(0)
+    z = template.verts[:, 2]
+    return {
+        "eyes": eyes,
+        "expressive": (moved >= 1e-3) & ~eyes,
+        "back": (moved < 1e-4) & ~eyes & (z < 0.5 * (z.min() + z.max()) - 0.03),
+    }
+
+
+def uv_regions(template: HeadTemplate, resolution: int) -> dict[str, np.ndarray]:
+    """`vertex_regions` as [R, R] bool UV masks: texels whose whole face lies in the region."""
+    from fica_jax.geometry.uvmaps import uv_raster
+
+    r = uv_raster(template.uvs, template.faces, resolution)
+    out = {}
+    for name, m in vertex_regions(template).items():
+        inside = np.asarray(r.interpolate(jnp.asarray(m, jnp.float32)[:, None]))[..., 0]
+        out[name] = r.mask & (inside > 0.999)
+    return out

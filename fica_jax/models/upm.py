@@ -16,11 +16,15 @@ neutral UV geometry G into a drivable avatar of one Gaussian per UV texel:
     at R gives position offset, rotation, scale and opacity per texel.
   colour branch: the same structure on MLP(e, gaze, view) -> a view-dependent colour offset.
 
-Per texel: mean = G + offset, quaternion (w, x, y, z) = normalise(1 + dq), scale = soft-bounded
-softplus in units of the avatar's texel spacing, opacity = sigmoid (0 outside the UV atlas),
-colour = T + colour offset. The head's outputs are scaled by 0.1 so an untrained decoder already
-renders the neutral textured head. `zero_identity=True` zeroes every bias map: the issue's
-ablation (a) "decoder without identity conditioning".
+Per texel: mean = G + offset; rotation and scale relative to the texel's surfel frame on the
+neutral surface G (`surface_frames`, the flat tangent-plane Gaussians of `render/surfels.py`, as
+RGCA keeps its Gaussians in the mesh's local frame): quaternion (w, x, y, z) = frame * normalise(1
++ dq), scale = surfel std-dev * softplus (1 at init), soft-bounded by `max_scale`; opacity =
+sigmoid (0 outside the UV atlas); colour = T + colour offset. The head's outputs are scaled by 0.1,
+so an untrained decoder renders the surfel proxy of the neutral textured head, and training starts
+from the mesh proxy instead of from blurry spheres. `zero_identity=True` zeroes every bias map:
+the issue's ablation (a) "decoder without identity conditioning". `eps2d` is the rasteriser's
+screen-space dilation the Gaussians are trained (and must be rendered) with.
 
 Conv activations are pinned batch-sharded (`_conv`), as in `models/vae.py`: left free, jax
 0.10.2's CPU partitioner may pick a channel-sharded layout that computes wrong values.
@@ -38,6 +42,8 @@ from flax import nnx
 from fica_jax import sharding as shd
 from fica_jax.models import layers
 from fica_jax.render import rasterization
+from fica_jax.render.project import quat_multiply, rotmat_to_quat
+from fica_jax.render.surfels import tangent
 
 Array = jax.Array
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(x) == 1
@@ -60,11 +66,13 @@ class UPMConfig:
     n_cameras: int = 0  # per-camera 3x3 colour correction (0: none)
     offset_scale: float = 0.02  # m per unit of the (0.1-scaled) offset output
     color_scale: float = 1.0  # colour offset per unit of output
-    scale_init: float = 0.6  # initial Gaussian std-dev in texel spacings
+    footprint: float = 0.5  # initial in-plane std-dev, texels (render/surfels.py)
+    thickness: float = 0.1  # initial std-dev along the normal, texels
     max_scale: float = 0.05  # m, soft upper bound of every scale
     opacity_init: float = 0.95
     position_center: tuple[float, float, float] = (0.0, -0.025, 0.02)
     position_extent: tuple[float, float, float] = (0.19, 0.19, 0.19)
+    eps2d: float = 0.1  # the rasteriser's screen-space blur the Gaussians are trained under
 
     @property
     def levels(self) -> int:
@@ -131,18 +139,29 @@ def view_direction(viewmat: Array) -> Array:
     return centre / jnp.maximum(jnp.linalg.norm(centre, axis=-1, keepdims=True), 1e-9)
 
 
-def texel_spacing(geometry: Array, mask: Array) -> Array:
-    """Median distance between valid neighbouring texels of [B, R, R, 3] -> [B] (m).
-
-    The median ignores the long jumps across UV chart seams."""
-    valid = mask > 0.5
-    du = jnp.linalg.norm(geometry[:, :, 1:] - geometry[:, :, :-1], axis=-1)
-    dv = jnp.linalg.norm(geometry[:, 1:] - geometry[:, :-1], axis=-1)
-    ok_u, ok_v = valid[:, :, 1:] & valid[:, :, :-1], valid[:, 1:] & valid[:, :-1]
+def surface_frames(geometry: Array, mask: Array, footprint: float, thickness: float):
+    """The surfel frame of every texel of geometry maps [B, R, R, 3] (`render/surfels.py`) ->
+    (quaternion [B, R, R, 4] of the local frame (t_u / |t_u|, n x t_u, n = t_u x t_v / |.|),
+    std-devs [B, R, R, 3] along it: footprint |t_u|, footprint |t_v|, thickness (|t_u| + |t_v|) / 2,
+    in metres). Texels without a valid neighbour on both axes get the identity frame and the
+    map's median texel spacing. Gradient-free: the frame is a function of the input maps."""
+    geometry, valid = jax.lax.stop_gradient(geometry), mask > 0.5
+    tu = jax.vmap(lambda p, v: tangent(p, v, 1))(geometry, valid)
+    tv = jax.vmap(lambda p, v: tangent(p, v, 0))(geometry, valid)
+    lu, lv = jnp.linalg.norm(tu, axis=-1), jnp.linalg.norm(tv, axis=-1)
+    n = jnp.cross(tu, tv)
+    ln = jnp.linalg.norm(n, axis=-1)
+    ok = valid & (lu > 1e-9) & (lv > 1e-9) & (ln > 1e-6 * lu * lv)
+    e3 = n / jnp.maximum(ln, 1e-30)[..., None]
+    e1 = tu / jnp.maximum(lu, 1e-30)[..., None]
+    rot = jnp.stack([e1, jnp.cross(e3, e1), e3], -1)  # columns: the frame's axes
+    quat = jnp.where(ok[..., None], rotmat_to_quat(rot), jnp.asarray([1.0, 0.0, 0.0, 0.0]))
     b = geometry.shape[0]
-    d = jnp.concatenate([jnp.where(ok_u, du, jnp.nan).reshape(b, -1),
-                         jnp.where(ok_v, dv, jnp.nan).reshape(b, -1)], 1)  # fmt: skip
-    return jax.lax.stop_gradient(jnp.nan_to_num(jnp.nanmedian(d, axis=1), nan=1e-3))
+    spacing = jnp.where(ok, 0.5 * (lu + lv), jnp.nan).reshape(b, -1)
+    med = jnp.nan_to_num(jnp.nanmedian(spacing, axis=1), nan=1e-3)[:, None, None]
+    lu, lv = jnp.where(ok, lu, med), jnp.where(ok, lv, med)
+    std = jnp.stack([footprint * lu, footprint * lv, thickness * 0.5 * (lu + lv)], -1)
+    return quat, std
 
 
 class IdentityEncoder(nnx.Module):
@@ -232,13 +251,15 @@ class UPM(nnx.Module):
 
     # ------------------------------------------------------------------ per avatar
     def encode_identity(self, texture: Array, geometry: Array, mask: Array) -> dict[str, Array]:
-        """-> {"biases": [per level [B, r, r, C + Ccol]], "texel": [B] texel spacing (m)}."""
+        """-> {"biases": [per level [B, r, r, C + Ccol]], "frame": [B, R, R, 4] and "std":
+        [B, R, R, 3], the neutral surface's surfel frames (`surface_frames`)}."""
         m = mask[..., None].astype(jnp.float32)
         c = jnp.asarray(self.cfg.position_center, jnp.float32)
         s = jnp.asarray(self.cfg.position_extent, jnp.float32)
         x = jnp.concatenate([(texture * 2 - 1) * m, (geometry - c) / s * m, m], -1)
         biases = self.identity_encoder(x.astype(self.dtype))
-        return {"biases": biases, "texel": texel_spacing(geometry, mask)}
+        frame, std = surface_frames(geometry, mask, self.cfg.footprint, self.cfg.thickness)
+        return {"biases": biases, "frame": frame, "std": std}
 
     # ------------------------------------------------------------------ per frame
     def encode_expression(self, expression: Array) -> tuple[Array, Array]:
@@ -269,10 +290,12 @@ class UPM(nnx.Module):
         raw = self.geometry(cond, geo_bias)
         col = self.color(jnp.concatenate([cond, view.astype(self.dtype)], -1), col_bias)
 
-        quats = raw[..., 3:7] + jnp.asarray([1.0, 0.0, 0.0, 0.0])
+        # rotation and scale relative to the neutral surface's surfel frame (RGCA's Gaussians
+        # live in the mesh's local frame): an untrained decoder renders the surfel proxy
+        dq = raw[..., 3:7] + jnp.asarray([1.0, 0.0, 0.0, 0.0])
+        quats = quat_multiply(jnp.broadcast_to(identity["frame"], dq.shape), dq)
         quats = quats / jnp.maximum(jnp.linalg.norm(quats, axis=-1, keepdims=True), 1e-9)
-        texel = jnp.broadcast_to(identity["texel"], (b,))[:, None, None, None]
-        s = texel * cfg.scale_init * jax.nn.softplus(raw[..., 7:10] + _SOFTPLUS_INV_1)
+        s = identity["std"] * jax.nn.softplus(raw[..., 7:10] + _SOFTPLUS_INV_1)
         scales = cfg.max_scale * jnp.tanh(s / cfg.max_scale)  # soft bound, ~s when small
         opacity_logit = math.log(cfg.opacity_init / (1 - cfg.opacity_init))
         opacities = jax.nn.sigmoid(raw[..., 10] + opacity_logit) * (mask > 0.5)

@@ -50,6 +50,47 @@ def quat_to_rotmat(quats: jax.Array) -> jax.Array:
     return r.reshape(q.shape[:-1] + (3, 3))
 
 
+def rotmat_to_quat(m: jax.Array) -> jax.Array:
+    """[..., 3, 3] proper rotation -> [..., 4] unit (w, x, y, z); the inverse of
+    `quat_to_rotmat` up to sign. Each of the four classic formulas is 4 q_k * q for the
+    component k it is built on; the one with the largest q_k is taken (stable everywhere)."""
+    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
+    a, b = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0]
+    c = m[..., 1, 0] - m[..., 0, 1]
+    xy, xz, yz = (
+        m[..., 0, 1] + m[..., 1, 0],
+        m[..., 0, 2] + m[..., 2, 0],
+        m[..., 1, 2] + m[..., 2, 1],
+    )
+    cands = jnp.stack(
+        [
+            jnp.stack([1 + m00 + m11 + m22, a, b, c], -1),
+            jnp.stack([a, 1 + m00 - m11 - m22, xy, xz], -1),
+            jnp.stack([b, xy, 1 - m00 + m11 - m22, yz], -1),
+            jnp.stack([c, xz, yz, 1 - m00 - m11 + m22], -1),
+        ],
+        -2,
+    )  # [..., 4 formulas, 4]
+    k = jnp.argmax(jnp.stack([m00 + m11 + m22, m00, m11, m22], -1), -1)
+    q = jnp.take_along_axis(cands, k[..., None, None], -2)[..., 0, :]
+    return q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+
+
+def quat_multiply(p: jax.Array, q: jax.Array) -> jax.Array:
+    """Hamilton product of [..., 4] (w, x, y, z): the rotation `R(p) @ R(q)`."""
+    pw, px, py, pz = jnp.moveaxis(p, -1, 0)
+    qw, qx, qy, qz = jnp.moveaxis(q, -1, 0)
+    return jnp.stack(
+        [
+            pw * qw - px * qx - py * qy - pz * qz,
+            pw * qx + px * qw + py * qz - pz * qy,
+            pw * qy - px * qz + py * qw + pz * qx,
+            pw * qz + px * qy - py * qx + pz * qw,
+        ],
+        -1,
+    )
+
+
 def covariance(quats: jax.Array, scales: jax.Array) -> jax.Array:
     """[..., 4], [..., 3] -> [..., 3, 3] world covariance `(R S)(R S)^T`."""
     m = quat_to_rotmat(quats) * scales[..., None, :]

@@ -32,8 +32,10 @@ from fica_jax.geometry.uvmaps import sample_uv_map
 from fica_jax.render.rasterize import RasterOptions, render
 
 
-def _tangent(pos: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
-    """Per-texel derivative of pos [R, R, 3] along `axis` (texel units), masked by valid."""
+def tangent(pos: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
+    """Per-texel derivative of pos [R, R, 3] along `axis` (texel units), masked by valid: the
+    shorter one-sided difference between valid texels, 0 where the texel has no valid
+    neighbour along the axis."""
     nxt = jnp.roll(pos, -1, axis) - pos
     prv = pos - jnp.roll(pos, 1, axis)
     n = pos.shape[axis]
@@ -67,8 +69,8 @@ def surfel_gaussians(
     """Flattened surfels: means [N, 3], covars [N, 3, 3], opacities [N], colors [N, 3], N = R*R."""
     r1, r2 = position.shape[:2]
     valid = jnp.ones((r1, r2), bool) if mask is None else jnp.asarray(mask) > 0
-    tu = _tangent(position, valid, 1)  # along u (columns)
-    tv = _tangent(position, valid, 0)  # along v (rows)
+    tu = tangent(position, valid, 1)  # along u (columns)
+    tv = tangent(position, valid, 0)  # along v (rows)
     if normal is None:
         normal = jnp.cross(tu, tv)
     normal = normal / jnp.maximum(jnp.linalg.norm(normal, axis=-1, keepdims=True), 1e-12)

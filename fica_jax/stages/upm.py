@@ -23,14 +23,18 @@ Metrics also log the rasteriser's `n_isects` and `isect_overflow` (must stay 0).
 `make_eval` renders held-out identities (test split) with the expression posterior mean and
 reports PSNR/SSIM inside the frame mask next to two baselines: the same decoder with the identity
 bias maps zeroed (ablation (a)) and the identity's UV maps rendered as flat surfels
-(`render/surfels.py`, the textured-mesh proxy; neutral geometry, no expression).
+(`render/surfels.py`, the textured-mesh proxy; neutral geometry, no expression). `make_sample`
+writes the same renders as a preview sheet every `sample_every` steps.
 """
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms
@@ -39,6 +43,7 @@ from fica_jax import config
 from fica_jax.eval import metrics
 from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
 from fica_jax.render.surfels import render_surfels
+from fica_jax.sample import write_sheet
 from fica_jax.train.stage import Stage
 
 _SIZE_KEYS = ("latent_dim", "hidden", "seed_resolution", "seed_channels", "channels",
@@ -78,16 +83,20 @@ def forward(model: UPM, batch, rng, *, zero_identity: bool = False):
     )
 
 
-def render_frames(model: UPM | None, g, batch) -> dict[str, jax.Array]:
+def render_frames(model: UPM | None, g, batch, isect_capacity: int = 0) -> dict[str, jax.Array]:
     """Renders Gaussians g from each frame's camera over the frame's background -> image
     [B, H, W, 3], alpha [B, H, W], n_isects / isect_overflow [B]. Colours get the model's
-    per-camera correction of `frame_view` when it has one."""
+    per-camera correction of `frame_view` when it has one. `isect_capacity` 0: the
+    rasteriser's default under jit (`cfg.model.isect_capacity` sets it for large frames)."""
     if model is not None:
         g = {**g, "colors": model.correct_colors(g["colors"], batch["frame_view"])}
     img = batch["frame_image"]
     bg = img * (1.0 - batch["frame_mask"][..., None])
     h, w = img.shape[1:3]
-    return render_batch(g, batch["frame_viewmat"], batch["frame_K"], w, h, bg)
+    kw = {"eps2d": model.cfg.eps2d if model is not None else UPMConfig.eps2d}
+    if isect_capacity:
+        kw["isect_capacity"] = int(isect_capacity)
+    return render_batch(g, batch["frame_viewmat"], batch["frame_K"], w, h, bg, **kw)
 
 
 def upm_losses(g, kl, out, batch, *, geometry_unit: float, scale_bound: float):
@@ -108,10 +117,11 @@ def upm_losses(g, kl, out, batch, *, geometry_unit: float, scale_bound: float):
 def make_loss(cfg: ml_collections.ConfigDict):
     w = dict(cfg.model.loss_weights)
     unit, bound = float(cfg.model.geometry_unit), float(cfg.model.scale_bound)
+    cap = int(cfg.model.get("isect_capacity", 0))
 
     def loss_fn(model: UPM, batch, rng: jax.Array):
         g, kl = forward(model, batch, rng)
-        out = render_frames(model, g, batch)
+        out = render_frames(model, g, batch, cap)
         terms = upm_losses(g, kl, out, batch, geometry_unit=unit, scale_bound=bound)
         loss = sum(w[k] * v for k, v in terms.items())
         fm = batch["frame_mask"]
@@ -125,42 +135,69 @@ def make_loss(cfg: ml_collections.ConfigDict):
     return loss_fn
 
 
+def surfel_frames(batch) -> jax.Array:
+    """Baseline (b): each identity's UV maps as flat surfels (neutral geometry, no expression)
+    from the frame's camera over the frame's background -> [B, H, W, 3]."""
+    bg = batch["frame_image"] * (1.0 - batch["frame_mask"][..., None])
+    h, w = batch["frame_image"].shape[1:3]
+
+    def one(tex, geo, mask, nrm, viewmat, K, bgi):
+        r = render_surfels(tex, geo, viewmat[None], K[None], w, h, mask=mask, normal=nrm)
+        return r["image"][0] + (1.0 - r["alpha"][0][..., None]) * bgi
+
+    keys = ("uv_texture", "uv_geometry", "uv_mask", "uv_normal", "frame_viewmat", "frame_K")
+    return jax.vmap(one)(*(batch[k] for k in keys), bg)
+
+
+def held_out_renders(model: UPM, batch, isect_capacity: int = 0) -> dict[str, jax.Array]:
+    """The UPM's frames (expression posterior mean) and both baselines' -> {name: [B, H, W, 3]},
+    plus the UPM render's isect_overflow [B]."""
+    g, _ = forward(model, batch, None)
+    r = render_frames(model, g, batch, isect_capacity)
+    g0, _ = forward(model, batch, None, zero_identity=True)
+    return {
+        "upm": r["image"],
+        "zero_identity": render_frames(model, g0, batch, isect_capacity)["image"],
+        "surfels": surfel_frames(batch),
+        "isect_overflow": r["isect_overflow"],
+    }
+
+
 def make_eval(cfg: ml_collections.ConfigDict):
     """Held-out PSNR/SSIM inside the frame mask: UPM, zero-identity decoder, surfel proxy."""
-
-    def scores(image, batch):
-        fm = batch["frame_mask"]
-        return {
-            "psnr": metrics.masked_psnr(image, batch["frame_image"], fm),
-            "ssim": metrics.masked_ssim(image, batch["frame_image"], fm),
-        }
-
-    def surfels(batch):
-        bg = batch["frame_image"] * (1.0 - batch["frame_mask"][..., None])
-        h, w = batch["frame_image"].shape[1:3]
-
-        def one(tex, geo, mask, nrm, viewmat, K, bgi):
-            r = render_surfels(tex, geo, viewmat[None], K[None], w, h, mask=mask, normal=nrm)
-            return r["image"][0] + (1.0 - r["alpha"][0][..., None]) * bgi
-
-        keys = ("uv_texture", "uv_geometry", "uv_mask", "uv_normal", "frame_viewmat", "frame_K")
-        return jax.vmap(one)(*(batch[k] for k in keys), bg)
+    cap = int(cfg.model.get("isect_capacity", 0))
 
     def eval_fn(model: UPM, batch, rng: jax.Array):
         del rng
-        out = {}
-        g, _ = forward(model, batch, None)
-        r = render_frames(model, g, batch)
-        out |= scores(r["image"], batch)
-        out["isect_overflow"] = jnp.sum(r["isect_overflow"]).astype(jnp.float32)
-        g0, _ = forward(model, batch, None, zero_identity=True)
-        s0 = scores(render_frames(model, g0, batch)["image"], batch)
-        out |= {f"baseline_zero_identity_{k}": v for k, v in s0.items()}
-        s1 = scores(surfels(batch), batch)
-        out |= {f"baseline_surfels_{k}": v for k, v in s1.items()}
+        r, fm, gt = held_out_renders(model, batch, cap), batch["frame_mask"], batch["frame_image"]
+        out = {"isect_overflow": jnp.sum(r["isect_overflow"]).astype(jnp.float32)}
+        for name, prefix in (("upm", ""), ("zero_identity", "baseline_zero_identity_"),
+                             ("surfels", "baseline_surfels_")):  # fmt: skip
+            out[f"{prefix}psnr"] = metrics.masked_psnr(r[name], gt, fm)
+            out[f"{prefix}ssim"] = metrics.masked_ssim(r[name], gt, fm)
         return out
 
     return eval_fn
+
+
+def make_sample(cfg: ml_collections.ConfigDict):
+    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` of the eval batch, one row per frame:
+    GT frame | UPM render | zero-identity | surfel proxy | 4x |UPM - GT|."""
+    cap = int(cfg.model.get("isect_capacity", 0))
+    renders = nnx.jit(lambda model, batch: held_out_renders(model, batch, cap))
+
+    def sample_fn(model: UPM, batch, rng, workdir, step: int) -> None:
+        del rng
+        r, gt = jax.device_get((renders(model, batch), batch["frame_image"]))
+        rows = [
+            [("GT", gt[i]), ("UPM", r["upm"][i]), ("zero id", r["zero_identity"][i]),
+             ("surfels", r["surfels"][i]), ("4x err", 4 * np.abs(r["upm"][i] - gt[i]))]
+            for i in range(min(len(gt), 8))
+        ]  # fmt: skip
+        if jax.process_index() == 0:
+            write_sheet(rows, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+
+    return sample_fn
 
 
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
@@ -188,4 +225,7 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
 make_data = CaptureData(transforms.upm_example)
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
-STAGE = Stage("upm", "upm", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)
+STAGE = Stage(
+    "upm", "upm", make_model, make_loss, make_data, batch_spec, make_eval=make_eval,
+    make_sample=make_sample,
+)  # fmt: skip
