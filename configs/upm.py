@@ -35,8 +35,9 @@ def get_config(arg: str = "tiny"):
     c.model.n_cameras = cameras
     # RGCA loss weights (goliath config/rgca_example.yml; docs/architecture.md §5)
     c.model.loss_weights = dict(
-        rgb_l1=10.0, rgb_ssim=0.2, geom_l2=0.4, kl=2e-3, negcolor=1e-2, scale_bound=1e-2
-    )
+        rgb_l1=10.0, rgb_ssim=0.2, geom_l2=0.4, kl=2e-3, negcolor=1e-2, scale_bound=1e-2,
+        color_l2=0.1,  # ours: keeps unseen texels' colour at the texture (fica_jax/stages/upm.py)
+    )  # fmt: skip
     c.model.geometry_unit = 1e-3  # geom_l2 in mm^2 (RGCA's captures are in millimetres)
     # scale_bound (m): Gaussians larger than ~1 texel spacing are penalised (32^2: ~15 mm)
     c.model.scale_bound = 0.02 if arg == "tiny" else 0.002
@@ -47,6 +48,9 @@ def get_config(arg: str = "tiny"):
     # identity-encoder input normalisation (synthetic head extents, as configs/dense.py)
     c.model.position_center = (0.0, -0.025, 0.02)
     c.model.position_extent = (0.19, 0.19, 0.19)
+    # explicit eyeballs turned by the gaze: the template of the data's UV layout (its metadata's
+    # `template.template`); "" for a layout without eyeballs (gaze then enters the decoder)
+    c.model.eye_template = "fica-procedural-head-r48"
 
     c.data.uv_resolution = res
     c.data.image_size = size

@@ -71,13 +71,12 @@ class Avatar:
         model.identity_encoder = None  # ran once; driving never needs it
         self.model = model
         self.cfg: UPMConfig = model.cfg
-        one = lambda x: jnp.asarray(x, jnp.float32).reshape(1, *x.shape[-3:])
         # batch 1: broadcast against B frames by the decoder
-        self.identity = {
-            "biases": [one(b) for b in identity["biases"]],
-            "frame": one(identity["frame"]),
-            "std": one(identity["std"]),
-        }
+        one = lambda x, k=3: jnp.asarray(x, jnp.float32).reshape(1, *np.shape(x)[-k:])
+        self.identity = {"biases": [one(b) for b in identity["biases"]]}
+        self.identity |= {k: one(identity[k]) for k in ("frame", "std")}
+        if "eye_centres" in identity:
+            self.identity["eye_centres"] = one(identity["eye_centres"], 2)
         self.texture = jnp.asarray(texture, jnp.float32)  # [R, R, 3]
         self.geometry = jnp.asarray(geometry, jnp.float32)  # [R, R, 3]
         self.mask = jnp.asarray(mask, jnp.float32)  # [R, R]
@@ -171,8 +170,7 @@ class Avatar:
         out = dict(zip(names, (np.asarray(x) for x in jax.tree.leaves(pure)), strict=True))
         for i, b in enumerate(self.identity["biases"]):
             out[f"bias/{i}"] = np.asarray(b)
-        out["frame"] = np.asarray(self.identity["frame"])
-        out["std"] = np.asarray(self.identity["std"])
+        out |= {k: np.asarray(v) for k, v in self.identity.items() if k != "biases"}
         out |= {"texture": np.asarray(self.texture), "geometry": np.asarray(self.geometry)}
         out["mask"] = np.asarray(self.mask)
         return out
@@ -232,10 +230,7 @@ class Avatar:
         if missing:
             raise UserError(f"{path} lacks {len(missing)} decoder arrays, e.g. {missing[0]}")
         nnx.update(model, treedef.unflatten([jnp.asarray(arrays[n]) for n in names]))
-        identity = {
-            "biases": [arrays[f"bias/{i}"] for i in range(meta["levels"])],
-            "frame": arrays["frame"],
-            "std": arrays["std"],
-        }
+        identity = {"biases": [arrays[f"bias/{i}"] for i in range(meta["levels"])]}
+        identity |= {k: arrays[k] for k in ("frame", "std", "eye_centres") if k in arrays}
         maps = (arrays["texture"], arrays["geometry"], arrays["mask"])
         return cls(model, identity, *maps, meta.get("info"))

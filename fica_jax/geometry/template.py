@@ -231,12 +231,28 @@ def vertex_regions(template: HeadTemplate) -> dict[str, np.ndarray]:
 
 
 def uv_regions(template: HeadTemplate, resolution: int) -> dict[str, np.ndarray]:
-    """`vertex_regions` as [R, R] bool UV masks: texels whose whole face lies in the region."""
+    """`vertex_regions` and each eyeball ("eye_left", "eye_right") as [R, R] bool UV masks:
+    texels whose whole face lies in the region. Evaluated eagerly (also inside a trace)."""
+    import jax
+
     from fica_jax.geometry.uvmaps import uv_raster
 
-    r = uv_raster(template.uvs, template.faces, resolution)
-    out = {}
-    for name, m in vertex_regions(template).items():
-        inside = np.asarray(r.interpolate(jnp.asarray(m, jnp.float32)[:, None]))[..., 0]
-        out[name] = r.mask & (inside > 0.999)
+    regions = vertex_regions(template)
+    regions |= {"eye_left": template.eye_masks[0], "eye_right": template.eye_masks[1]}
+    with jax.ensure_compile_time_eval():
+        r = uv_raster(template.uvs, template.faces, resolution)
+        out = {}
+        for name, m in regions.items():
+            inside = np.asarray(r.interpolate(jnp.asarray(m, jnp.float32)[:, None]))[..., 0]
+            out[name] = r.mask & (inside > 0.999)
     return out
+
+
+@lru_cache(maxsize=8)
+def named_uv_regions(name: str, resolution: int) -> dict[str, np.ndarray]:
+    """`uv_regions` of a procedural template named as in capture metadata
+    ("fica-procedural-head-r48"); cached."""
+    prefix = "fica-procedural-head-r"
+    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
+        raise ValueError(f"template {name!r}: expected '{prefix}N' (a procedural head template)")
+    return uv_regions(make_head_template(int(name[len(prefix) :])), resolution)

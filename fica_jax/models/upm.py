@@ -11,10 +11,18 @@ neutral UV geometry G into a drivable avatar of one Gaussian per UV texel:
     branches (ava-256 `models/encoders/identity.py`).
   expression encoder: frame expression code [B, E] -> MLP -> (mean, logvar) of latent e [B, Le];
     KL to N(0, I); the mean at drive time.
-  Gaussian decoder: MLP(e, gaze) -> seed [B, s, s, C]; per level x2 nearest upsample + conv3x3,
+  Gaussian decoder: MLP(e) -> seed [B, s, s, C]; per level x2 nearest upsample + conv3x3,
     `x = (conv(x) + bias_i) / sqrt(2)`, LeakyReLU (ava-256 `models/decoders/rgb.py`); a conv head
     at R gives position offset, rotation, scale and opacity per texel.
-  colour branch: the same structure on MLP(e, gaze, view) -> a view-dependent colour offset.
+  colour branch: the same structure on MLP(view) with, at its head, each texel's deformation
+    from the geometry branch (stop-gradient offset) -> a view-dependent colour offset. The
+    expression reaches the colour only through the deformation it causes, so what it does not
+    move keeps its colour (with the code as input, the unseen back of the head did not).
+  eyes: the gaze (yaw, pitch) turns each eyeball's texels rigidly about the eyeball's centre
+    (a sphere fitted to its neutral texels, once per avatar), the capture's own eye model; the
+    eye texels come from the UV layout's template (`eye_template`). RGCA likewise drives
+    explicit eyeballs by gaze instead of feeding gaze to the decoder. With `eye_template=""`
+    (a layout without known eyeballs) the gaze joins e as an input of both branches.
 
 Per texel: mean = G + offset; rotation and scale relative to the texel's surfel frame on the
 neutral surface G (`surface_frames`, the flat tangent-plane Gaussians of `render/surfels.py`, as
@@ -37,9 +45,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fica_jax import sharding as shd
+from fica_jax.geometry.template import gaze_rotation, named_uv_regions
 from fica_jax.models import layers
 from fica_jax.render import rasterization
 from fica_jax.render.project import quat_multiply, rotmat_to_quat
@@ -47,6 +57,7 @@ from fica_jax.render.surfels import tangent
 
 Array = jax.Array
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(x) == 1
+_MAX_EYE_RADIUS = 0.05  # m; human eyeballs are ~12 mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +84,8 @@ class UPMConfig:
     position_center: tuple[float, float, float] = (0.0, -0.025, 0.02)
     position_extent: tuple[float, float, float] = (0.19, 0.19, 0.19)
     eps2d: float = 0.1  # the rasteriser's screen-space blur the Gaussians are trained under
+    # explicit eyeballs: the UV layout's template (eye texel masks); "" feeds gaze to the decoder
+    eye_template: str = "fica-procedural-head-r48"
 
     @property
     def levels(self) -> int:
@@ -164,6 +177,55 @@ def surface_frames(geometry: Array, mask: Array, footprint: float, thickness: fl
     return quat, std
 
 
+def eye_masks(cfg: UPMConfig) -> Array | None:
+    """[2, R, R] float32 UV masks of the left and right eyeball, None without explicit eyes."""
+    if not cfg.eye_template:
+        return None
+    regions = named_uv_regions(cfg.eye_template, cfg.uv_resolution)
+    return jnp.asarray(np.stack([regions["eye_left"], regions["eye_right"]]), jnp.float32)
+
+
+def eye_centres(geometry: Array, mask: Array, eyes: Array) -> Array:
+    """Least-squares sphere centre of each eyeball's texels: [B, R, R, 3], [B, R, R], [2, R, R]
+    -> [B, 2, 3] (|p - c|^2 = r^2 is linear in (c, r^2 - |c|^2); points centred first). Where
+    the texels are no sphere (fit radius beyond `_MAX_EYE_RADIUS`), their mean."""
+    geometry = jax.lax.stop_gradient(geometry)
+
+    def one(p, valid, eye):
+        w = (eye * (valid > 0.5)).reshape(-1)
+        p = p.reshape(-1, 3)
+        mean = jnp.sum(w[:, None] * p, 0) / jnp.maximum(jnp.sum(w), 1.0)
+        q = p - mean
+        a = jnp.concatenate([2 * q, jnp.ones_like(q[:, :1])], -1)  # [N, 4]
+        lhs = jnp.einsum("n,ni,nj->ij", w, a, a) + 1e-12 * jnp.eye(4)
+        rhs = jnp.einsum("n,ni,n->i", w, a, jnp.sum(q * q, -1))
+        x = jnp.linalg.solve(lhs, rhs)
+        radius2 = x[3] + jnp.sum(x[:3] ** 2)
+        ok = jnp.all(jnp.isfinite(x)) & (radius2 < _MAX_EYE_RADIUS**2)
+        return mean + jnp.where(ok, x[:3], 0.0)
+
+    per_eye = jax.vmap(one, in_axes=(None, None, 0))
+    return jax.vmap(per_eye, in_axes=(0, 0, None))(geometry, mask, eyes)
+
+
+def turn_eyes(means, quats, eyes, centres, gaze):
+    """Rotates the eye texels of means [B, R, R, 3] / quats [B, R, R, 4] by the gaze rotation
+    (`geometry.template.gaze_rotation`, (yaw, pitch) [B, 2]) about their eyeball's centre
+    [B|1, 2, 3]; eyes [2, R, R] are the eyeballs' UV masks."""
+    b = means.shape[0]
+    rot = jax.vmap(gaze_rotation)(gaze.astype(jnp.float32))  # [B, 3, 3]
+    centres = jnp.broadcast_to(centres, (b, 2, 3))
+    q_rot = rotmat_to_quat(rot)[:, None, None, :]
+    turned_q = quat_multiply(jnp.broadcast_to(q_rot, quats.shape), quats)
+    for k in range(2):
+        c = centres[:, k, None, None, :]
+        turned = c + jnp.einsum("bij,bhwj->bhwi", rot, means - c)
+        inside = eyes[k][None, :, :, None] > 0.5
+        means = jnp.where(inside, turned, means)
+        quats = jnp.where(inside, turned_q, quats)
+    return means, quats
+
+
 class IdentityEncoder(nnx.Module):
     """[B, R, R, 7] UV maps -> bias maps {level i: [B, r_i, r_i, C_i + Ccol_i]}, low -> high."""
 
@@ -207,7 +269,7 @@ class ExpressionEncoder(nnx.Module):
 class Branch(nnx.Module):
     """MLP(condition) -> seed -> biased up-convs -> conv head. [B, D] -> [B, R, R, out]."""
 
-    def __init__(self, cfg: UPMConfig, cond: int, widths, out: int, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, cfg: UPMConfig, cond: int, widths, out: int, *, extra: int = 0, rngs, dtype):
         s, c0 = cfg.seed_resolution, cfg.seed_channels
         kw = dict(rngs=rngs, dtype=dtype)
         self.seed_shape = (s, s, c0)
@@ -217,14 +279,17 @@ class Branch(nnx.Module):
         self.convs = nnx.List(
             [layers.conv(a, b, 3, **kw) for a, b in zip(ins, widths, strict=True)]
         )
-        self.head = layers.conv(widths[-1], out, 3, **kw)
+        self.head = layers.conv(widths[-1] + extra, out, 3, **kw)
 
-    def __call__(self, cond: Array, biases: list[Array]) -> Array:
+    def __call__(self, cond: Array, biases: list[Array], extra: Array | None = None) -> Array:
+        """`extra` [B, R, R, extra]: per-texel features joining the head's input."""
         h = _vec(_leaky(self.fc1(_vec(cond))))
         x = _leaky(_constrain(_vec(self.fc2(h)).reshape(cond.shape[0], *self.seed_shape)))
         for conv, bias in zip(self.convs, biases, strict=True):
             # ava-256 decoder: the identity bias joins each level, variance kept by 1/sqrt(2)
             x = _leaky((_conv(conv, _up2(x)).astype(jnp.float32) + bias) * (1 / math.sqrt(2)))
+        if extra is not None:
+            x = jnp.concatenate([x, extra.astype(x.dtype)], -1)
         return 0.1 * _conv(self.head, x).astype(jnp.float32)
 
 
@@ -241,8 +306,10 @@ class UPM(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype)
         self.identity_encoder = IdentityEncoder(cfg, **kw)
         self.expression_encoder = ExpressionEncoder(cfg, **kw)
-        self.geometry = Branch(cfg, cfg.latent_dim + 2, cfg.channels, self.GEOMETRY_OUT, **kw)
-        self.color = Branch(cfg, cfg.latent_dim + 5, cfg.color_channels, 3, **kw)
+        gaze = 0 if cfg.eye_template else 2  # explicit eyeballs take the gaze instead
+        self.geometry = Branch(cfg, cfg.latent_dim + gaze, cfg.channels, self.GEOMETRY_OUT, **kw)
+        # colour sees the view and, per texel, the geometry branch's deformation (not e itself)
+        self.color = Branch(cfg, gaze + 3, cfg.color_channels, 3, extra=3, **kw)
         if cfg.n_cameras:
             eye = jnp.broadcast_to(jnp.eye(3), (cfg.n_cameras, 3, 3))
             self.color_correction = nnx.Param(eye, out_sharding=(None, None, None))
@@ -252,14 +319,19 @@ class UPM(nnx.Module):
     # ------------------------------------------------------------------ per avatar
     def encode_identity(self, texture: Array, geometry: Array, mask: Array) -> dict[str, Array]:
         """-> {"biases": [per level [B, r, r, C + Ccol]], "frame": [B, R, R, 4] and "std":
-        [B, R, R, 3], the neutral surface's surfel frames (`surface_frames`)}."""
+        [B, R, R, 3], the neutral surface's surfel frames (`surface_frames`), and with explicit
+        eyes "eye_centres": [B, 2, 3] (`eye_centres`)}."""
         m = mask[..., None].astype(jnp.float32)
         c = jnp.asarray(self.cfg.position_center, jnp.float32)
         s = jnp.asarray(self.cfg.position_extent, jnp.float32)
         x = jnp.concatenate([(texture * 2 - 1) * m, (geometry - c) / s * m, m], -1)
         biases = self.identity_encoder(x.astype(self.dtype))
         frame, std = surface_frames(geometry, mask, self.cfg.footprint, self.cfg.thickness)
-        return {"biases": biases, "frame": frame, "std": std}
+        out = {"biases": biases, "frame": frame, "std": std}
+        eyes = eye_masks(self.cfg)
+        if eyes is not None:
+            out["eye_centres"] = eye_centres(geometry, mask, eyes)
+        return out
 
     # ------------------------------------------------------------------ per frame
     def encode_expression(self, expression: Array) -> tuple[Array, Array]:
@@ -286,9 +358,16 @@ class UPM(nnx.Module):
         widths = cfg.channels
         geo_bias = [x[..., :w] for x, w in zip(biases, widths, strict=True)]
         col_bias = [x[..., w:] for x, w in zip(biases, widths, strict=True)]
-        cond = jnp.concatenate([latent, gaze], -1).astype(self.dtype)
+        eyes = eye_masks(cfg)
+        cond = latent if eyes is not None else jnp.concatenate([latent, gaze], -1)
+        cond = cond.astype(self.dtype)
         raw = self.geometry(cond, geo_bias)
-        col = self.color(jnp.concatenate([cond, view.astype(self.dtype)], -1), col_bias)
+        view_cond = view if eyes is not None else jnp.concatenate([view, gaze], -1)
+        # the expression reaches the colour only through the local deformation it causes
+        # (shading of moved skin, the mouth opening), so what expression does not move keeps
+        # its colour; 10 * raw offset: ~1 per 2 mm at the default offset_scale
+        deform = 10.0 * jax.lax.stop_gradient(raw[..., :3])
+        col = self.color(view_cond.astype(self.dtype), col_bias, deform)
 
         # rotation and scale relative to the neutral surface's surfel frame (RGCA's Gaussians
         # live in the mesh's local frame): an untrained decoder renders the surfel proxy
@@ -299,8 +378,11 @@ class UPM(nnx.Module):
         scales = cfg.max_scale * jnp.tanh(s / cfg.max_scale)  # soft bound, ~s when small
         opacity_logit = math.log(cfg.opacity_init / (1 - cfg.opacity_init))
         opacities = jax.nn.sigmoid(raw[..., 10] + opacity_logit) * (mask > 0.5)
+        means = geometry + cfg.offset_scale * raw[..., :3]
+        if eyes is not None:  # each eyeball turns rigidly about its centre (as the capture's)
+            means, quats = turn_eyes(means, quats, eyes, identity["eye_centres"], gaze)
         return {
-            "means": geometry + cfg.offset_scale * raw[..., :3],
+            "means": means,
             "quats": quats,
             "scales": scales,
             "opacities": opacities,
