@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -121,6 +122,8 @@ def main() -> int:
         "repeats": args.repeats,
         "command": "python " + " ".join(sys.argv),
         "all_overflow_zero": all(r["isect_overflow"] == 0 for r in rows),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # > cpu_count: other work shared the cores
         "rows": rows,
     }
     write_result(result, args.out or REPO / f"benchmarks/results/upm_drive_{backend}.json")

@@ -1,0 +1,76 @@
+"""Stage `refiner`: the feed-forward UV refiner (FiCA Sec. 2.3) on capture data.
+
+fica data synth --out data/synth_ref --identities 64 --resolution 32 --image-size 32 --frames 1
+fica train refiner --config configs/refiner.py:tiny --workdir runs/ref \
+    --config.data.dir=data/synth_ref
+# on the DiT's samples instead of corrupted ground truth (maps of both splits in one folder):
+#   fica sample --run runs/dit --data CACHE --split train --out runs/samples (and --split test)
+#   ... --config.model.input_source=samples --config.model.samples_dir=runs/samples/maps
+# paper: 512^2 UV maps, 1024 px portraits, 50k steps at batch 128 (supplement)
+fica train refiner --config configs/refiner.py:paper --workdir gs://BUCKET/ref \
+    --config.data.dir=...
+"""
+
+from configs.common import base_config
+
+VARIANTS = {
+    # name: (refiner variant, uv res, image size, global batch, steps, lr)
+    "tiny": ("tiny", 32, 32, 8, 300, 1e-3),
+    # FiCA supp.: 50k steps, effective batch 128 (32 A100s, ~2 days); the lr is ours
+    "paper": ("paper", 512, 1024, 128, 50_000, 1e-4),
+}
+
+
+def get_config(arg: str = "tiny"):
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown refiner variant {arg!r}; expected one of {sorted(VARIANTS)}")
+    variant, res, size, batch, steps, lr = VARIANTS[arg]
+    c = base_config("refiner")
+    c.model.variant = variant
+    # empty / 0 keep the variant's sizes (fica_jax/models/refiner.py VARIANTS)
+    c.model.channels = ()
+    c.model.attn_levels = 0
+    c.model.heads = 0
+    c.model.groups = 0
+    c.model.vit = ""
+    c.model.vit_patch = 0
+    # the tiny ViT starts random and must train; the paper's Sapiens backbone is frozen
+    c.model.vit_trainable = arg == "tiny"
+    # input maps: "corrupt" (ground truth + transforms.corrupt_maps) or "samples" (DiT maps)
+    c.model.input_source = "corrupt"
+    c.model.samples_dir = ""
+    # blur: max Gaussian sigma (texels); color: max per-channel gain change (offset half of
+    # it); offset: std-dev (m) of the low-frequency geometry offset field
+    c.model.corruption = dict(blur=1.5, color=0.15, offset=0.01)
+    # a texel counts as seen in the portrait when its camera depth is within this (m) of the
+    # input render's depth (`stages/refiner.py` uv_cues; ~1 texel spacing at 32^2)
+    c.model.visibility_tolerance = 0.01 if arg == "tiny" else 0.003
+    # FiCA supp.: 2.0 photo + 0.5 mask + 0.01 keypoints + 1.0 reg (reg's parts are ours). Both
+    # photo and reg_texture are L1 means, over pixels and texels: with ~1 portrait pixel per
+    # visible texel (tiny: 32 px, 32^2 UV) a texel's photo gradient is about its texture
+    # regulariser's, so L1's kink pins the texture at its input; the paper's 1024 px portraits
+    # over 512^2 maps give ~4x more pixels per texel. tiny weights the texture term down by 10,
+    # and the keypoint term (pixels) up by the portrait-size ratio 1024 / 32, so a misalignment
+    # costs what it costs at the paper's resolution.
+    tiny = arg == "tiny"
+    c.model.loss_weights = dict(
+        photo=2.0, mask=0.5, kpts=0.01 * (1024 / 32 if tiny else 1.0), reg=1.0,
+        reg_texture=0.1 if tiny else 1.0, reg_laplacian=1.0, reg_normal=1.0,
+    )  # fmt: skip
+    # geometry normalisation of the U-Net input (synthetic head extents, as configs/upm.py)
+    c.model.position_center = (0.0, -0.025, 0.02)
+    c.model.position_extent = (0.19, 0.19, 0.19)
+
+    c.data.uv_resolution = res
+    c.data.image_size = size
+    c.data.landmarks = 68
+    c.data.batch_size = batch
+    c.optim.lr = lr
+    c.optim.warmup_steps = min(500, steps // 10)
+    c.train.steps = steps
+    c.train.log_every = 25 if arg == "tiny" else 100
+    c.train.eval_every = 100 if arg == "tiny" else 5000
+    c.train.ckpt_every = 100 if arg == "tiny" else 5000
+    if arg != "tiny":
+        c.train.compute_dtype = "bfloat16"
+    return c

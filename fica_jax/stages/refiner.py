@@ -1,0 +1,301 @@
+"""Stage `refiner`: the feed-forward UV refiner (FiCA Sec. 2.3) through the shared loop.
+
+Each example is one identity (`transforms.refiner_example`): its ground-truth UV maps, the
+refiner's *input* maps, the portrait (view 0) with camera, landmarks and their UV coordinates,
+and dome frame 1. The input maps are `cfg.model.input_source`:
+- "corrupt" (default, the curriculum): the ground truth with a generator's errors, masked blur,
+  colour shift and a low-frequency geometry offset field (`transforms.corrupt_maps`, strengths
+  `cfg.model.corruption`); deterministic per record on the eval split.
+- "samples": the DiT's maps cached by `fica sample --split SPLIT --out OUT`, read from
+  `cfg.model.samples_dir` (= OUT/maps; `ID_texture.npy`, `ID_geometry.npy`); a missing file is a
+  one-line error naming it.
+
+The refiner sees the portrait and a render of its input maps from the portrait's camera (ViT
+tokens for its cross-attention) and, our addition, both images pulled back into UV through the
+input geometry with a depth-tested visibility mask (`uv_cues`, tolerance
+`cfg.model.visibility_tolerance`): the paper's refiner reads image evidence through the ViT
+features alone, which at the tiny CPU scale are a 4x4 token grid; the cues give the U-Net
+pixel-aligned evidence (not ablated separately). Its output maps are rendered the same way
+(`render/surfels.py`, the flat-surfel mesh proxy) and compared with the portrait. Pose and expression are the ground truth's, as in the paper's
+training: the maps are neutral, so each render adds the view's posed-minus-neutral UV geometry
+offset (`view_uv_geometry[v] - uv_geometry`, stored per view) to the refined neutral geometry.
+Renders are composited over the portrait's own background pixels (outside its mask; black
+inside), so a hole in the head and surface outside the silhouette both cost photometrically.
+
+Loss (weights `cfg.model.loss_weights`, the supplement's 2.0 / 0.5 / 0.01 / 1.0; the tiny
+config rescales two of them for its 32 px portraits, see configs/refiner.py):
+- `photo`: L1 of the composited render vs the portrait, whole image.
+- `mask`: L1 of the render's alpha vs the portrait mask.
+- `kpts`: L1 in pixels of the refined landmarks (the refined posed geometry sampled at the
+  landmarks' UV coordinates, projected) vs the portrait's, visible landmarks only.
+- `reg` = `reg_texture` L1(T', T_in) + `reg_laplacian` L1(lap G', lap G_in) (`uv_laplacian` of
+  the geometry in the model's normalised units) + `reg_normal` L1 of the normal maps (from the
+  geometry's UV tangents) of G' vs G_in; all inside the UV mask.
+
+`make_eval` (test split): portrait PSNR inside the portrait mask and keypoint error in pixels,
+refined vs the unrefined input (`baseline_*`), and novel-view PSNR against dome frame 1.
+`make_sample`: portrait | render before | render after | 4x error before | 4x error after.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from data_pipelines import transforms
+from data_pipelines.pipeline import CaptureData
+from fica_jax import config
+from fica_jax.errors import UserError
+from fica_jax.eval import metrics
+from fica_jax.geometry.uvmaps import sample_uv_map, uv_laplacian
+from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
+from fica_jax.render.surfels import project_keypoints, render_surfels, tangent
+from fica_jax.sample import write_sheet
+from fica_jax.train.stage import Stage
+
+_SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
+INPUT_SOURCES = ("corrupt", "samples")
+
+
+def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
+    """The variant named by `cfg.model.variant` at the data's sizes; non-empty
+    `cfg.model.{channels, ...}` override its sizes."""
+    return config.variant(
+        VARIANTS,
+        cfg.model.variant,
+        "model.variant",
+        {k: cfg.model.get(k) for k in _SIZE_KEYS},
+        uv_resolution=cfg.data.uv_resolution,
+        image_size=cfg.data.image_size,
+        vit_trainable=bool(cfg.model.vit_trainable),
+        position_center=tuple(cfg.model.position_center),
+        position_extent=tuple(cfg.model.position_extent),
+    )
+
+
+def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Refiner:
+    return Refiner(refiner_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
+
+
+# ----------------------------------------------------------------------------- rendering
+def render_view(texture, geometry, mask, batch, view: str, landmarks: bool = False):
+    """Neutral maps [B, R, R, 3] posed by `{view}_offset` and rendered as surfels from the
+    view's camera over its background -> image [B, S, S, 3], alpha [B, S, S] (and keypoints
+    [B, L, 2] with `landmarks`)."""
+    img, vmask = batch[f"{view}_image"], batch[f"{view}_mask"]
+    bg = img * (1.0 - vmask[..., None])
+    size = img.shape[1]
+
+    def one(tex, geo, m, off, viewmat, K, luv):
+        r = render_surfels(
+            tex, geo + off, viewmat[None], K[None], size, size, mask=m,
+            landmark_uvs=luv if landmarks else None,
+        )  # fmt: skip
+        kpts = r["keypoints"][0] if landmarks else luv
+        return r["image"][0], r["alpha"][0], r["depth"][0], kpts
+
+    keys = (f"{view}_offset", f"{view}_viewmat", f"{view}_K", "landmark_uv")
+    image, alpha, depth, kpts = jax.vmap(one)(texture, geometry, mask, *(batch[k] for k in keys))
+    out = {"image": image + (1.0 - alpha[..., None]) * bg, "alpha": alpha, "depth": depth}
+    return out | ({"keypoints": kpts} if landmarks else {})
+
+
+def uv_cues(geometry, mask, render, batch, tolerance: float) -> jax.Array:
+    """The portrait and the input render pulled back into UV through the input geometry: each
+    texel's posed position projected into the portrait camera, both images sampled there, kept
+    where the texel is the visible surface (its camera depth within `tolerance` m of the
+    render's expected depth) -> [B, R, R, 7] = portrait rgb, render rgb, visibility (0
+    elsewhere). Gives the U-Net pixel-aligned evidence beside the cross-attention's coarse
+    tokens (our addition: the paper conditions through the ViT features only)."""
+    size = batch["portrait_image"].shape[1]
+
+    def one(geo, m, off, viewmat, K, portrait, image, depth):
+        posed = (geo + off).reshape(-1, 3)
+        z = posed @ viewmat[2, :3] + viewmat[2, 3]
+        px = project_keypoints(posed, viewmat[None], K[None])[0]
+        uv = px / size  # sample_uv_map's pixel-centre convention: pixel centres at +0.5
+        at = lambda img: sample_uv_map(img, uv)
+        inside = jnp.all((px >= 0) & (px < size), axis=-1) & (z > 0)
+        seen = inside & (jnp.abs(z - at(depth[..., None])[:, 0]) < tolerance)
+        vis = (seen & (m.reshape(-1) > 0)).astype(jnp.float32)[:, None]
+        cues = jnp.concatenate([at(portrait) * vis, at(image) * vis, vis], -1)
+        return cues.reshape(*geo.shape[:2], 7)
+
+    keys = ("portrait_offset", "portrait_viewmat", "portrait_K", "portrait_image")
+    args = (geometry, mask, *(batch[k] for k in keys), render["image"], render["depth"])
+    return jax.lax.stop_gradient(jax.vmap(one)(*args))
+
+
+def normal_maps(geometry: jax.Array, mask: jax.Array) -> jax.Array:
+    """Unit normals [B, R, R, 3] of geometry maps from their UV tangents (0 where undefined)."""
+
+    def one(p, m):
+        n = jnp.cross(tangent(p, m > 0.5, 1), tangent(p, m > 0.5, 0))
+        norm = jnp.linalg.norm(n, axis=-1, keepdims=True)
+        return jnp.where(norm > 1e-12, n / jnp.maximum(norm, 1e-12), 0.0)
+
+    return jax.vmap(one)(geometry, mask)
+
+
+def refine(model: Refiner, batch, tolerance: float = 0.01) -> dict[str, jax.Array]:
+    """The refiner on the batch's input maps, conditioned on the portrait, a render of the
+    input maps from its camera and both pulled back into UV (`uv_cues`) -> refined texture,
+    geometry [B, R, R, 3] and the input render."""
+    tex, geo, m = batch["input_texture"], batch["input_geometry"], batch["uv_mask"]
+    before = render_view(tex, geo, m, batch, "portrait")
+    cues = uv_cues(geo, m, before, batch, tolerance)
+    texture, geometry = model(tex, geo, m, batch["portrait_image"], before["image"], cues)
+    return {"texture": texture, "geometry": geometry, "before": before["image"]}
+
+
+# ----------------------------------------------------------------------------- loss
+def _masked_l1(a: jax.Array, b: jax.Array, m: jax.Array) -> jax.Array:
+    """Mean |a - b| over texels/pixels where m [B, H, W] is 1 (and over channels)."""
+    return jnp.sum(jnp.abs(a - b) * m[..., None]) / (jnp.sum(m) * a.shape[-1] + 1e-6)
+
+
+def keypoint_error(kpts: jax.Array, batch) -> jax.Array:
+    """Mean L1 (pixels, per coordinate) of keypoints [B, L, 2] vs the portrait's visible ones."""
+    vis = batch["portrait_kpts_visible"][..., None]
+    return jnp.sum(jnp.abs(kpts - batch["portrait_kpts"]) * vis) / (2 * jnp.sum(vis) + 1e-6)
+
+
+def refiner_losses(texture, geometry, batch, extent: jax.Array) -> dict[str, jax.Array]:
+    """Unweighted loss terms (module doc) of refined maps [B, R, R, 3], each a scalar."""
+    m = batch["uv_mask"]
+    out = render_view(texture, geometry, m, batch, "portrait", landmarks=True)
+    tex_in, geo_in = batch["input_texture"], batch["input_geometry"]
+    lap = jax.vmap(lambda g, mm: uv_laplacian(g / extent, mm))
+    return {
+        "photo": jnp.mean(jnp.abs(out["image"] - batch["portrait_image"])),
+        "mask": jnp.mean(jnp.abs(out["alpha"] - batch["portrait_mask"])),
+        "kpts": keypoint_error(out["keypoints"], batch),
+        "reg_texture": _masked_l1(texture, tex_in, m),
+        "reg_laplacian": _masked_l1(lap(geometry, m), lap(geo_in, m), m),
+        "reg_normal": _masked_l1(normal_maps(geometry, m), normal_maps(geo_in, m), m),
+    }
+
+
+def loss_weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Per-term weights: photo, mask, kpts, and reg times each of its three parts."""
+    w = dict(cfg.model.loss_weights)
+    want = {"photo", "mask", "kpts", "reg", "reg_texture", "reg_laplacian", "reg_normal"}
+    if set(w) != want:
+        raise UserError(
+            f"config model.loss_weights has keys {sorted(w)}; expected exactly {sorted(want)}"
+        )
+    reg = float(w.pop("reg"))
+    return {k: float(v) * (reg if k.startswith("reg_") else 1.0) for k, v in w.items()}
+
+
+def make_loss(cfg: ml_collections.ConfigDict):
+    w = loss_weights(cfg)
+    extent = jnp.asarray(cfg.model.position_extent, jnp.float32)
+    tol = float(cfg.model.visibility_tolerance)
+
+    def loss_fn(model: Refiner, batch, rng: jax.Array):
+        del rng
+        r = refine(model, batch, tol)
+        terms = refiner_losses(r["texture"], r["geometry"], batch, extent)
+        return sum(w[k] * v for k, v in terms.items()), terms
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- eval, preview
+def held_out(model: Refiner, batch, tolerance: float = 0.01) -> dict[str, jax.Array]:
+    """Portrait and frame-1 renders of the input ("before") and refined ("after") maps, and
+    the portrait keypoints of both -> {name: array}."""
+    r, m = refine(model, batch, tolerance), batch["uv_mask"]
+    out = {}
+    for name, tex, geo in (("before", batch["input_texture"], batch["input_geometry"]),
+                           ("after", r["texture"], r["geometry"])):  # fmt: skip
+        p = render_view(tex, geo, m, batch, "portrait", landmarks=True)
+        out[name], out[f"{name}_kpts"] = p["image"], p["keypoints"]
+        out[f"{name}_frame"] = render_view(tex, geo, m, batch, "frame")["image"]
+    return out
+
+
+def make_eval(cfg: ml_collections.ConfigDict):
+    """Held-out portrait PSNR (inside the portrait mask), keypoint error (px) and frame-1
+    PSNR (inside its mask), refined vs the unrefined input maps (`baseline_*`)."""
+
+    tol = float(cfg.model.visibility_tolerance)
+
+    def eval_fn(model: Refiner, batch, rng: jax.Array):
+        del rng
+        r, res = held_out(model, batch, tol), {}
+        pi, pm = batch["portrait_image"], batch["portrait_mask"]
+        fi, fm = batch["frame_image"], batch["frame_mask"]
+        for name, prefix in (("after", ""), ("before", "baseline_")):
+            res[f"{prefix}psnr"] = metrics.masked_psnr(r[name], pi, pm)
+            res[f"{prefix}kpt_err"] = keypoint_error(r[f"{name}_kpts"], batch)
+            res[f"{prefix}novel_psnr"] = metrics.masked_psnr(r[f"{name}_frame"], fi, fm)
+        return res
+
+    return eval_fn
+
+
+def make_sample(cfg: ml_collections.ConfigDict):
+    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` of the eval batch, one row per
+    identity: portrait | render before | render after | 4x |before - portrait| | 4x |after - .|."""
+    tol = float(cfg.model.visibility_tolerance)
+    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol))
+
+    def sample_fn(model: Refiner, batch, rng, workdir, step: int) -> None:
+        del rng
+        r, gt = jax.device_get((renders(model, batch), batch["portrait_image"]))
+        rows = [
+            [("portrait", gt[i]), ("before", r["before"][i]), ("after", r["after"][i]),
+             ("4x err before", 4 * np.abs(r["before"][i] - gt[i])),
+             ("4x err after", 4 * np.abs(r["after"][i] - gt[i]))]
+            for i in range(min(len(gt), 8))
+        ]  # fmt: skip
+        if jax.process_index() == 0:
+            write_sheet(rows, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+
+    return sample_fn
+
+
+# ----------------------------------------------------------------------------- data
+def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    b, r, s = cfg.data.batch_size, cfg.data.uv_resolution, cfg.data.image_size
+    n_kpts = cfg.data.landmarks
+    spec = lambda *shape: jax.ShapeDtypeStruct((b, *shape), jnp.float32)
+    out = {k: spec(r, r, 3) for k in ("uv_texture", "uv_geometry", "uv_normal", "input_texture",
+                                      "input_geometry", "portrait_offset", "frame_offset")}  # fmt: skip
+    out |= {"uv_mask": spec(r, r), "landmark_uv": spec(n_kpts, 2)}
+    for view in ("portrait", "frame"):
+        out |= {f"{view}_image": spec(s, s, 3), f"{view}_mask": spec(s, s),
+                f"{view}_K": spec(3, 3), f"{view}_viewmat": spec(4, 4)}  # fmt: skip
+    return out | {"portrait_kpts": spec(n_kpts, 2), "portrait_kpts_visible": spec(n_kpts)}
+
+
+def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int):
+    """Capture shards -> `transforms.refiner_example`, told the input source and corruption."""
+    source = cfg.model.input_source
+    if source not in INPUT_SOURCES:
+        raise UserError(
+            f"config model.input_source={source!r} is unknown; expected one of {INPUT_SOURCES}"
+        )
+    if source == "samples" and not cfg.model.samples_dir:
+        raise UserError(
+            "config model.input_source='samples' needs model.samples_dir: the maps/ folder "
+            "`fica sample --split SPLIT --out OUT` writes (OUT/maps)"
+        )
+    extra = {"input_source": source, "samples_dir": str(cfg.model.samples_dir)}
+    extra |= {k: float(v) for k, v in dict(cfg.model.corruption).items()}
+    read = CaptureData(transforms.refiner_example)
+    return read(cfg, split, process_index, process_count, extra=extra)
+
+
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+STAGE = Stage(
+    "refiner", "refiner", make_model, make_loss, make_data, batch_spec, make_eval=make_eval,
+    make_sample=make_sample,
+)  # fmt: skip
