@@ -1,9 +1,7 @@
-"""fica-jax: FiCA (feed-forward Gaussian Codec Avatars from a single portrait) in JAX/Flax NNX."""
+"""fica-jax: FiCA (feed-forward Gaussian Codec Avatars from a single portrait) in JAX/Flax NNX.
 
-from flax import nnx as _nnx
-
-# Parameters carry *logical* axis names; they are resolved to mesh axes by the rule tables in
-# `fica_jax.sharding` at jit time, never eagerly at construction (which needs a mesh context).
-_nnx.use_eager_sharding(False)
+Importing the package imports no framework: `fica_jax.export.torch_runtime` runs avatars with
+PyTorch alone. The NNX setting every model relies on lives in `fica_jax.models`.
+"""
 
 __version__ = "0.1.0"

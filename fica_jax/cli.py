@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "fica_jax.train.cli",  # fica train STAGE, fica plan
     "fica_jax.sample",  # fica sample
     "fica_jax.drive",  # fica avatar | render
+    "fica_jax.export.model_export",  # fica export
+    "fica_jax.generate",  # fica generate
     "fica_jax.demo",  # fica demo
 )
 

@@ -118,19 +118,36 @@ def _posterior(vae, x, unshuffle):
     return pack((post.mean - c.shift_factor) * c.scaling_factor), pack(post.std * c.scaling_factor)
 
 
+def _control_maps(stats: uv_latent.MapStats, partial_uv) -> list[np.ndarray]:
+    """Partial UV maps [B, R, R, 10] -> the 4 control groups normalised as the VAE's inputs."""
+    part = np.asarray(partial_uv, np.float32)
+    seen = part[..., 3]
+    return [
+        uv_latent.normalize_map("texture", part[..., 0:3], stats, seen),
+        np.repeat(uv_latent.normalize_map("mask", part[..., 3:4], stats), 3, axis=-1),
+        uv_latent.normalize_map("normal", part[..., 4:7], stats, seen),
+        uv_latent.normalize_map("position", part[..., 7:10], stats, seen),
+    ]
+
+
+def _pack_control(mean: np.ndarray, b: int, first: int) -> np.ndarray:
+    return np.concatenate([mean[(first + i) * b : (first + 1 + i) * b] for i in range(4)], -1)
+
+
+def encode_control(vae: VAEBundle, partial_uv) -> np.ndarray:
+    """Partial UV maps [B, R, R, 10] -> the 4-group control latents [B, G, G, 4C] (what the
+    cache stores as `control`, and what `fica generate` feeds the DiT)."""
+    ctrl = _control_maps(vae.stats, partial_uv)
+    mean, _ = _posterior(vae.model, jnp.asarray(np.concatenate(ctrl)), vae.unshuffle)
+    return _pack_control(np.asarray(mean), ctrl[0].shape[0], 0)
+
+
 def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Records' UV maps -> tex/geo posteriors and the 4-group control latents (numpy)."""
     s, m = vae.stats, batch["uv_mask"]
     tex = uv_latent.normalize_map("texture", batch["uv_texture"], s, m)
     geo = uv_latent.normalize_map("position", batch["uv_geometry"], s, m)
-    part = np.asarray(batch["partial_uv"], np.float32)
-    seen = part[..., 3]
-    ctrl = [
-        uv_latent.normalize_map("texture", part[..., 0:3], s, seen),
-        np.repeat(uv_latent.normalize_map("mask", part[..., 3:4], s), 3, axis=-1),
-        uv_latent.normalize_map("normal", part[..., 4:7], s, seen),
-        uv_latent.normalize_map("position", part[..., 7:10], s, seen),
-    ]
+    ctrl = _control_maps(s, batch["partial_uv"])
     b = tex.shape[0]
     mean, std = (
         np.asarray(a)
@@ -138,13 +155,12 @@ def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.nd
             vae.model, jnp.asarray(np.concatenate([tex, geo, *ctrl])), vae.unshuffle
         )
     )
-    control = np.concatenate([mean[(2 + i) * b : (3 + i) * b] for i in range(4)], axis=-1)
     return {
         "tex_mean": mean[:b],
         "tex_std": std[:b],
         "geo_mean": mean[b : 2 * b],
         "geo_std": std[b : 2 * b],
-        "control": control,
+        "control": _pack_control(mean, b, 2),
     }
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import fica_jax.models  # noqa: F401  (NNX's lazy-sharding setting lives there)
 from fica_jax.errors import UserError
 
 # ----------------------------------------------------------------------------- mesh axes

@@ -1,0 +1,200 @@
+"""`fica export`: checkpoints written on the 8-device fake mesh (data=2 x fsdp=4) export in a
+1-device process, for every model stage, and reload into the JAX model bit-for-bit (f32)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fica_jax.cli import main
+from fica_jax.errors import UserError
+from fica_jax.export.model_export import load_exported, param_names, read_export
+from tests.pipeline_fixture import STAGES, pipeline_runs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(synth_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export_runs")
+    trained, _ = pipeline_runs(root, synth_dir)
+    return root, trained
+
+
+def _flat(pure):
+    return {n: leaf for n, _, leaf in param_names(pure)}
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def exported(runs):
+    """All five exported by ONE 1-device process (`fica export` per run, f32 and bf16)."""
+    root, trained = runs
+    script = "import sys; from fica_jax.cli import main\n"
+    for name in STAGES:
+        for dt in ("float32", "bfloat16"):
+            args = ["export", "--run", str(trained[name][0]), "--out", str(root / f"x_{name}_{dt}"),
+                    "--dtype", dt]  # fmt: skip
+            script += f"assert main({args!r}) == 0\n"
+    script += "import jax; assert jax.device_count() == 1, jax.devices()\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=_env(1), cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, trained, proc.stdout
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_export_from_the_8_device_mesh_reloads_bit_for_bit(exported, name):
+    root, trained, stdout = exported
+    assert f"exported {name} step 3" in stdout
+    cfg, model, stats, meta = load_exported(root / f"x_{name}_float32", stage=name)
+    from flax import nnx
+
+    got = {n: np.asarray(v) for n, v in _flat(nnx.state(model, nnx.Param).to_pure_dict()).items()}
+    want = trained[name][1]
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and np.array_equal(got[n], want[n]), n
+    assert meta["stage"] == name and meta["source"]["step"] == 3
+    assert meta["dtypes"]["stored"] == "float32" and meta["fica_jax_version"]
+    assert meta["parameters"] == sum(v.size for v in want.values())
+    assert meta["architecture"], "the model's config dataclass is recorded"
+    if name == "vae":  # positions centred on the training mean shape: the map travels along
+        assert stats["position_reference"].shape == (32, 32, 3)
+        assert meta["stats"]["map_stats"]["reference_digest"]
+    if name == "dit":  # the cache's latent statistics, UV layout and baselines travel along
+        assert meta["stats"]["latent_scale"] > 0 and meta["stats"]["grid"] == 4
+        assert stats["uv_mask"].shape == (32, 32) and stats["mean_texture"].shape == (32, 32, 3)
+
+    # bf16: the same values rounded to bf16 (stored as BF16 in the file)
+    _, arrays = read_export(root / f"x_{name}_bfloat16")
+    import ml_dtypes
+
+    for n in list(want)[:20]:
+        assert arrays[n].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(arrays[n], want[n].astype(ml_dtypes.bfloat16))
+
+
+def test_export_bad_inputs_are_one_line(exported, tmp_path, capsys):
+    root, trained, _ = exported
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json" in err[0]
+    run = trained["upm"][0]
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "o"), "--step", "9"]) == 2
+    assert "holds steps [3]" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "o"), "--ema"]) == 2
+    assert "EMA" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*")), "nothing half-written"
+    with pytest.raises(UserError, match="stage 'vae', expected 'upm'"):
+        load_exported(root / "x_vae_float32", stage="upm")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text(json.dumps({"format": "fica-export", "version": 99}))
+    with pytest.raises(UserError, match="v99"):
+        read_export(bad)
+
+
+# ----------------------------------------------------------------------------- fica generate
+@pytest.fixture(scope="module")
+def models_dir(exported):
+    root = exported[0]
+    d = root / "models"
+    d.mkdir()
+    for name in STAGES:
+        os.symlink(root / f"x_{name}_float32", d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def portrait(synth_dir, tmp_path_factory):
+    """A held-out identity's portrait as a PNG and its camera/expression as a --pose JSON."""
+    from PIL import Image
+
+    from data_pipelines.pipeline import open_source
+
+    rec = open_source(synth_dir, "test")[0]
+    d = tmp_path_factory.mktemp("portrait")
+    Image.fromarray(np.asarray(rec["view_image"][0])).save(d / "portrait.png")
+    pose = {"image_size": int(rec["view_image"].shape[1]), "K": rec["view_K"][0].tolist(),
+            "viewmat": rec["view_viewmat"][0].tolist(),
+            "expression": rec["view_expression"][0].tolist()}  # fmt: skip
+    (d / "pose.json").write_text(json.dumps(pose))
+    return d / "portrait.png", d / "pose.json"
+
+
+@pytest.fixture(scope="module")
+def bundle(models_dir, portrait, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "avatar"
+    argv = ["generate", "--image", str(portrait[0]), "--models", str(models_dir),
+            "--out", str(out), "--steps", "2", "--pose", str(portrait[1])]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_generate_writes_a_complete_bundle_whose_ply_reloads(bundle):
+    from fica_jax.avatar import GAUSSIAN_KEYS, Avatar
+    from fica_jax.render.ply import load_ply
+
+    for f in ("avatar.safetensors", "avatar.json", "avatar.ply", "preview.png", "maps.npz"):
+        assert (bundle / f).is_file(), f
+    info = json.loads((bundle / "avatar.json").read_text())["info"]
+    assert info["refined"] and {"conditioning", "dit", "refiner", "upm"} <= set(info["seconds"])
+    maps = np.load(bundle / "maps.npz")
+    assert not np.allclose(maps["refined_texture"], maps["dit_texture"]), "the refiner ran"
+    av = Avatar.load(bundle)
+    g = {k: np.asarray(v) for k, v in av.drive().items()}
+    keep = np.asarray(av.mask).reshape(-1) > 0.5
+    ply = load_ply(bundle / "avatar.ply")
+    assert len(ply["means"]) == keep.sum()
+    for k in GAUSSIAN_KEYS:
+        np.testing.assert_allclose(ply[k], g[k][keep], atol=2e-5, rtol=1e-5, err_msg=k)
+
+
+def test_generate_then_render_turntable_gif(bundle, tmp_path):
+    from PIL import Image
+
+    gif = tmp_path / "turn.gif"
+    assert main(["render", "--avatar", str(bundle), "--out", str(gif), "--turntable",
+                 "--size", "32"]) == 0  # fmt: skip
+    with Image.open(gif) as im:
+        assert im.n_frames == 36
+
+
+def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys, monkeypatch):
+    from fica_jax import generate
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    out = tmp_path / "av"
+    base = ["--models", str(models_dir), "--out", str(out), "--steps", "1"]
+    cases = [
+        (["--image", str(text), *base], "not a readable image"),
+        (["--image", str(tmp_path / "none.png"), *base], "no such file"),
+        (["--image", str(portrait[0]), "--models", str(tmp_path), "--out", str(out)], "no dense/"),
+    ]
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for name in STAGES:  # the vae export where the dit should be
+        os.symlink(models_dir / ("vae" if name == "dit" else name), wrong / name)
+    cases.append((["--image", str(portrait[0]), "--models", str(wrong), "--out", str(out)],
+                  "stage 'vae', expected 'dit'"))  # fmt: skip
+    for argv, msg in cases:
+        assert main(["generate", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    monkeypatch.setattr(generate, "MIN_HEAD", 1.01)
+    assert main(["generate", "--image", str(portrait[0]), *base]) == 2
+    assert "no head found" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".av*")), "nothing half-written"
