@@ -10,7 +10,7 @@ and drives it with `drive(expression, view, gaze)` (jitted once per batch shape)
 with `render(viewmat, K, width, height)`: the rasteriser is then called with concrete inputs, so
 it counts the Gaussian-tile intersections and sizes its buffers to fit (no overflow, ever).
 
-On disk an avatar is a folder: `arrays.safetensors` (or `arrays.npz` without the `safetensors`
+On disk an avatar is a folder: `avatar.safetensors` (or `arrays.npz` without the `safetensors`
 package) and `avatar.json` (format, model config), each written to a temp file and renamed.
 A driven frame exports as a standard 3DGS `.ply` (`fica_jax.render.ply`).
 """
@@ -18,6 +18,7 @@ A driven frame exports as a standard 3DGS `.ply` (`fica_jax.render.ply`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from fica_jax.errors import UserError
-from fica_jax.models.upm import UPM, UPMConfig, flatten, view_direction
+from fica_jax.models.upm import UPM, UPMConfig, eye_masks, flatten, view_direction
 from fica_jax.render import ply, rasterization
 
 FORMAT = "fica-avatar"
@@ -62,6 +63,14 @@ def _param_names(pure: dict) -> tuple[list[str], Any]:
     return ["params" + jax.tree_util.keystr(p) for p, _ in paths], treedef
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _drive(graphdef, state, identity, maps, expression, view, gaze):
+    m = nnx.merge(graphdef, state)
+    mean, _ = m.encode_expression(expression)
+    tex, geo, msk = (x[None] for x in maps)
+    return flatten(m.decode(identity, tex, geo, msk, mean, view, gaze))
+
+
 class Avatar:
     """One identity, drivable. Build with `Avatar.create(model, texture, geometry, mask)`."""
 
@@ -81,15 +90,9 @@ class Avatar:
         self.geometry = jnp.asarray(geometry, jnp.float32)  # [R, R, 3]
         self.mask = jnp.asarray(mask, jnp.float32)  # [R, R]
         graphdef, state = nnx.split(model)
-
-        def drive(state, identity, maps, expression, view, gaze):
-            m = nnx.merge(graphdef, state)
-            mean, _ = m.encode_expression(expression)
-            tex, geo, msk = (x[None] for x in maps)
-            return flatten(m.decode(identity, tex, geo, msk, mean, view, gaze))
-
         self._state = state
-        self._drive = jax.jit(drive)  # traced once per batch size
+        # one jit for every avatar of the same architecture: traced once per batch size
+        self._drive = functools.partial(_drive, graphdef)
 
     @classmethod
     def create(cls, model: UPM, texture, geometry, mask, info=None) -> Avatar:
@@ -173,15 +176,17 @@ class Avatar:
         out |= {k: np.asarray(v) for k, v in self.identity.items() if k != "biases"}
         out |= {"texture": np.asarray(self.texture), "geometry": np.asarray(self.geometry)}
         out["mask"] = np.asarray(self.mask)
+        if (eyes := eye_masks(self.cfg)) is not None:  # for runtimes without the template code
+            out["eye_masks"] = np.asarray(eyes)  # [2, R, R]
         return out
 
     def save(self, directory: str | os.PathLike) -> pathlib.Path:
-        """Writes `directory/arrays.safetensors` (or .npz) and `directory/avatar.json`."""
+        """Writes `directory/avatar.safetensors` (or .npz) and `directory/avatar.json`."""
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.ascontiguousarray(v) for k, v in self.arrays().items()}
         if _st_save is not None:
-            name = "arrays.safetensors"
+            name = "avatar.safetensors"
             _atomic_write(d / name, lambda tmp: _st_save(arrays, tmp))
         else:  # pragma: no cover
 
