@@ -69,9 +69,12 @@ def sweep(expression_names: list[str], e_dim: int) -> list[dict]:
     return frames
 
 
-def render_frames(avatar, frames: list[dict], size: int, progress: bool = True) -> list[np.ndarray]:
+def render_frames(
+    avatar, frames: list[dict], size: int, progress: bool = True, **render_kw
+) -> list[np.ndarray]:
     """Each frame dict (yaw/pitch in degrees, expression [E], gaze [2]) -> [size, size, 3] u8
-    over a grey background."""
+    over a grey background. `avatar`: a JAX `Avatar` or a PyTorch `TorchAvatar` (its
+    `backend="cpu"|"gsplat"` in `render_kw`)."""
     from fica_jax.train.metrics import Progress
 
     bar, out = Progress(len(frames), 0, progress, "render", log_every=12), []
@@ -85,8 +88,10 @@ def render_frames(avatar, frames: list[dict], size: int, progress: bool = True) 
             expression=f.get("expression"),
             gaze=f.get("gaze"),
             background=(0.5, 0.5, 0.5),
+            **render_kw,
         )
-        out.append((np.clip(np.asarray(img), 0, 1) * 255).round().astype(np.uint8))
+        img = img.cpu().numpy() if hasattr(img, "cpu") else np.asarray(img)
+        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
         bar.update()
     bar.close()
     return out
@@ -103,6 +108,16 @@ def write_frames(path: pathlib.Path, frames: list[np.ndarray], labels: list[str]
         rows = [list(zip(labels[i : i + cols], frames[i : i + cols], strict=True))
                 for i in range(0, len(frames), cols)]  # fmt: skip
         write_sheet([[(lab, f / 255.0) for lab, f in r] for r in rows], path, frames[0].shape[0])
+        return
+    if path.suffix.lower() == ".mp4":  # H.264 through imageio's ffmpeg plugin
+        import imageio.v3 as iio
+
+        tmp = path.with_name(f".{path.name}.tmp.mp4")
+        try:
+            iio.imwrite(tmp, np.stack(frames), fps=fps, codec="libx264", macro_block_size=1)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
     ims = [Image.fromarray(f) for f in frames]
     tmp = path.with_name(f".{path.name}.tmp.gif")
@@ -153,18 +168,51 @@ def make_avatar(run, data, out, *, split: str = "test", identity: str | None = N
     return info
 
 
-def render_avatar(avatar_dir, out, *, mode: str, codes=None, size=256, fps=12.0) -> dict:
-    from fica_jax.avatar import Avatar
+def load_for_backend(avatar_dir, backend: str = "jax", device: str = "auto"):
+    """(avatar, render kwargs): the JAX `Avatar`, or the PyTorch runtime's `TorchAvatar`
+    rendering with gsplat on CUDA (`device` cuda, or auto with CUDA present) else its CPU path."""
+    if backend == "jax":
+        from fica_jax.avatar import Avatar
 
+        return Avatar.load(avatar_dir), {}
+    if backend != "torch":
+        raise UserError(f"--backend {backend!r}: expected 'jax' or 'torch'")
+    import torch
+
+    from fica_jax.export.torch_runtime import TorchAvatar
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise UserError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    use = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+    av = TorchAvatar.load(avatar_dir, device=use)
+    return av, {"backend": "gsplat" if use == "cuda" else "cpu"}
+
+
+def render_avatar(
+    avatar_dir, out, *, mode: str, codes=None, size=256, fps=12.0, backend="jax", device="auto"
+) -> dict:
     out = pathlib.Path(out)
-    if out.suffix.lower() not in (".gif", ".png"):
-        raise UserError(f"--out {out}: expected a .gif or .png file")
-    av = Avatar.load(avatar_dir)
-    e_dim = av.cfg.expression_dim
+    if out.suffix.lower() not in (".gif", ".png", ".mp4"):
+        raise UserError(f"--out {out}: expected a .gif, .mp4 or .png file")
+    av, render_kw = load_for_backend(avatar_dir, backend, device)
+    e_dim = int(av.cfg["expression_dim"] if isinstance(av.cfg, dict) else av.cfg.expression_dim)
     if mode == "turntable":
         frames = turntable()
     elif mode == "sweep":
         frames = sweep(av.info.get("expression_names", []), e_dim)
+    elif mode == "arkit":
+        from fica_jax.arkit import read_arkit_csv
+
+        names = list(av.info.get("expression_names", []))
+        if len(names) != e_dim:
+            raise UserError(
+                f"--avatar {avatar_dir}: avatar.json names {len(names)} expressions for a "
+                f"{e_dim}-dim code; --arkit needs the template's expression names"
+            )
+        arr, gaze = read_arkit_csv(codes, names)
+        frames = [{"expression": c, "gaze": g, "label": f"frame {i}"}
+                  for i, (c, g) in enumerate(zip(arr, gaze, strict=True))]  # fmt: skip
     else:
         try:
             arr = np.load(codes)
@@ -175,11 +223,12 @@ def render_avatar(avatar_dir, out, *, mode: str, codes=None, size=256, fps=12.0)
         frames = [{"expression": c.astype(np.float32), "label": f"frame {i}"}
                   for i, c in enumerate(arr)]  # fmt: skip
     t0 = time.perf_counter()
-    imgs = render_frames(av, frames, size)
+    imgs = render_frames(av, frames, size, **render_kw)
     dt = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     write_frames(out, imgs, [f["label"] for f in frames], fps)
-    return {"out": str(out), "frames": len(imgs), "size": size, "seconds": round(dt, 2)}
+    return {"out": str(out), "frames": len(imgs), "size": size, "seconds": round(dt, 2),
+            "backend": backend}  # fmt: skip
 
 
 def add_commands(subparsers) -> None:
@@ -199,19 +248,28 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("render", help="drive and render an avatar to a GIF or PNG sheet")
     p.add_argument("--avatar", required=True, help="avatar folder (`fica avatar --out`)")
-    p.add_argument("--out", required=True, help="FILE.gif (animation) or FILE.png (sheet)")
+    p.add_argument(
+        "--out", required=True, help="FILE.gif / FILE.mp4 (animation) or FILE.png (sheet)"
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--turntable", action="store_true", help="orbit at neutral expression")
     mode.add_argument("--sweep", action="store_true", help="each blendshape, then the gaze")
     mode.add_argument("--expressions", help="[T, E] .npy of expression codes, one per frame")
+    mode.add_argument("--arkit", help="ARKit-52 blendshape CSV (Live Link Face layout)")
     p.add_argument("--size", type=int, default=256, help="image side in px (default 256)")
     p.add_argument("--fps", type=float, default=12.0)
+    p.add_argument("--backend", default="jax", choices=("jax", "torch"),
+                   help="jax (default) or the exported PyTorch runtime (gsplat on CUDA)")  # fmt: skip
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="torch backend: cuda needs a GPU; auto takes it when present")  # fmt: skip
 
     def render_cmd(args, extra) -> int:
-        which = "turntable" if args.turntable else "sweep" if args.sweep else "codes"
+        which = ("turntable" if args.turntable else "sweep" if args.sweep
+                 else "arkit" if args.arkit else "codes")  # fmt: skip
         res = render_avatar(
-            args.avatar, args.out, mode=which, codes=args.expressions, size=args.size, fps=args.fps
-        )
+            args.avatar, args.out, mode=which, codes=args.arkit or args.expressions,
+            size=args.size, fps=args.fps, backend=args.backend, device=args.device,
+        )  # fmt: skip
         print(f"{res['frames']} frames at {res['size']} px in {res['seconds']} s -> {res['out']}")
         return 0
 
