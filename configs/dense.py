@@ -28,13 +28,16 @@ def get_config(arg: str = "tiny"):
     c.model.head_channels = 32 if arg == "tiny" else 0
     # Patch 8 + no final upsample: the x8 deconv heads then land exactly at full resolution.
     c.model.patch, c.model.final_upsample = (8, 1) if arg == "tiny" else (0, 0)
-    c.model.loss_weights = dict(uv=1.0, vtx=1.0, nrm=1.0, mask=0.5)
+    # rot / cam / expr: the head-pose / expression regressor (models/pose_head.py); all three 0
+    # builds no pose head.
+    c.model.loss_weights = dict(uv=1.0, vtx=1.0, nrm=1.0, mask=0.5, rot=1.0, cam=1.0, expr=1.0)
     # Same head-space normalisation as configs/vae.py (synthetic template extents).
     c.model.position_center = (0.0, -0.025, 0.02)
     c.model.position_extent = (0.19, 0.19, 0.19)
 
     c.data.image_size = size  # square crops; the Sapiens paper size is 1024x768
     c.data.landmarks = 68
+    c.data.expression_dim = 18  # the synthetic template's blendshapes (metadata expression_dims)
     c.data.batch_size = batch
     c.optim.lr = lr
     c.optim.weight_decay = 0.05 if arg != "tiny" else 1e-4

@@ -196,12 +196,17 @@ def _view(
 
 
 def dense_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
-    """Dense predictor (fine-tuned Sapiens): one random view with its per-pixel targets."""
+    """Dense predictor (fine-tuned Sapiens): one random view with its per-pixel targets and the
+    pose regressor's: the crop's K (the crop changes K, never the camera's rotation or position),
+    the view's viewmat and expression code."""
     v = int(rng.integers(record["view_image"].shape[0]))
     ex, aff = _view(record, v, rng, opts, geometric=True)
     hw = ex["mask"].shape
     for key in ("uv", "vtx", "nrm"):
         ex[key] = _f32(warp_nearest(record[f"view_{key}"][v], aff, hw))
+    ex["K"] = warp_intrinsics(_f32(record["view_K"][v]), aff)
+    ex["viewmat"] = _f32(record["view_viewmat"][v])
+    ex["expression"] = _f32(record["view_expression"][v])
     if opts.augment:
         ex["image"] = photometric(ex["image"], rng, opts.aug)
     ex["view"] = np.int32(v)
@@ -284,13 +289,16 @@ def _masked_blur(x: np.ndarray, m: np.ndarray, sigma: float) -> np.ndarray:
 
 def corrupt_maps(
     texture: np.ndarray, geometry: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-    blur: float, color: float, offset: float,
+    blur: float, color: float, offset: float, shift: float = 0.0, scale: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The refiner's curriculum input (FiCA Sec. 2.3 refines imperfect generated maps): the
     ground-truth UV maps with the errors a generator makes. Texture: masked Gaussian blur,
     sigma ~ U(0, blur) texels, and a colour shift (per-channel gain 1 +- color, offset
     +- color / 2). Geometry: a low-frequency offset field, a 4x4 grid of N(0, offset) m
-    vectors upsampled cubically over the map. Texels outside the mask are left as they are."""
+    vectors upsampled cubically over the map, then a similarity misalignment, the head as a
+    whole off its portrait (a generator's maps are plausible but not aligned, which is what
+    the refiner is for): scaled by 1 + N(0, scale) about its masked centroid and moved by
+    N(0, shift) m per axis. Texels outside the mask are left as they are."""
     from scipy.ndimage import zoom
 
     r = texture.shape[0]
@@ -300,7 +308,10 @@ def corrupt_maps(
     tex = np.where(mask[..., None] > 0, tex, texture)
     coarse = rng.normal(0.0, offset, (4, 4, 3))
     field = zoom(coarse, (r / 4, r / 4, 1), order=3, mode="nearest")[:r, :r]
-    geo = geometry + field * mask[..., None]
+    geo = geometry + field
+    centre = (geometry * mask[..., None]).sum((0, 1)) / max(float(mask.sum()), 1.0)
+    geo = centre + (geo - centre) * (1.0 + rng.normal(0.0, scale)) + rng.normal(0.0, shift, 3)
+    geo = np.where(mask[..., None] > 0, geo, geometry)
     return tex.astype(np.float32), geo.astype(np.float32)
 
 
@@ -360,6 +371,7 @@ def refiner_example(record: Record, rng: np.random.Generator, opts: TransformOpt
         tex, geo = corrupt_maps(
             out["uv_texture"], out["uv_geometry"], m, rng, float(extra.get("blur", 1.0)),
             float(extra.get("color", 0.1)), float(extra.get("offset", 0.005)),
+            float(extra.get("shift", 0.0)), float(extra.get("scale", 0.0)),
         )  # fmt: skip
     out["input_texture"], out["input_geometry"] = tex, geo
     return out

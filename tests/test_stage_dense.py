@@ -10,8 +10,10 @@ from flax import nnx
 
 from data_pipelines.pipeline import first_batch, open_source
 from fica_jax import conditioning
+from fica_jax import pose as pose_lib
 from fica_jax.config import load_config
 from fica_jax.models import clip as clip_lib
+from fica_jax.models import pose_head
 from fica_jax.stages import dense as dense_stage
 from fica_jax.train import loop
 from fica_jax.train.stage import get_stage
@@ -47,6 +49,41 @@ def test_losses_vanish_for_a_perfect_prediction(synth_dir):
     wrong = {**perfect, "uv": b["uv"] + 0.1}
     uv_l1 = float(dense_stage.dense_losses(wrong, b, center, extent)["uv_l1"])
     np.testing.assert_allclose(uv_l1, 0.1, rtol=1e-3)
+    pose = {
+        "rot6d": pose_head.rotation_to_6d(b["viewmat"][:, :3, :3]),
+        "cam": pose_lib.camera_params(b["K"], b["viewmat"], b["image"].shape[1:3]),
+        "expression": b["expression"],
+    }
+    for name, value in dense_stage.pose_losses(pose, b).items():
+        assert float(value) < 1e-6, name
+    off = {**pose, "expression": b["expression"] + 0.2}
+    np.testing.assert_allclose(dense_stage.pose_losses(off, b)["expr_l1"], 0.2, rtol=1e-4)
+
+
+def test_pose_targets_follow_the_crop(synth_dir):
+    """The augmented example's K and viewmat project each pixel's ground-truth vertex (the
+    `vtx` map, warped by the same crop) back onto that pixel."""
+    cfg = _cfg(synth_dir, "--config.data.batch_size=8")
+    batch = first_batch(get_stage("dense").make_data(cfg, "train", 0, 1))
+    assert batch["expression"].shape == (8, 18) and batch["K"].shape == (8, 3, 3)
+    errs = []
+    for i in range(8):
+        ys, xs = np.nonzero(batch["mask"][i])
+        p = batch["vtx"][i][ys, xs].astype(np.float64) @ batch["viewmat"][i][:3, :3].T
+        p = (p + batch["viewmat"][i][:3, 3]) @ batch["K"][i].T
+        errs.append(np.linalg.norm(p[:, :2] / p[:, 2:] - np.stack([xs, ys], -1) - 0.5, axis=-1))
+    errs = np.concatenate(errs)
+    # nearest-neighbour warping moves a target by under one output pixel
+    assert np.median(errs) < 0.5 and np.quantile(errs, 0.95) < 1.0, np.quantile(errs, [0.5, 0.95])
+    assert not np.allclose(batch["K"][:, 0, 0], batch["K"][0, 0, 0])  # crops really scale K
+
+
+def test_zero_pose_weights_build_no_pose_head(synth_dir):
+    off = [f"--config.model.loss_weights.{k}=0" for k in ("rot", "cam", "expr")]
+    model = nnx.eval_shape(lambda: dense_stage.make_model(_cfg(synth_dir, *off), nnx.Rngs(0)))
+    assert model.pose is None
+    model = nnx.eval_shape(lambda: dense_stage.make_model(_cfg(synth_dir), nnx.Rngs(0)))
+    assert model.pose is not None and model.pose.expression_dim == 18
 
 
 def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
@@ -63,6 +100,11 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert {"eval/uv_l1", "eval/baseline_uv_l1", "eval/mask_iou"} <= set(last)
+    pose_keys = {"rot_deg", "baseline_rot_deg", "expr_l1", "baseline_expr_l1", "expr_mse",
+                 "baseline_expr_mse", "trans_mm"}  # fmt: skip
+    assert {f"eval/{k}" for k in pose_keys} <= set(last)
+    assert all(np.isfinite(last[f"eval/{k}"]) for k in pose_keys)
+    assert {"rot_l2", "cam_l1", "expr_l1"} <= set(rows[0])
 
 
 def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir):

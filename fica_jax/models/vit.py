@@ -4,7 +4,8 @@ Sapiens is a plain pre-LN ViT: 16x16 patch conv, learned absolute positions, NO 
 LayerNorm eps 1e-6, fused qkv with bias, exact-GELU MLP x4, final LayerNorm; input 1024x768.
 FiCA fine-tunes it to predict per-pixel UV coordinates, vertex positions and normals; we add a
 foreground-mask head. `DensePredictor` = backbone + four `DenseHead`s + mean-pooled features
-(an image embedding when no CLIP weights exist).
+(an image embedding when no CLIP weights exist) + optionally the head-pose / expression regressor
+(`pose_head.PoseHead`, `ViTConfig.pose_head`).
 
 Blocks are stacked on a `LAYERS` axis with `nnx.vmap` and run with `nnx.scan`, so a 40-block model
 compiles one block; `remat` names a policy from `fica_jax.models.remat`. With a bf16 compute dtype
@@ -32,6 +33,7 @@ from fica_jax.errors import UserError
 from fica_jax.models import layers, weights
 from fica_jax.models import remat as remat_lib
 from fica_jax.models.dense_heads import DenseHead
+from fica_jax.models.pose_head import PoseHead
 
 # Sapiens' pixel normalisation, on 0..255 values (docs/architecture.md §6).
 SAPIENS_MEAN = (123.675, 116.28, 103.53)
@@ -55,6 +57,9 @@ class ViTConfig:
     head_channels: int = 768  # Sapiens' VitHead deconv width
     head_convs: int = 0  # extra 1x1 conv + IN + SiLU layers (Sapiens' seg heads use 2)
     final_upsample: int = 2  # bilinear factor after the x8 deconvs: stride 2 -> full res
+    pose_head: bool = False  # add the head-pose / expression regressor (models/pose_head.py)
+    expression_dim: int = 0  # its expression code size (the template's blendshapes)
+    pose_hidden: int = 256  # its MLP width
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -195,7 +200,8 @@ class DensePredictor(nnx.Module):
 
     images [B, H, W, 3] in [0, 1] (normalised inside) -> dict of float32 maps at full resolution
     (with the default `final_upsample=2`): uv [B,H,W,2], vtx [B,H,W,3], nrm [B,H,W,3] (not unit
-    length), mask_logits [B,H,W,1], and pooled [B, D] (mean of the final tokens).
+    length), mask_logits [B,H,W,1], and pooled [B, D] (mean of the final tokens); with
+    `cfg.pose_head` also rot6d [B, 6], cam [B, 3] and expression [B, E] (`PoseHead`).
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -213,6 +219,11 @@ class DensePredictor(nnx.Module):
         self.vtx = DenseHead(cfg.width, HEADS["vtx"], **kw)
         self.nrm = DenseHead(cfg.width, HEADS["nrm"], **kw)
         self.mask_logits = DenseHead(cfg.width, HEADS["mask_logits"], **kw)
+        self.pose = (
+            PoseHead(cfg.width, cfg.heads, cfg.expression_dim, hidden=cfg.pose_hidden, rngs=rngs,
+                     dtype=dtype, param_dtype=param_dtype)
+            if cfg.pose_head else None
+        )  # fmt: skip
 
     def head(self, name: str) -> DenseHead:
         if name not in HEADS:
@@ -223,6 +234,8 @@ class DensePredictor(nnx.Module):
         feats = self.backbone(normalize(images))  # [B, h, w, D]
         out = {name: self.head(name)(feats) for name in HEADS}
         out["pooled"] = jnp.mean(feats, axis=(1, 2))
+        if self.pose is not None:
+            out.update(self.pose(feats))
         return out
 
 

@@ -8,6 +8,15 @@ crop and scale, photometric distortion) are applied by the `dense` data transfor
 Per-pixel targets only count inside the ground-truth mask. Vertex positions are compared after
 the same centre/extent normalisation the VAE uses for geometry maps, so the loss weights do not
 depend on the dataset's length unit.
+
+Our addition, standing in for FiCA's EMOCA/SMIRK: a head-pose / expression regressor on the same
+tokens (`models/pose_head.py`), trained here with `rot_l2` (squared Frobenius distance of the
+Gram-Schmidt rotation to the viewmat's, = 4 (1 - cos angle)), `cam_l1` (L1 of (u, v, log s),
+the head origin's image position and scale, `fica_jax.pose.camera_params` of the crop's K) and
+`expr_l1` (blendshape weights). Weights `cfg.model.loss_weights.{rot, cam, expr}`; all three 0
+builds no pose head (and loads dense checkpoints from before it). The eval reports the rotation
+error in degrees and the expression L1 / MSE against the train split's mean rotation / mean
+expression (`baseline_*`).
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ from flax import nnx
 from data_pipelines import transforms
 from data_pipelines.pipeline import CaptureData
 from fica_jax import config
+from fica_jax.errors import UserError
+from fica_jax.models.pose_head import geodesic_deg, rotation_from_6d
 from fica_jax.models.vit import VARIANTS, DensePredictor
+from fica_jax.pose import camera_params, pose_stats, translation_from_params
 from fica_jax.train.stage import Stage
 
 
@@ -35,8 +47,19 @@ def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor
         {k: cfg.model[k] for k in keys},
         image_size=(cfg.data.image_size, cfg.data.image_size),
         remat=cfg.train.remat,
+        pose_head=_pose_on(cfg),
+        expression_dim=int(cfg.data.get("expression_dim", 0)),
     )
     return DensePredictor(variant, rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
+
+
+def _pose_on(cfg: ml_collections.ConfigDict) -> bool:
+    w = cfg.model.loss_weights
+    return any(float(w.get(k, 0.0)) > 0 for k in POSE_TERMS.values())
+
+
+# loss term -> its weight's name in cfg.model.loss_weights
+POSE_TERMS = {"rot_l2": "rot", "cam_l1": "cam", "expr_l1": "expr"}
 
 
 def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -62,25 +85,68 @@ def dense_losses(
     }
 
 
+def pose_losses(pred: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
+    """pred: rot6d [B, 6], cam [B, 3], expression [B, E]; batch: image, K [B, 3, 3], viewmat
+    [B, 4, 4], expression [B, E]."""
+    hw = batch["image"].shape[1:3]
+    r = rotation_from_6d(pred["rot6d"])
+    return {
+        "rot_l2": jnp.mean(jnp.sum((r - batch["viewmat"][:, :3, :3]) ** 2, axis=(1, 2))),
+        "cam_l1": jnp.mean(jnp.abs(pred["cam"] - camera_params(batch["K"], batch["viewmat"], hw))),
+        "expr_l1": jnp.mean(jnp.abs(pred["expression"] - batch["expression"])),
+    }
+
+
+def _check_expression(cfg: ml_collections.ConfigDict, batch) -> None:
+    got, want = batch["expression"].shape[-1], int(cfg.data.expression_dim)
+    if got != want:
+        raise UserError(
+            f"config data.expression_dim={want} but the data in {cfg.data.dir} has {got} "
+            f"expression weights per view; pass --config.data.expression_dim={got}"
+        )
+
+
 def make_loss(cfg: ml_collections.ConfigDict):
     w = cfg.model.loss_weights
     weights = {"uv_l1": w.uv, "vtx_l1": w.vtx, "nrm_cos": w.nrm, "mask_bce": w.mask}
+    weights |= {t: float(w.get(k, 0.0)) for t, k in POSE_TERMS.items()} if _pose_on(cfg) else {}
     center = jnp.asarray(cfg.model.position_center, jnp.float32)
     extent = jnp.asarray(cfg.model.position_extent, jnp.float32)
 
     def loss_fn(model: DensePredictor, batch, rng: jax.Array):
         del rng
-        terms = dense_losses(model(batch["image"]), batch, center, extent)
+        pred = model(batch["image"])
+        terms = dense_losses(pred, batch, center, extent)
+        if model.pose is not None:
+            _check_expression(cfg, batch)
+            terms |= pose_losses(pred, batch)
         loss = sum(weights[k] * v for k, v in terms.items())
         return loss, terms
 
     return loss_fn
 
 
+def pose_eval(pred: dict[str, jax.Array], batch, mean_rot, mean_expr) -> dict[str, jax.Array]:
+    """Rotation error (deg), translation error (mm, solved for the batch's K) and expression
+    L1 / MSE of the regressor; `baseline_*`: the train split's mean rotation / expression."""
+    gt_r, e = batch["viewmat"][:, :3, :3], batch["expression"]
+    t = translation_from_params(pred["cam"], batch["K"], batch["image"].shape[1:3])
+    return {
+        "rot_deg": jnp.mean(geodesic_deg(rotation_from_6d(pred["rot6d"]), gt_r)),
+        "baseline_rot_deg": jnp.mean(geodesic_deg(mean_rot, gt_r)),
+        "trans_mm": 1000.0 * jnp.mean(jnp.linalg.norm(t - batch["viewmat"][:, :3, 3], axis=-1)),
+        "expr_l1": jnp.mean(jnp.abs(pred["expression"] - e)),
+        "baseline_expr_l1": jnp.mean(jnp.abs(mean_expr - e)),
+        "expr_mse": jnp.mean((pred["expression"] - e) ** 2),
+        "baseline_expr_mse": jnp.mean((mean_expr - e) ** 2),
+    }
+
+
 def make_eval(cfg: ml_collections.ConfigDict):
     """UV error on held-out identities against the best constant predictor of the same pixels
     (the per-batch mean UV of the foreground), vertex error in mm, normal angle in degrees, and
-    mask IoU."""
+    mask IoU; with the pose head, `pose_eval` against the train split's mean pose."""
+    stats = pose_stats(cfg.data.dir, "train") if _pose_on(cfg) else None
 
     def eval_fn(model: DensePredictor, batch, rng: jax.Array):
         del rng
@@ -90,19 +156,23 @@ def make_eval(cfg: ml_collections.ConfigDict):
         cos = jnp.clip(jnp.sum(nrm * batch["nrm"], -1, keepdims=True), -1.0, 1.0)
         hit = (pred["mask_logits"][..., 0] > 0).astype(jnp.float32)
         inter, union = jnp.sum(hit * m), jnp.sum(jnp.maximum(hit, m))
-        return {
+        out = {
             "uv_l1": _masked_mean(jnp.abs(pred["uv"] - batch["uv"]), m),
             "baseline_uv_l1": _masked_mean(jnp.abs(mean_uv - batch["uv"]), m),
             "vtx_l1_mm": 1000.0 * _masked_mean(jnp.abs(pred["vtx"] - batch["vtx"]), m),
             "nrm_deg": _masked_mean(jnp.degrees(jnp.arccos(cos)), m),
             "mask_iou": inter / (union + 1e-6),
         }
+        if stats is not None and model.pose is not None:
+            out |= pose_eval(pred, batch, stats["rotation"], stats["expression"])
+        return out
 
     return eval_fn
 
 
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     b, s, n_kpts = cfg.data.batch_size, cfg.data.image_size, cfg.data.landmarks
+    e = cfg.data.get("expression_dim", 0)
     f32 = jnp.float32
     return {
         "image": jax.ShapeDtypeStruct((b, s, s, 3), f32),
@@ -113,6 +183,9 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
         "kpts": jax.ShapeDtypeStruct((b, n_kpts, 2), f32),
         "kpts_visible": jax.ShapeDtypeStruct((b, n_kpts), f32),
         "view": jax.ShapeDtypeStruct((b,), jnp.int32),
+        "K": jax.ShapeDtypeStruct((b, 3, 3), f32),
+        "viewmat": jax.ShapeDtypeStruct((b, 4, 4), f32),
+        "expression": jax.ShapeDtypeStruct((b, e), f32),
     }
 
 
