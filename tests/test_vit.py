@@ -14,7 +14,7 @@ from transformers import ViTModel
 
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
-from fica_jax.models import vit
+from fica_jax.models import dense_heads, vit
 
 TINY = vit.VARIANTS["tiny"]  # width 32, depth 2, heads 2, 64x48 input -> 4x3 tokens
 
@@ -125,6 +125,46 @@ def test_dense_head_parity_with_sapiens_vithead():
     out = model.nrm(jnp.asarray(feats))
     assert out.shape == ref.shape == (2, 64, 48, 3)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def _value_and_grads(f):
+    """jit((x, k, cotangent) -> (f(x, k), d/dx, d/dk)): one compile per shape."""
+
+    def run(x, k, ct):
+        y, vjp = jax.vjp(f, x, k)
+        return (y, *vjp(ct))
+
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("hw", [(5, 3), (1, 2)])
+def test_subpixel_upsample_equals_conv_transpose_with_gradients(hw):
+    """The sub-pixel x2 layer equals the zero-dilated nnx.ConvTranspose it replaced: same
+    parameter and init, same output, same gradients wrt input and kernel (odd sizes too)."""
+    cin, cout = 3, 5
+    ref = nnx.ConvTranspose(
+        cin, cout, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), use_bias=False,
+        kernel_init=dense_heads._DECONV_INIT, rngs=nnx.Rngs(4),
+    )  # fmt: skip
+    layer = dense_heads.ConvTransposeX2(cin, cout, rngs=nnx.Rngs(4))
+    np.testing.assert_array_equal(layer.kernel[...], ref.kernel[...])  # checkpoints unchanged
+    keys = jax.random.split(jax.random.key(0), 3)
+    kernel = jax.random.normal(keys[0], (4, 4, cin, cout))
+    x = jax.random.normal(keys[1], (2, *hw, cin))
+    ct = jax.random.normal(keys[2], (2, 2 * hw[0], 2 * hw[1], cout))
+    graphdef = nnx.graphdef(ref)
+    want = _value_and_grads(lambda x, k: nnx.merge(graphdef, {"kernel": k})(x))(x, kernel, ct)
+    assert want[0].shape == (2, 2 * hw[0], 2 * hw[1], cout)
+    for impl in ("conv", "dot"):
+        f = lambda x, k, impl=impl: dense_heads.upsample_conv_x2(x, k, impl)
+        got = _value_and_grads(f)(x, kernel, ct)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=0)
+        for g, g_ref in zip(got[1:], want[1:], strict=True):  # d/dx, d/dkernel
+            np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=1e-5)
+    layer.kernel.set_value(kernel)
+    np.testing.assert_allclose(layer(x), want[0], atol=1e-5, rtol=0)  # the default impl
+    with pytest.raises(ValueError, match="unknown impl"):
+        dense_heads.upsample_conv_x2(x, kernel, "fft")
 
 
 def test_dense_predictor_outputs_and_other_input_sizes():
