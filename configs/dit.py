@@ -22,9 +22,21 @@ VARIANTS = {
 }
 
 
+# Paper Table 2's conditioning ablations, as `VARIANT-ABLATION` (e.g. `dit:tiny-rgb`); `fica
+# generate` / `fica eval` look for their exports beside the full model as `dit-rgb/`, `dit-maps/`.
+ABLATIONS = {
+    "rgb": (("rgb", "mask"), False),  # partial RGB only
+    "maps": (("rgb", "mask", "nrm", "vtx"), False),  # + normal & vertex UV maps
+    # the full model (+ image embedding) is the plain variant; + refiner is a separate stage
+}
+
+
 def get_config(arg: str = "tiny"):
+    arg, _, ablation = arg.partition("-")
     if arg not in VARIANTS:
         raise ValueError(f"unknown dit variant {arg!r}; expected one of {sorted(VARIANTS)}")
+    if ablation and ablation not in ABLATIONS:
+        raise ValueError(f"unknown dit ablation {ablation!r}; expected one of {sorted(ABLATIONS)}")
     variant, size, channels, emb, batch, steps, lr = VARIANTS[arg]
     c = base_config("dit")
     m = c.model
@@ -47,6 +59,9 @@ def get_config(arg: str = "tiny"):
     m.vae = ""
     m.eval_steps = 50
     m.cfg_scale = 1.0
+
+    if ablation:
+        m.control_maps, m.use_image_emb = ABLATIONS[ablation]
 
     c.data.batch_size = batch
     c.optim.lr = lr

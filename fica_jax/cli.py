@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fica_jax.drive",  # fica avatar | render
     "fica_jax.export.model_export",  # fica export
     "fica_jax.generate",  # fica generate
+    "fica_jax.eval.harness",  # fica eval
     "fica_jax.demo",  # fica demo
 )
 

@@ -25,3 +25,15 @@ def synth_dir(tmp_path_factory):
     cfg = SynthConfig(uv_resolution=32, image_size=32, n_frames=1)
     synthesize(out, 9, cfg, seed=0, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def pipeline(synth_dir, tmp_path_factory):
+    """Untrained runs of every stage saved on the 8-device mesh, exported by a 1-device process
+    (tests/pipeline_fixture.py): dict(root, runs, models, stdout)."""
+    from tests.pipeline_fixture import export_all, pipeline_runs
+
+    root = tmp_path_factory.mktemp("pipeline")
+    runs, _ = pipeline_runs(root, synth_dir)
+    stdout = export_all(root, runs)
+    return {"root": root, "runs": runs, "models": root / "models", "stdout": stdout}

@@ -3,6 +3,11 @@
 fixture of the export and `fica generate` tests (plumbing and exactness, not quality; the demo
 trains them for real)."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 
 from data_pipelines.latents import cache_metadata
@@ -17,6 +22,7 @@ from fica_jax.train.step import build
 STAGES = ("vae", "dense", "dit", "refiner", "upm")
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=4"]
 SIZE = 32  # UV texels and image pixels
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _overrides(name, data_dir, meta=None):
@@ -55,7 +61,8 @@ def checkpoint(name, cfg, run, *, noise: float = 0.01, step: int = 3) -> dict:
 
 
 def pipeline_runs(root, synth_dir) -> tuple[dict, object]:
-    """{stage: (run dir, params)} and the latent cache (built from the vae + dense runs)."""
+    """{stage: (run dir, params)} and the latent cache (built from the vae + dense runs); also
+    `dit-rgb`, the "partial RGB only" ablation (configs/dit.py ABLATIONS)."""
     runs = {}
     for name in ("vae", "dense"):
         cfg = load_config(f"{name}:tiny", _overrides(name, synth_dir))
@@ -64,8 +71,44 @@ def pipeline_runs(root, synth_dir) -> tuple[dict, object]:
     cache = build_cache(synth_dir, runs["vae"][0], root / "cache", dense_run=runs["dense"][0],
                         unshuffle=1)  # fmt: skip
     meta = cache_metadata(cache)
-    for name in ("dit", "refiner", "upm"):
-        data = cache if name == "dit" else synth_dir
-        cfg = load_config(f"{name}:tiny", _overrides(name, data, meta))
-        runs[name] = (root / name, checkpoint(name, cfg, root / name))
+    for name in ("dit", "refiner", "upm", "dit-rgb"):
+        stage = name.split("-")[0]
+        data = cache if stage == "dit" else synth_dir
+        spec = f"dit:tiny-{name[4:]}" if name.startswith("dit-") else f"{name}:tiny"
+        cfg = load_config(spec, _overrides(stage, data, meta))
+        runs[name] = (root / name, checkpoint(stage, cfg, root / name))
     return runs, cache
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def export_all(root, runs) -> str:
+    """Every run exported by ONE 1-device process (`fica export`; f32, and bf16 for the five
+    stages) into root/x_NAME_DTYPE; root/models/NAME links the f32 ones. -> its stdout."""
+    script = "import sys; from fica_jax.cli import main\n"
+    for name, (run, _) in runs.items():
+        for dt in ("float32", "bfloat16") if name in STAGES else ("float32",):
+            args = [
+                "export",
+                "--run",
+                str(run),
+                "--out",
+                str(root / f"x_{name}_{dt}"),
+                "--dtype",
+                dt,
+            ]
+            script += f"assert main({args!r}) == 0\n"
+    script += "import jax; assert jax.device_count() == 1, jax.devices()\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=_env(1), cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "models").mkdir()
+    for name in runs:
+        os.symlink(root / f"x_{name}_float32", root / "models" / name)
+    return proc.stdout

@@ -3,9 +3,6 @@
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,45 +10,16 @@ import pytest
 from fica_jax.cli import main
 from fica_jax.errors import UserError
 from fica_jax.export.model_export import load_exported, param_names, read_export
-from tests.pipeline_fixture import STAGES, pipeline_runs
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.pipeline_fixture import STAGES
 
 
 @pytest.fixture(scope="module")
-def runs(synth_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_runs")
-    trained, _ = pipeline_runs(root, synth_dir)
-    return root, trained
+def exported(pipeline):
+    return pipeline["root"], pipeline["runs"], pipeline["stdout"]
 
 
 def _flat(pure):
     return {n: leaf for n, _, leaf in param_names(pure)}
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-@pytest.fixture(scope="module")
-def exported(runs):
-    """All five exported by ONE 1-device process (`fica export` per run, f32 and bf16)."""
-    root, trained = runs
-    script = "import sys; from fica_jax.cli import main\n"
-    for name in STAGES:
-        for dt in ("float32", "bfloat16"):
-            args = ["export", "--run", str(trained[name][0]), "--out", str(root / f"x_{name}_{dt}"),
-                    "--dtype", dt]  # fmt: skip
-            script += f"assert main({args!r}) == 0\n"
-    script += "import jax; assert jax.device_count() == 1, jax.devices()\n"
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=_env(1), cwd=REPO, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, trained, proc.stdout
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -108,13 +76,8 @@ def test_export_bad_inputs_are_one_line(exported, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- fica generate
 @pytest.fixture(scope="module")
-def models_dir(exported):
-    root = exported[0]
-    d = root / "models"
-    d.mkdir()
-    for name in STAGES:
-        os.symlink(root / f"x_{name}_float32", d / name)
-    return d
+def models_dir(pipeline):
+    return pipeline["models"]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +90,7 @@ def portrait(synth_dir, tmp_path_factory):
     rec = open_source(synth_dir, "test")[0]
     d = tmp_path_factory.mktemp("portrait")
     Image.fromarray(np.asarray(rec["view_image"][0])).save(d / "portrait.png")
-    pose = {"image_size": int(rec["view_image"].shape[1]), "K": rec["view_K"][0].tolist(),
+    pose = {"image_size": list(rec["view_image"].shape[1:3]), "K": rec["view_K"][0].tolist(),
             "viewmat": rec["view_viewmat"][0].tolist(),
             "expression": rec["view_expression"][0].tolist()}  # fmt: skip
     (d / "pose.json").write_text(json.dumps(pose))
@@ -198,3 +161,26 @@ def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys
     assert main(["generate", "--image", str(portrait[0]), *base]) == 2
     assert "no head found" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".av*")), "nothing half-written"
+
+
+def test_torch_and_jax_backends_render_the_bundle_alike(bundle, tmp_path, capsys):
+    import torch
+
+    from fica_jax.drive import load_for_backend, render_frames
+
+    frames = [{"yaw": 30.0, "expression": np.linspace(0, 1, 18, dtype=np.float32)}]
+    imgs = {}
+    for backend in ("jax", "torch"):
+        av, kw = load_for_backend(bundle, backend, "cpu")
+        imgs[backend] = render_frames(av, frames, 64, progress=False, **kw)[0] / 255.0
+    mse = np.mean((imgs["jax"] - imgs["torch"]) ** 2)
+    assert 10 * np.log10(1 / max(mse, 1e-12)) > 40
+    mp4 = tmp_path / "t.mp4"
+    argv = ["render", "--avatar", str(bundle), "--out", str(mp4), "--turntable", "--size", "32"]
+    assert main([*argv, "--backend", "torch"]) == 0 and mp4.stat().st_size > 1000
+    import imageio.v3 as iio
+
+    assert sum(1 for _ in iio.imiter(mp4)) == 36
+    if not torch.cuda.is_available():
+        assert main([*argv, "--backend", "torch", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

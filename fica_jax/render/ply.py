@@ -63,6 +63,7 @@ def save_ply(
         with os.fdopen(fd, "wb") as f:
             f.write(header.encode("ascii"))
             f.write(data.tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared .ply from viewers/users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,321 @@
+"""`fica eval`: the zero-shot animation protocol on held-out identities (FiCA Sec. 4.3-4.4).
+
+For every held-out identity: generate its UV maps from its portrait (view 0) with `--models`
+(DiT + refiner, as `fica generate`; the portrait's camera and expression are the capture's own,
+i.e. an oracle tracker, unless `--pose regressor`), build the UPM avatar, drive it with each dome
+frame's expression code and gaze, render it from that frame's camera and compare with the frame
+on the face region only (`fica_jax.eval.face`). Rows (docs/evaluation.md):
+
+- main table: the mean-texture baseline (the training split's mean UV texture on its mean
+  neutral geometry, rendered as a mesh), FiCA (Mesh) (the generated + refined maps as a surfel
+  mesh, posed by the template's blendshapes), FiCA (3DGS) (the UPM avatar), and the ground-truth
+  UV maps through the same UPM (an upper bound isolating the generator's error from the decoder's);
+- ablation table (paper Table 2 order), each through the UPM: partial RGB only (`dit-rgb`),
+  + normal & vertex UV (`dit-maps`), + image embedding (`dit`, unrefined), + refiner.
+  A row whose export is absent reads "not trained".
+
+Metrics per frame: PSNR and SSIM on the face mask; LPIPS (AlexNet v0.1) on the render composited
+over the ground truth outside the face (only face pixels differ); ID-CSIM between the ArcFace
+embeddings of both frames aligned by the same 5-point transform from the frame's landmarks.
+Without their weights the LPIPS / ID-CSIM columns read "unavailable (no weights at PATH)".
+
+Outputs in `--out`: `metrics.csv` (one row per identity x frame x method), `per_identity.csv`,
+`report.md` (the tables), `report.json`, `per_identity.png` (bar chart) and `frames.png`
+(best / median / worst frames of FiCA (3DGS) beside their error maps). With several processes
+each one evaluates its slice of identities and writes `metrics.part-K.csv`; process 0 waits for
+every part and writes the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fica_jax.errors import UserError
+
+MAIN = (("mean", "Mean texture (template geometry)"), ("mesh", "FiCA (Mesh)"),
+        ("3dgs", "FiCA (3DGS)"), ("gt_upm", "GT UV maps -> UPM (upper bound)"))  # fmt: skip
+ABLATION = (("abl_rgb", "Partial RGB only"), ("abl_maps", "+ normal & vertex UV"),
+            ("abl_emb", "+ image embedding"), ("3dgs", "+ refiner"))  # fmt: skip
+ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
+METRICS = ("psnr", "ssim", "lpips", "id_csim")
+BACKGROUND = (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- metric kit
+class Scorer:
+    """Per-frame metrics on the face mask; LPIPS / ArcFace only when their weights exist."""
+
+    def __init__(self, lpips_dir: str | None, arcface: str | None):
+        from fica_jax.eval import metrics
+
+        self.notes: dict[str, str] = {}
+        self.lpips = self.arcface = None
+        d = pathlib.Path(lpips_dir or "~/.cache/fica/lpips").expanduser()
+        paths = (d / "alexnet.pth", d / "alex.pth")
+        self.notes["lpips"] = metrics.weights_unavailable(*paths) or f"alex v0.1 ({d})"
+        if not metrics.weights_unavailable(*paths):
+            from fica_jax.eval.lpips import load_lpips
+
+            self.lpips = load_lpips("alex", *paths)
+        a = pathlib.Path(arcface or "~/.cache/fica/arcface/backbone.pth").expanduser()
+        self.notes["id_csim"] = metrics.weights_unavailable(a) or f"iresnet ({a})"
+        if not metrics.weights_unavailable(a):
+            from fica_jax.eval.arcface import load_arcface
+
+            self.arcface = load_arcface(a)
+
+    def __call__(self, pred: np.ndarray, gt: np.ndarray, face: np.ndarray, kpts) -> dict:
+        from fica_jax.eval import metrics
+
+        p, g, m = (jnp.asarray(x, jnp.float32) for x in (pred, gt, face))
+        out = {"psnr": float(metrics.masked_psnr(p, g, m)),
+               "ssim": float(metrics.masked_ssim(p, g, m))}  # fmt: skip
+        if self.lpips is not None:
+            from fica_jax.eval.lpips import lpips_01
+
+            comp = p * m[..., None] + g * (1.0 - m[..., None])
+            out["lpips"] = float(lpips_01(comp[None], g[None], self.lpips, "alex")[0])
+        if self.arcface is not None:
+            from fica_jax.eval.arcface import embed, id_csim
+            from fica_jax.eval.face import align_faces
+
+            faces = align_faces(jnp.stack([p, g]), np.stack([kpts, kpts]))
+            e = embed(self.arcface, faces)
+            out["id_csim"] = float(id_csim(e[0], e[1]))
+        return out
+
+
+# ----------------------------------------------------------------------------- rendering
+def _mesh_render(texture, geometry, mask, frame, template_name: str) -> np.ndarray:
+    from fica_jax.generate import expression_offset
+    from fica_jax.render.surfels import render_surfels
+
+    r = mask.shape[0]
+    off = expression_offset(template_name, frame["expression"], r) * mask[..., None]
+    h, w = frame["size"]
+    out = render_surfels(
+        jnp.asarray(texture), jnp.asarray(geometry + off), jnp.asarray(frame["viewmat"])[None],
+        jnp.asarray(frame["K"])[None], w, h, mask=jnp.asarray(mask),
+        backgrounds=jnp.asarray(BACKGROUND)[None],
+    )  # fmt: skip
+    return np.asarray(out["image"][0])
+
+
+def _avatar(upm, maps, backend: str, tmp: pathlib.Path):
+    from fica_jax.avatar import Avatar
+
+    av = Avatar.create(upm.model, maps["texture"], maps["geometry"], maps["mask"])
+    if backend == "jax":
+        return av
+    from fica_jax.export.torch_runtime import TorchAvatar
+
+    av.save(tmp)
+    return TorchAvatar.load(tmp)
+
+
+def _upm_render(avatar, frame, backend: str) -> np.ndarray:
+    h, w = frame["size"]
+    kw = dict(expression=frame["expression"], gaze=frame["gaze"], background=BACKGROUND)
+    if backend == "torch":
+        kw["backend"] = "cpu"
+    img, _, _ = avatar.render(frame["viewmat"], frame["K"], w, h, **kw)
+    img = img.cpu().numpy() if hasattr(img, "cpu") else np.asarray(img)
+    return np.clip(img, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- protocol
+def _frames(rec, limit: int | None) -> list[dict]:
+    n = rec["view_image"].shape[0]
+    views = list(range(1, n))[: limit or None]
+    h, w = rec["view_image"].shape[1:3]
+    return [{"view": v, "size": (h, w), "K": np.asarray(rec["view_K"][v], np.float32),
+             "viewmat": np.asarray(rec["view_viewmat"][v], np.float32),
+             "expression": np.asarray(rec["view_expression"][v], np.float32),
+             "gaze": np.asarray(rec["view_gaze"][v], np.float32),
+             "image": np.asarray(rec["view_image"][v], np.float32) / 255.0,
+             "kpts": np.asarray(rec["view_kpts"][v], np.float32)} for v in views]  # fmt: skip
+
+
+def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, dict]:
+    """{method: maps} of one identity for every method whose models exist."""
+    from fica_jax.generate import generate_maps
+
+    size = int(models["dense"].cfg.data.image_size)
+    portrait = np.asarray(jax.image.resize(
+        jnp.asarray(rec["view_image"][0], jnp.float32) / 255.0, (size, size, 3), "bilinear"))  # fmt: skip
+    p = None
+    if pose == "gt":
+        p = {"K": np.asarray(rec["view_K"][0], np.float32),
+             "viewmat": np.asarray(rec["view_viewmat"][0], np.float32),
+             "expression": np.asarray(rec["view_expression"][0], np.float32),
+             "image_size": tuple(rec["view_image"].shape[1:3])}  # fmt: skip
+    kw = dict(
+        steps=steps, seed=seed, pose=p, cfg_scale=cfg_scale, where=f"identity {rec['identity']}"
+    )
+    full, _ = generate_maps(portrait, models, **kw)
+    mask = full["mask"]
+    dit = models["dit"].stats
+    out = {
+        "mean": {"texture": dit["mean_texture"], "geometry": dit["mean_geometry"], "mask": mask},
+        "mesh": full,
+        "3dgs": full,
+        "gt_upm": {"texture": np.asarray(rec["uv_texture"], np.float32) / 255.0,
+                   "geometry": np.asarray(rec["uv_geometry"], np.float32), "mask": mask},
+        "abl_emb": {"texture": full["dit_texture"], "geometry": full["dit_geometry"], "mask": mask},
+    }  # fmt: skip
+    for key, name in ABLATION_DIT.items():
+        if name in models:
+            maps, _ = generate_maps(portrait, models, refine=False, dit=name, **kw)
+            out[key] = maps
+    return out
+
+
+def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, pose, cfg_scale,
+                      frames, tmp) -> tuple[list[dict], dict]:  # fmt: skip
+    """-> (metric rows, {method: [(frame, render)]} for the contact sheet)."""
+    from fica_jax.eval.face import record_face_masks
+
+    faces = record_face_masks(rec, template)
+    maps = _identity_maps(rec, models, steps=steps, seed=seed, pose=pose, cfg_scale=cfg_scale)
+    rows, renders = [], {}
+    for method, m in maps.items():
+        mesh = method in ("mean", "mesh")
+        av = None if mesh else _avatar(models["upm"], m, backend, tmp / method)
+        for f in _frames(rec, frames):
+            if mesh:
+                img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, template.name)
+            else:
+                img = _upm_render(av, f, backend)
+            s = scorer(img, f["image"], faces[f["view"]], f["kpts"])
+            rows.append(
+                {"identity": str(rec["identity"]), "frame": f["view"], "method": method, **s}
+            )
+            renders.setdefault(method, []).append((f, img, faces[f["view"]]))
+    return rows, renders
+
+
+# ----------------------------------------------------------------------------- command
+def evaluate(
+    models_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backend: str = "jax",
+    steps: int = 50,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    split: str = "test",
+    limit: int | None = None,
+    frames: int | None = None,
+    pose: str = "gt",
+    lpips_dir: str | None = None,
+    arcface: str | None = None,
+    progress: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> dict:
+    """Runs the protocol; returns the report dict (also `report.json`)."""
+    import shutil
+    import tempfile
+
+    from data_pipelines.pipeline import host_slice, open_source
+    from data_pipelines.shards import read_metadata
+    from fica_jax.eval import report as report_lib
+    from fica_jax.generate import load_models
+    from fica_jax.geometry.template import make_head_template
+    from fica_jax.train.metrics import Progress
+
+    if backend not in ("jax", "torch"):
+        raise UserError(f"--backend {backend!r}: expected 'jax' or 'torch'")
+    if pose not in ("gt", "regressor"):
+        raise UserError(f"--pose {pose!r}: expected 'gt' (the capture's camera) or 'regressor'")
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    models = load_models(models_dir)
+    name = read_metadata(data_dir).get("template", {}).get("template", "")
+    prefix = "fica-procedural-head-r"
+    if not name.startswith(prefix):
+        raise UserError(f"--data {data_dir}: template {name!r}; the face-region masks need a "
+                        f"procedural template ({prefix}N)")  # fmt: skip
+    template = make_head_template(int(name[len(prefix) :]))
+    src = open_source(data_dir, split)
+    ids = list(range(len(src)))[: limit or None]
+    mine = ids[host_slice(len(ids), pi, pc)]
+    scorer = Scorer(lpips_dir, arcface)
+    rows, sheets = [], {}
+    bar = Progress(len(mine), 0, progress, "eval", log_every=1)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fica-eval-"))
+    try:
+        for i in mine:
+            rec = src[i]
+            r, renders = evaluate_identity(
+                rec, models, scorer, template, backend=backend, steps=steps, seed=seed,
+                pose=pose, cfg_scale=cfg_scale, frames=frames, tmp=tmp / str(i),
+            )  # fmt: skip
+            rows += r
+            sheets[str(rec["identity"])] = renders
+            bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    part = out / (f"metrics.part-{pi}.csv" if pc > 1 else "metrics.csv")
+    write_csv(part, rows)
+    if pc > 1:
+        if pi != 0:
+            return {"part": str(part)}
+        rows = report_lib.gather_parts(out, pc)
+        write_csv(out / "metrics.csv", rows)
+    info = {"models": str(models_dir), "data": str(data_dir), "split": split, "backend": backend,
+            "steps": steps, "pose": pose, "identities": len(ids), "seed": seed,
+            "weights": scorer.notes, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    return report_lib.write_report(out, rows, sheets, info)
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["identity", "frame", "method", *METRICS], restval="")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="zero-shot animation protocol on held-out identities")
+    p.add_argument("--models", required=True, help="folder of exports (as for fica generate)")
+    p.add_argument("--data", required=True, help="capture dataset with held-out identities")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--backend", default="jax", choices=("jax", "torch"))
+    p.add_argument("--steps", type=int, default=50, help="DiT Euler steps (default 50)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the DiT's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N identities only")
+    p.add_argument("--frames", type=int, default=None, help="first N dome frames per identity")
+    p.add_argument("--pose", default="gt", choices=("gt", "regressor"))
+    p.add_argument("--lpips", default=None, help="folder with alexnet.pth + alex.pth (v0.1)")
+    p.add_argument("--arcface", default=None, help="insightface iresnet backbone.pth")
+
+    def run_cmd(args, extra) -> int:
+        rep = evaluate(
+            args.models, args.data, args.out, backend=args.backend, steps=args.steps,
+            cfg_scale=args.cfg, seed=args.seed, split=args.split, limit=args.limit,
+            frames=args.frames, pose=args.pose, lpips_dir=args.lpips, arcface=args.arcface,
+        )  # fmt: skip
+        if "tables" in rep:
+            print(pathlib.Path(args.out, "report.md").read_text())
+        print(f"eval -> {args.out} ({json.dumps(rep.get('info', {}).get('seconds'))} s)")
+        return 0
+
+    p.set_defaults(func=run_cmd)
