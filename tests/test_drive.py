@@ -76,7 +76,7 @@ def test_render_turntable_gif_and_codes_sheet(avatar_dir, tmp_path, capsys):
     "case, expect",
     [
         ("codes", "expected [T, 18]"),
-        ("suffix", "expected a .gif or .png"),
+        ("suffix", "expected a .gif, .mp4 or .png"),
         ("no_avatar", "holds no avatar.json"),
         ("not_upm", "expected a `upm` run"),
     ],

@@ -195,8 +195,8 @@ def test_eval_at_init_equals_its_baseline(synth_dir):
 
 
 def test_corruption_and_landmark_uvs(synth_dir):
-    """The curriculum input differs from the ground truth (blur, colour, low-frequency geometry)
-    only inside the atlas; the ground truth's landmarks, read through `landmark_uv`, project
+    """The curriculum input differs from the ground truth (blur, colour, low-frequency geometry,
+    whole-head shift / scale) only inside the atlas; the ground truth's landmarks, read through `landmark_uv`, project
     onto the portrait's keypoints to well under a pixel."""
     rec = open_source(synth_dir, "train")[0]
     opts = transforms.TransformOptions(
@@ -210,6 +210,17 @@ def test_corruption_and_landmark_uvs(synth_dir):
     # low frequency: neighbouring texels move together
     pairs = (m[:, 1:] & m[:, :-1])[..., 0]
     assert np.abs(np.diff(dg, axis=1)[pairs]).mean() < 0.2 * np.abs(dg[m[..., 0]]).mean()
+    # the whole-head misalignment alone (no offset field) is a similarity about the masked
+    # centroid: input = c + a (g - c) + t, fitted exactly, with a != 1 and t != 0
+    g = ex["uv_geometry"]
+    _, geo = transforms.corrupt_maps(ex["uv_texture"], g, ex["uv_mask"],
+                                     np.random.default_rng(3), 0.0, 0.0, 0.0, 0.015, 0.05)  # fmt: skip
+    x, y = g[m[..., 0]], geo[m[..., 0]]
+    c = x.mean(0)
+    a = float(np.sum((x - c) * (y - y.mean(0))) / np.sum((x - c) ** 2))
+    t = y.mean(0) - c
+    np.testing.assert_allclose(y, c + a * (x - c) + t, atol=1e-6)
+    assert abs(a - 1) > 1e-3 and np.abs(t).max() > 1e-3 and not np.any((geo - g) * ~m)
     b = {k: jnp.asarray(v)[None] for k, v in ex.items()}
     gt = ref_stage.render_view(b["uv_texture"], b["uv_geometry"], b["uv_mask"], b, "portrait",
                                landmarks=True)  # fmt: skip
@@ -250,7 +261,8 @@ def test_bad_config_is_one_line_exit_2(synth_dir, tmp_path, capsys, flag, expect
 @pytest.mark.slow
 def test_refiner_beats_its_input_on_held_out_identities(tmp_path):
     """400 steps on 40 synthetic identities (5 held out): the refined maps render the held-out
-    portraits better than the corrupted input and dome frame 1 no worse. ~10 min on one core."""
+    portraits better, with landmarks closer to the portrait's, than the corrupted input, and
+    dome frame 1 no worse. ~10 min on an idle core (38 min on the shared 2-core machine)."""
     data = tmp_path / "data"
     synthesize(data, 40, SynthConfig(uv_resolution=32, image_size=32, n_frames=1), seed=1,
                workers=1, progress=False)  # fmt: skip
@@ -265,10 +277,13 @@ def test_refiner_beats_its_input_on_held_out_identities(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     print({k: round(v, 3) for k, v in last.items() if k.startswith("eval/")})
     assert any("loss" in r for r in rows)
-    # measured (seed 1, 400 steps): portrait 17.23 vs 14.10 dB, frame 1 15.64 vs 11.97 dB,
-    # keypoints 0.813 vs 0.812 px: at 32 px the keypoint term does not improve on the input's
-    # sub-pixel error yet, so it is only held from getting worse
-    assert last["eval/psnr"] > last["eval/baseline_psnr"] + 2.0
+    # measured (seed 1, 400 steps, corruption with the whole-head shift / scale of
+    # configs/refiner.py): portrait 14.09 vs 13.27 dB, frame 1 13.17 vs 11.86 dB, keypoints
+    # 1.333 vs 1.568 px (-15 %; the ground-truth maps' own error is 0.45 px). Before the shift
+    # / scale (offset field only: 0.81 px input) the portrait gained 3.1 dB but the keypoints
+    # nothing; the misaligned input costs that portrait margin at 400 steps (kpts weight 1.0:
+    # 1.176 px, 14.07 dB, 12.99 dB)
+    assert last["eval/psnr"] > last["eval/baseline_psnr"] + 0.5
     assert last["eval/novel_psnr"] > last["eval/baseline_novel_psnr"]
-    assert last["eval/kpt_err"] < last["eval/baseline_kpt_err"] + 0.05
+    assert last["eval/kpt_err"] < 0.9 * last["eval/baseline_kpt_err"]
     assert (tmp_path / "run" / "samples" / "step_0000400.png").is_file()

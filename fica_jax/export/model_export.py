@@ -118,16 +118,14 @@ def _groups(entries, chunk_bytes: int):
 
 
 def _checkpoint_reader(run: pathlib.Path, step: int | None) -> tuple[Any, int]:
-    import orbax.checkpoint as ocp
+    from fica_jax.train.checkpoint import read_only_manager
 
     root = run.absolute() / "checkpoints"
     if not root.is_dir():
         raise UserError(
             f"--run {run}: no checkpoints/ folder; expected a `fica train` run directory"
         )
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    )
+    manager = read_only_manager(root)
     steps = sorted(manager.all_steps())
     if not steps:
         raise UserError(f"--run {run}: no complete checkpoint in {root}")

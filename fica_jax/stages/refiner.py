@@ -4,8 +4,9 @@ Each example is one identity (`transforms.refiner_example`): its ground-truth UV
 refiner's *input* maps, the portrait (view 0) with camera, landmarks and their UV coordinates,
 and dome frame 1. The input maps are `cfg.model.input_source`:
 - "corrupt" (default, the curriculum): the ground truth with a generator's errors, masked blur,
-  colour shift and a low-frequency geometry offset field (`transforms.corrupt_maps`, strengths
-  `cfg.model.corruption`); deterministic per record on the eval split.
+  colour shift, a low-frequency geometry offset field and a whole-head shift / scale (the
+  misalignment with the portrait the refiner exists to fix; `transforms.corrupt_maps`,
+  strengths `cfg.model.corruption`); deterministic per record on the eval split.
 - "samples": the DiT's maps cached by `fica sample --split SPLIT --out OUT`, read from
   `cfg.model.samples_dir` (= OUT/maps; `ID_texture.npy`, `ID_geometry.npy`); a missing file is a
   one-line error naming it.

@@ -79,6 +79,21 @@ class Checkpointer:
         self.manager.close()
 
 
+def read_only_manager(root: str | pathlib.Path) -> ocp.CheckpointManager:
+    """A `CheckpointManager` that only reads `root`, built with absl's level raised to ERROR:
+    Orbax warns that a read-only manager is read-only ("CheckpointManagerOptions.read_only=True,
+    setting ...", "Given directory is read only") every time one is made."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        return ocp.CheckpointManager(root, options=options)
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def load_params(
     run_dir: str | pathlib.Path, abstract_params: dict, item: str = "params"
 ) -> tuple[int, dict]:
@@ -92,9 +107,7 @@ def load_params(
         root = root / "checkpoints"
     if not root.is_dir():
         raise UserError(f"--init_from {run_dir}: no such directory")
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    )
+    manager = read_only_manager(root)
     step = manager.latest_step()
     if step is None:
         raise UserError(f"--init_from {run_dir}: no complete checkpoint found in {root}")

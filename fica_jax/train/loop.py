@@ -185,9 +185,10 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
     sample_every = int(cfg.train.get("sample_every", 0)) or eval_every
     hooks = (stage.make_eval and eval_every) or (stage.make_sample and sample_every)
     evaluate = _Evaluator(setup, cfg, workdir) if hooks else None
-    bar = mlib.Progress(total, start, enabled=primary)
-    profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
     log_every, ckpt_every = max(int(cfg.train.log_every), 1), int(cfg.train.ckpt_every)
+    # A tqdm bar on a terminal; in a batch job's log, one line every log_every steps.
+    bar = mlib.Progress(total, start, enabled=primary, label=str(cfg.stage), log_every=log_every)
+    profile = mlib.ProfileWindow(workdir, tuple(profile_steps) if profile_steps else None)
 
     # ------------------------------------------------------------------ loop
     last: dict[str, float] = {}
