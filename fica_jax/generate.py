@@ -116,7 +116,11 @@ def _pose(models, portrait, pose_path, size: int):
         K[1, 2] -= (h - side) // 2
         K = np.diag([size / side, size / side, 1.0]) @ K
         return K.astype(np.float32), p["viewmat"], p["expression"]
-    p = pose_lib.predict_pose(models["dense"].model, jnp.asarray(portrait)[None])
+    # the regressor head when the dense model has one (its held-out error is in the dense
+    # stage's eval), else PnP on the predicted vertex map (`pose.pose_from_vertices`)
+    dense = models["dense"].model
+    method = "regressor" if getattr(dense, "pose", None) is not None else "pnp"
+    p = pose_lib.predict_pose(dense, jnp.asarray(portrait)[None], method=method)
     s = size / portrait.shape[0]
     K = np.diag([s, s, 1.0]).astype(np.float32) @ np.asarray(p["K"][0])
     return K, np.asarray(p["viewmat"][0]), np.asarray(p["expression"][0])

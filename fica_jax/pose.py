@@ -1,8 +1,10 @@
 """Head pose and expression of a portrait: the dense ViT's regressor or an external tracker's JSON.
 
 FiCA gets the portrait's camera and expression from EMOCA/SMIRK (Sec. 2.3). Here they come either
-from the regressor trained with the dense stage (`predict_pose`, `models/pose_head.py`) or from
-any tracker's values written as JSON (`load_pose_json`). Both give the same dict:
+from the dense predictor (`predict_pose`: by default the camera by PnP from its per-pixel vertex
+map and mask, `pose_from_vertices`; the expression, or everything, from the regressor trained
+with the dense stage, `models/pose_head.py`) or from any tracker's values written as JSON
+(`load_pose_json`). Both give the same dict:
 
   K [3, 3] pixel intrinsics, viewmat [4, 4] world -> camera (OpenCV: x right, y down, z forward;
   the head at the world origin, as in the synthetic captures), expression [E] or None (the
@@ -155,35 +157,173 @@ def load_pose_json(
             "gaze": f32(gaze), "image_size": (h, w)}  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- PnP
+def _projection(x: jax.Array, rot: jax.Array, t: jax.Array) -> jax.Array:
+    """x [N, 3] head points, R [3, 3], t [3] -> normalised image coords [N, 2] (z clamped > 0)."""
+    c = x @ rot.T + t
+    return c[:, :2] / jnp.maximum(c[:, 2:], 1e-6)
+
+
+def _wquantile(r: jax.Array, w: jax.Array, q: float) -> jax.Array:
+    """The weighted q-quantile of r [N] under weights w [N]."""
+    order = jnp.argsort(r)
+    cum = jnp.cumsum(w[order]) / jnp.maximum(jnp.sum(w), 1e-12)
+    return r[order][jnp.minimum(jnp.searchsorted(cum, q), r.shape[0] - 1)]
+
+
+def _robust_weights(r: jax.Array, w: jax.Array, trim: float) -> jax.Array:
+    """IRLS weights [N] from residual norms r [N] and prior weights w [N]: the worst `trim` of the
+    weight mass gets 0, the rest Huber (threshold: the weighted median residual)."""
+    k = jnp.maximum(_wquantile(r, w, 0.5), 1e-9)
+    keep = r <= _wquantile(r, w, 1.0 - trim)
+    return w * keep * jnp.minimum(1.0, k / jnp.maximum(r, 1e-12))
+
+
+def _dlt(x: jax.Array, uv: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted linear PnP: x [N, 3], uv [N, 2] normalised coords, w [N] -> (R [3, 3], t [3]).
+
+    Rows u (r3.X + t3) = r1.X + t1 and v (...) = r2.X + t2 in P = [R | t] (12 unknowns, points
+    centred and scaled to unit RMS for conditioning); P is the smallest eigenvector of A^T W A,
+    its 3x3 block projected onto SO(3) by SVD, its sign fixed by det > 0 (which also puts the
+    points in front of the camera) and its scale by the block's mean singular value."""
+    ws = jnp.maximum(jnp.sum(w), 1e-12)
+    c = jnp.sum(w[:, None] * x, 0) / ws
+    s = jnp.sqrt(jnp.sum(w * jnp.sum((x - c) ** 2, -1)) / ws) + 1e-12
+    xh = jnp.concatenate([(x - c) / s, jnp.ones_like(x[:, :1])], -1)  # [N, 4]
+    z = jnp.zeros_like(xh)
+    a = jnp.concatenate([xh, z, -uv[:, :1] * xh], -1)  # [N, 12]
+    b = jnp.concatenate([z, xh, -uv[:, 1:] * xh], -1)
+    m = jnp.einsum("n,ni,nj->ij", w, a, a) + jnp.einsum("n,ni,nj->ij", w, b, b)
+    p = jnp.linalg.eigh(m)[1][:, 0].reshape(3, 4)
+    a3 = p[:, :3] / s  # back to the unnormalised points: P ~ [A / s | b - A c / s]
+    b3 = p[:, 3] - a3 @ c
+    sign = jnp.sign(jnp.linalg.det(a3))
+    u, sv, vt = jnp.linalg.svd(a3 * sign)
+    return u @ vt, b3 * sign / jnp.mean(sv)  # det(u vt) = +1 once det(a3) > 0
+
+
+def _rotvec_matrix(d: jax.Array) -> jax.Array:
+    """Rotation vector [3] -> [3, 3] (Rodrigues)."""
+    a = jnp.sqrt(jnp.sum(d**2) + 1e-24)
+    k = jnp.cross(jnp.eye(3), d / a)  # the skew matrix [d / |d|]_x
+    return jnp.eye(3) + jnp.sin(a) * k + (1.0 - jnp.cos(a)) * (k @ k)
+
+
+def _lm_step(x, uv, w, rot, t, damping):
+    """One Levenberg-Marquardt step on sum w |proj(X) - uv|^2 over (rotation vector, t); the
+    rotation is perturbed on the left, R <- exp([d]_x) R (first order for the Jacobian)."""
+    resid = lambda d: (
+        _projection(x, (jnp.eye(3) + jnp.cross(jnp.eye(3), d[:3])) @ rot, t + d[3:]) - uv
+    )
+    jac = jax.jacfwd(resid)(jnp.zeros(6))  # [N, 2, 6]
+    h = jnp.einsum("n,nki,nkj->ij", w, jac, jac)
+    g = jnp.einsum("n,nki,nk->i", w, jac, resid(jnp.zeros(6)))
+    d = -jnp.linalg.solve(h + damping * jnp.diag(jnp.diag(h)) + 1e-12 * jnp.eye(6), g)
+    return _rotvec_matrix(d[:3]) @ rot, t + d[3:]
+
+
+def _pnp_one(x, uv, w, iters: int, trim: float, hypotheses: int = 128, subset: int = 10):
+    res = lambda rot, t: jnp.linalg.norm(_projection(x, rot, t) - uv, axis=-1)
+    # Start: the best by weighted median residual (LMedS) of the DLT on all points and on
+    # `hypotheses` random subsets (drawn by weight, a fixed key): gross outliers wreck the
+    # all-point linear fit, some subsets miss them.
+    idx = jax.random.choice(
+        jax.random.key(0), x.shape[0], (hypotheses, subset), p=(w + 1e-12) / jnp.sum(w + 1e-12)
+    )
+    rots, ts = jax.vmap(lambda i: _dlt(x[i], uv[i], jnp.ones(subset)))(idx)
+    rot0, t0 = _dlt(x, uv, w)
+    rots, ts = jnp.concatenate([rot0[None], rots]), jnp.concatenate([t0[None], ts])
+    score = jax.vmap(lambda r, t: _wquantile(res(r, t), w, 0.5))(rots, ts)
+    rot, t = rots[jnp.argmin(score)], ts[jnp.argmin(score)]
+    for _ in range(2):  # re-solve on all points without the worst
+        rot, t = _dlt(x, uv, _robust_weights(res(rot, t), w, trim))
+
+    def body(_, rt):
+        rw = _robust_weights(res(*rt), w, trim)
+        return _lm_step(x, uv, rw, *rt, damping=1e-3)
+
+    return jax.lax.fori_loop(0, iters, body, (rot, t))
+
+
+def pose_from_vertices(
+    vtx: jax.Array,  # [B, H, W, 3] head-coordinate position seen at each pixel (metres)
+    mask: jax.Array,  # [B, H, W] foreground probability (weights; < 0.5 counts as background)
+    K: jax.Array,  # [B, 3, 3] pixel intrinsics
+    *,
+    iters: int = 10,
+    trim: float = 0.2,
+) -> jax.Array:
+    """Camera of each image from its per-pixel vertex map by weighted, robust PnP -> viewmat
+    [B, 4, 4] (world = head coords -> camera, OpenCV axes).
+
+    Pixel centres (x + 0.5, y + 0.5) go through K^-1 to normalised coords; linear DLTs give the
+    start (`_dlt`: the best of all points and random subsets by median residual, twice re-solved
+    without the worst `trim` of the points), then `iters` Levenberg-Marquardt steps on the
+    reprojection error with IRLS weights: the mask probability times Huber, the worst `trim` of
+    the weight mass dropped each step. Jit-able."""
+    b, h, w, _ = vtx.shape
+    ys, xs = jnp.meshgrid(jnp.arange(h) + 0.5, jnp.arange(w) + 0.5, indexing="ij")
+    pix = jnp.stack([xs.ravel(), ys.ravel(), jnp.ones(h * w)], -1)  # [N, 3]
+    uvw = jnp.einsum("bij,nj->bni", jnp.linalg.inv(K.astype(jnp.float32)), pix)
+    uv = uvw[..., :2] / uvw[..., 2:]
+    m = mask.reshape(b, h * w).astype(jnp.float32)
+    wts = jnp.where(m > 0.5, m, 0.0)
+    x = vtx.reshape(b, h * w, 3).astype(jnp.float32)
+    rot, t = jax.vmap(lambda *a: _pnp_one(*a, iters, trim))(x, uv, wts)
+    return _viewmat(rot, t)
+
+
+def _viewmat(rot: jax.Array, t: jax.Array) -> jax.Array:
+    """R [B, 3, 3], t [B, 3] -> [B, 4, 4]."""
+    top = jnp.concatenate([rot, t[..., None]], -1)
+    bottom = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 0.0, 1.0]), (rot.shape[0], 1, 4))
+    return jnp.concatenate([top, bottom], 1)
+
+
 # ----------------------------------------------------------------------------- regressor
 def pose_from_outputs(out: dict, K: jax.Array, hw: tuple[int, int]) -> dict:
     """The regressor's rot6d [B, 6], cam [B, 3], expression [B, E] and K [B, 3, 3] ->
     dict(K [B,3,3], viewmat [B,4,4], expression [B,E], gaze None)."""
-    r = rotation_from_6d(out["rot6d"])
-    t = translation_from_params(out["cam"], K, hw)
-    b = r.shape[0]
-    top = jnp.concatenate([r, t[..., None]], -1)
-    bottom = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 0.0, 1.0]), (b, 1, 4))
-    return {"K": K, "viewmat": jnp.concatenate([top, bottom], 1),
-            "expression": out["expression"], "gaze": None}  # fmt: skip
+    viewmat = _viewmat(rotation_from_6d(out["rot6d"]), translation_from_params(out["cam"], K, hw))
+    return {"K": K, "viewmat": viewmat, "expression": out["expression"], "gaze": None}
 
 
-def predict_pose(dense_model, images: jax.Array, K: jax.Array | np.ndarray | None = None) -> dict:
-    """images [B, H, W, 3] in [0, 1] through a `DensePredictor` with a pose head -> the
-    `load_pose_json` dict with a batch axis (gaze None: not regressed). K [B, 3, 3] or [3, 3] are
-    the images' intrinsics (default `nominal_K`); the translation is solved for them."""
-    if getattr(dense_model, "pose", None) is None:
+def predict_pose(
+    dense_model,
+    images: jax.Array,
+    K: jax.Array | np.ndarray | None = None,
+    method: str = "pnp",
+) -> dict:
+    """images [B, H, W, 3] in [0, 1] through a `DensePredictor` -> the `load_pose_json` dict with
+    a batch axis (gaze None: not regressed). K [B, 3, 3] or [3, 3] are the images' intrinsics
+    (default `nominal_K`). method "pnp": the camera from the predicted vertex map and mask
+    (`pose_from_vertices`), the expression from the pose head if there is one (else None);
+    "regressor": everything from the pose head, the translation solved for K."""
+    if method not in ("pnp", "regressor"):
+        raise UserError(f"pose method {method!r} is unknown; expected 'pnp' or 'regressor'")
+    has_head = getattr(dense_model, "pose", None) is not None
+    if method == "regressor" and not has_head:
         raise UserError(
             "this dense model has no pose head; train it with the dense stage's pose loss "
-            "weights (configs/dense.py model.loss_weights.rot/cam/expr) above 0"
+            "weights (configs/dense.py model.loss_weights.rot/cam/expr) above 0, or use "
+            "method='pnp'"
         )
     b, h, w, _ = images.shape
     K = nominal_K((h, w)) if K is None else K
     K = jnp.broadcast_to(jnp.asarray(K, jnp.float32), (b, 3, 3))
-    return pose_from_outputs(_pose_outputs(dense_model, images), K, (h, w))
+    out = _dense_outputs(dense_model, images)
+    if method == "regressor":
+        return pose_from_outputs(out, K, (h, w))
+    viewmat = _pnp_jit(out["vtx"], out["mask"], K)
+    expr = out["expression"] if has_head else None
+    return {"K": K, "viewmat": viewmat, "expression": expr, "gaze": None}
+
+
+_pnp_jit = jax.jit(pose_from_vertices)
 
 
 @nnx.jit
-def _pose_outputs(model, images: jax.Array) -> dict[str, jax.Array]:
-    out = model(images)  # XLA drops the dense heads: only the pose outputs are returned
-    return {k: out[k] for k in ("rot6d", "cam", "expression")}
+def _dense_outputs(model, images: jax.Array) -> dict[str, jax.Array]:
+    out = model(images)  # XLA drops the unused heads
+    keep = {k: out[k] for k in ("rot6d", "cam", "expression") if k in out}
+    return keep | {"vtx": out["vtx"], "mask": jax.nn.sigmoid(out["mask_logits"][..., 0])}

@@ -147,7 +147,7 @@ def _batch(n=8, size=32, e=5):
 
 def test_each_pose_loss_term_gives_the_head_gradients():
     head = pose_head.PoseHead(32, 2, 5, hidden=16, rngs=nnx.Rngs(0))
-    batch, terms = _batch(), ("rot_l2", "cam_l1", "expr_l1")
+    batch, terms = _batch(), ("rot_l2", "cam_l1", "expr_l2")
     feats = jax.random.normal(jax.random.key(1), (8, 4, 4, 32))
     graphdef, params = nnx.split(head, nnx.Param)
 
@@ -179,7 +179,7 @@ def test_predict_pose_dict_and_sharding_annotations():
     # through the stage's loss_fn, which calls the whole model (test_stage_dense)
     assert shd.unannotated_params(model) == []
     images = _batch()["image"]
-    out = pose.predict_pose(model, images)
+    out = pose.predict_pose(model, images, method="regressor")
     assert out["K"].shape == (8, 3, 3) and out["viewmat"].shape == (8, 4, 4)
     assert out["expression"].shape == (8, 5) and out["gaze"] is None
     r = np.asarray(out["viewmat"][:, :3, :3], np.float64)
@@ -187,13 +187,13 @@ def test_predict_pose_dict_and_sharding_annotations():
                                atol=1e-5)  # fmt: skip
     np.testing.assert_array_equal(out["viewmat"][:, 3], np.tile([0, 0, 0, 1], (8, 1)))
     # the head origin projects where the regressor's cam says, whichever K is used
-    raw = pose._pose_outputs(model, images)
+    raw = pose._dense_outputs(model, images)
     for K in (None, np.array([[90, 0, 14], [0, 90, 18], [0, 0, 1]], np.float32)):
-        o = pose.predict_pose(model, images, K)
+        o = pose.predict_pose(model, images, K, "regressor")
         p = np.einsum("bij,bj->bi", np.asarray(o["K"]), np.asarray(o["viewmat"][:, :3, 3]))
         np.testing.assert_allclose(p[:, :2] / p[:, 2:] / 32, raw["cam"][:, :2], atol=1e-5)
     with pytest.raises(UserError, match="no pose head"):
-        pose.predict_pose(vit.DensePredictor(TINY, rngs=nnx.Rngs(0)), images)
+        pose.predict_pose(vit.DensePredictor(TINY, rngs=nnx.Rngs(0)), images, method="regressor")
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
     specs = dict(nnx.to_flat_state(shd.param_specs(nnx.state(model), shd.rules_for("vit"), mesh)))
     assert specs[("pose", "k", "kernel")] == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -209,15 +209,103 @@ def test_mean_rotation_is_the_chordal_mean():
     np.testing.assert_allclose(pose.mean_rotation(rots), want, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_trained_pose_regressor_beats_the_mean_pose_on_held_out_identities(tmp_path):
-    """The tiny dense config on 48 synthetic identities at 64 px (16 held out, 4 views each):
-    held-out rotation and expression errors against the train split's mean.
+def _pnp_scene(n=8, size=32, seed=0):
+    """n cameras around a head-sized bumpy surface: the head-coordinate point seen at each pixel
+    centre (vtx [n, H, W, 3]), K [n, 3, 3] and the true viewmat [n, 4, 4]."""
+    rng = np.random.default_rng(seed)
+    vm = np.tile(np.eye(4), (n, 1, 1))
+    vm[:, :3, :3] = Rotation.random(n, random_state=seed + 5).as_matrix()
+    vm[:, :3, 3] = np.c_[rng.uniform(-0.03, 0.03, (n, 2)), rng.uniform(0.5, 0.8, n)]
+    f = rng.uniform(1.2, 2.0, n) * size
+    K = np.zeros((n, 3, 3))
+    K[:, 0, 0], K[:, 1, 1], K[:, 2, 2] = f, f * rng.uniform(0.95, 1.05, n), 1
+    K[:, :2, 2] = size / 2 + rng.uniform(-2, 2, (n, 2))
+    ys, xs = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+    rays = np.einsum("bij,hwj->bhwi", np.linalg.inv(K), np.stack([xs, ys, np.ones_like(xs)], -1))
+    bump = (
+        0.05 * np.sin(xs / 5)[None] * np.cos(ys / 7)[None]
+        + rng.uniform(-0.05, 0.05, n)[:, None, None]
+    )
+    cam = rays * (vm[:, 2, 3, None, None] + bump)[..., None]
+    vtx = np.einsum("bji,bhwj->bhwi", vm[:, :3, :3], cam - vm[:, None, None, :3, 3])
+    return vtx, K, vm
 
-    Observed once (2 loaded cores, ~29 min, 600 steps from scratch): FAILS. Held-out rotation
-    59.8 deg vs mean 50.8; expression L1 0.144 vs 0.188 (L1 learns the median, ~0) but MSE
-    0.076 vs 0.060. Train views: 35 deg vs mean 41, so the head learns but overfits 32
-    identities; more identities / steps or a pretrained backbone are needed."""
+
+def _pnp_errors(vm, want):
+    """(rotation deg [n], translation mm [n]) of viewmats vm against want."""
+    vm = np.asarray(vm, np.float64)
+    r = Rotation.from_matrix(vm[:, :3, :3]).inv() * Rotation.from_matrix(want[:, :3, :3])
+    return np.degrees(r.magnitude()), 1000 * np.linalg.norm(vm[:, :3, 3] - want[:, :3, 3], axis=-1)
+
+
+def _pnp(vtx, mask, K):
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return pose._pnp_jit(f32(vtx), f32(mask), f32(K))  # one compile for every test's shapes
+
+
+def test_pnp_recovers_known_cameras_exactly_from_noiseless_points():
+    vtx, K, want = _pnp_scene()
+    vm = np.asarray(_pnp(vtx, np.ones(vtx.shape[:3]), K))
+    rot, trans = _pnp_errors(vm, want)
+    assert rot.max() < 0.01 and trans.max() < 0.1, (rot, trans)
+    np.testing.assert_allclose(vm[:, 3], np.tile([0, 0, 0, 1], (8, 1)))
+    # every image is solved on its own: the batch's order does not matter
+    perm = np.array([3, 1, 7, 0, 2, 6, 5, 4])
+    np.testing.assert_allclose(_pnp(vtx[perm], np.ones(vtx.shape[:3]), K[perm]), vm[perm],
+                               atol=1e-4)  # fmt: skip
+
+
+def test_pnp_is_robust_to_noise_and_outliers_and_ignores_the_background():
+    vtx, K, want = _pnp_scene(seed=1)
+    rng = np.random.default_rng(2)
+    noisy = vtx + rng.normal(0, 0.002, vtx.shape)  # 2 mm on a 0.5-0.8 m camera distance
+    bad = rng.uniform(size=vtx.shape[:3]) < 0.2
+    noisy[bad] += rng.normal(0, 0.1, (bad.sum(), 3))  # 20 % gross outliers (10 cm)
+    rot, trans = _pnp_errors(_pnp(noisy, np.ones(vtx.shape[:3]), K), want)
+    assert rot.max() < 1.0 and trans.max() < 10.0, (rot, trans)
+    # background pixels (mask < 0.5) hold garbage; the foreground's probabilities vary
+    mask = rng.uniform(0.6, 1.0, vtx.shape[:3])
+    mask[:, :, :12] = rng.uniform(0.0, 0.49, (8, 32, 12))
+    junk = vtx.copy()
+    junk[:, :, :12] = rng.normal(0, 1.0, (8, 32, 12, 3))
+    rot, trans = _pnp_errors(_pnp(junk, mask, K), want)
+    assert rot.max() < 0.01 and trans.max() < 0.1, (rot, trans)
+    # and the mask is what made the difference: the same points unmasked are off
+    rot, _ = _pnp_errors(_pnp(junk, np.ones(vtx.shape[:3]), K), want)
+    assert rot.max() > 1.0, rot
+
+
+def test_predict_pose_pnp_solves_the_predicted_vertex_map(monkeypatch):
+    vtx, K, want = _pnp_scene(seed=3)
+    model = vit.DensePredictor(POSED, rngs=nnx.Rngs(0))
+    images = _batch()["image"]
+    head = pose._dense_outputs(model, images)
+    fake = head | {"vtx": jnp.asarray(vtx, jnp.float32), "mask": jnp.ones((8, 32, 32))}
+    monkeypatch.setattr(pose, "_dense_outputs", lambda m, im: fake)
+    out = pose.predict_pose(model, images, jnp.asarray(K, jnp.float32))
+    rot, trans = _pnp_errors(out["viewmat"], want)
+    assert rot.max() < 0.01 and trans.max() < 0.1, (rot, trans)
+    np.testing.assert_allclose(out["expression"], head["expression"])  # from the pose head
+    np.testing.assert_allclose(out["K"], K, rtol=1e-6)
+    no_head = vit.DensePredictor(TINY, rngs=nnx.Rngs(0))
+    assert pose.predict_pose(no_head, images, jnp.asarray(K, jnp.float32))["expression"] is None
+    with pytest.raises(UserError, match="pose method 'pn' is unknown"):
+        pose.predict_pose(model, images, method="pn")
+
+
+@pytest.mark.slow
+def test_pnp_pose_beats_the_mean_pose_on_held_out_identities(tmp_path):
+    """The tiny dense config on 48 synthetic identities at 64 px (16 held out, 4 views each):
+    held-out rotation error of the camera solved by PnP from the predicted vertex map and mask
+    (`rot_deg_pnp`) and the regressor's expression MSE against the train split's mean.
+
+    The regressor's own rotation and translation are printed, not asserted.
+
+    Observed once (2 loaded cores, ~32 min, 600 steps): FAILS, the vertex map is too poor.
+    vtx L1 37 mm per axis, normals 57 deg; PnP rotation 110 deg (126 deg with the subset start
+    added after that run, re-evaluated on its checkpoint) vs mean 50.8; on the same held-out
+    images PnP from the ground-truth vtx and mask gives 0.00 deg / 0.01 mm. Regressor 58.1 deg,
+    90 mm; expression MSE (MSE loss) 0.0615 vs mean 0.0595, L1 0.189 vs 0.188."""
     from data_pipelines.synth import synthesize
     from data_pipelines.synthetic.generator import SynthConfig
     from fica_jax.config import load_config
@@ -238,6 +326,5 @@ def test_trained_pose_regressor_beats_the_mean_pose_on_held_out_identities(tmp_p
     )
     last = loop.train(cfg, tmp_path / "run")
     print({k: round(float(v), 4) for k, v in last.items() if k.startswith("eval/")})
-    assert last["eval/rot_deg"] < 0.7 * last["eval/baseline_rot_deg"]
-    assert last["eval/expr_l1"] < 0.95 * last["eval/baseline_expr_l1"]
+    assert last["eval/rot_deg_pnp"] < 0.7 * last["eval/baseline_rot_deg"]
     assert last["eval/expr_mse"] < 0.95 * last["eval/baseline_expr_mse"]

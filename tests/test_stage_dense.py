@@ -57,7 +57,7 @@ def test_losses_vanish_for_a_perfect_prediction(synth_dir):
     for name, value in dense_stage.pose_losses(pose, b).items():
         assert float(value) < 1e-6, name
     off = {**pose, "expression": b["expression"] + 0.2}
-    np.testing.assert_allclose(dense_stage.pose_losses(off, b)["expr_l1"], 0.2, rtol=1e-4)
+    np.testing.assert_allclose(dense_stage.pose_losses(off, b)["expr_l2"], 0.04, rtol=1e-4)
 
 
 def test_pose_targets_follow_the_crop(synth_dir):
@@ -101,10 +101,10 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert {"eval/uv_l1", "eval/baseline_uv_l1", "eval/mask_iou"} <= set(last)
     pose_keys = {"rot_deg", "baseline_rot_deg", "expr_l1", "baseline_expr_l1", "expr_mse",
-                 "baseline_expr_mse", "trans_mm"}  # fmt: skip
+                 "baseline_expr_mse", "trans_mm", "rot_deg_pnp", "trans_mm_pnp"}  # fmt: skip
     assert {f"eval/{k}" for k in pose_keys} <= set(last)
     assert all(np.isfinite(last[f"eval/{k}"]) for k in pose_keys)
-    assert {"rot_l2", "cam_l1", "expr_l1"} <= set(rows[0])
+    assert {"rot_l2", "cam_l1", "expr_l2"} <= set(rows[0])
 
 
 def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir):

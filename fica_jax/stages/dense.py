@@ -13,10 +13,12 @@ Our addition, standing in for FiCA's EMOCA/SMIRK: a head-pose / expression regre
 tokens (`models/pose_head.py`), trained here with `rot_l2` (squared Frobenius distance of the
 Gram-Schmidt rotation to the viewmat's, = 4 (1 - cos angle)), `cam_l1` (L1 of (u, v, log s),
 the head origin's image position and scale, `fica_jax.pose.camera_params` of the crop's K) and
-`expr_l1` (blendshape weights). Weights `cfg.model.loss_weights.{rot, cam, expr}`; all three 0
-builds no pose head (and loads dense checkpoints from before it). The eval reports the rotation
-error in degrees and the expression L1 / MSE against the train split's mean rotation / mean
-expression (`baseline_*`).
+`expr_l2` (mean squared error of the blendshape weights: L1 learnt their median, ~0, and lost to
+the mean in MSE). Weights `cfg.model.loss_weights.{rot, cam, expr}`; all three 0 builds no pose
+head (and loads dense checkpoints from before it). The eval reports the camera solved by PnP from
+the predicted vertex map and mask (`fica_jax.pose.pose_from_vertices`, `*_pnp`), the regressor's
+rotation / translation, and the expression L1 / MSE, against the train split's mean rotation /
+mean expression (`baseline_*`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.models.pose_head import geodesic_deg, rotation_from_6d
 from fica_jax.models.vit import VARIANTS, DensePredictor
-from fica_jax.pose import camera_params, pose_stats, translation_from_params
+from fica_jax.pose import camera_params, pose_from_vertices, pose_stats, translation_from_params
 from fica_jax.train.stage import Stage
 
 
@@ -59,7 +61,7 @@ def _pose_on(cfg: ml_collections.ConfigDict) -> bool:
 
 
 # loss term -> its weight's name in cfg.model.loss_weights
-POSE_TERMS = {"rot_l2": "rot", "cam_l1": "cam", "expr_l1": "expr"}
+POSE_TERMS = {"rot_l2": "rot", "cam_l1": "cam", "expr_l2": "expr"}
 
 
 def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -93,7 +95,7 @@ def pose_losses(pred: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
     return {
         "rot_l2": jnp.mean(jnp.sum((r - batch["viewmat"][:, :3, :3]) ** 2, axis=(1, 2))),
         "cam_l1": jnp.mean(jnp.abs(pred["cam"] - camera_params(batch["K"], batch["viewmat"], hw))),
-        "expr_l1": jnp.mean(jnp.abs(pred["expression"] - batch["expression"])),
+        "expr_l2": jnp.mean((pred["expression"] - batch["expression"]) ** 2),
     }
 
 
@@ -126,14 +128,26 @@ def make_loss(cfg: ml_collections.ConfigDict):
     return loss_fn
 
 
-def pose_eval(pred: dict[str, jax.Array], batch, mean_rot, mean_expr) -> dict[str, jax.Array]:
-    """Rotation error (deg), translation error (mm, solved for the batch's K) and expression
-    L1 / MSE of the regressor; `baseline_*`: the train split's mean rotation / expression."""
+def pnp_eval(pred: dict[str, jax.Array], batch, mean_rot) -> dict[str, jax.Array]:
+    """Rotation (deg) and translation (mm) error of the camera solved by PnP from the predicted
+    vertex map and mask probability for the batch's K; `baseline_rot_deg`: the train split's
+    mean rotation."""
+    mask = jax.nn.sigmoid(pred["mask_logits"][..., 0])
+    vm, gt = pose_from_vertices(pred["vtx"], mask, batch["K"]), batch["viewmat"]
+    return {
+        "rot_deg_pnp": jnp.mean(geodesic_deg(vm[:, :3, :3], gt[:, :3, :3])),
+        "trans_mm_pnp": 1000.0 * jnp.mean(jnp.linalg.norm(vm[:, :3, 3] - gt[:, :3, 3], axis=-1)),
+        "baseline_rot_deg": jnp.mean(geodesic_deg(mean_rot, gt[:, :3, :3])),
+    }
+
+
+def pose_eval(pred: dict[str, jax.Array], batch, mean_expr) -> dict[str, jax.Array]:
+    """The regressor's rotation error (deg), translation error (mm, solved for the batch's K) and
+    expression L1 / MSE; `baseline_*`: the train split's mean expression."""
     gt_r, e = batch["viewmat"][:, :3, :3], batch["expression"]
     t = translation_from_params(pred["cam"], batch["K"], batch["image"].shape[1:3])
     return {
         "rot_deg": jnp.mean(geodesic_deg(rotation_from_6d(pred["rot6d"]), gt_r)),
-        "baseline_rot_deg": jnp.mean(geodesic_deg(mean_rot, gt_r)),
         "trans_mm": 1000.0 * jnp.mean(jnp.linalg.norm(t - batch["viewmat"][:, :3, 3], axis=-1)),
         "expr_l1": jnp.mean(jnp.abs(pred["expression"] - e)),
         "baseline_expr_l1": jnp.mean(jnp.abs(mean_expr - e)),
@@ -145,8 +159,9 @@ def pose_eval(pred: dict[str, jax.Array], batch, mean_rot, mean_expr) -> dict[st
 def make_eval(cfg: ml_collections.ConfigDict):
     """UV error on held-out identities against the best constant predictor of the same pixels
     (the per-batch mean UV of the foreground), vertex error in mm, normal angle in degrees, and
-    mask IoU; with the pose head, `pose_eval` against the train split's mean pose."""
-    stats = pose_stats(cfg.data.dir, "train") if _pose_on(cfg) else None
+    mask IoU; the PnP camera (`pnp_eval`) and, with the pose head, `pose_eval` against the train
+    split's mean pose."""
+    stats = pose_stats(cfg.data.dir, "train")
 
     def eval_fn(model: DensePredictor, batch, rng: jax.Array):
         del rng
@@ -163,8 +178,9 @@ def make_eval(cfg: ml_collections.ConfigDict):
             "nrm_deg": _masked_mean(jnp.degrees(jnp.arccos(cos)), m),
             "mask_iou": inter / (union + 1e-6),
         }
-        if stats is not None and model.pose is not None:
-            out |= pose_eval(pred, batch, stats["rotation"], stats["expression"])
+        out |= pnp_eval(pred, batch, stats["rotation"])
+        if model.pose is not None:
+            out |= pose_eval(pred, batch, stats["expression"])
         return out
 
     return eval_fn
