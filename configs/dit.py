@@ -3,9 +3,10 @@
 fica data cache --data data/synth --vae runs/vae --dense runs/dense --out data/latents
 fica train dit --config configs/dit.py:tiny --workdir runs/dit_tiny --config.data.dir=data/latents
 fica sample --run runs/dit_tiny --data data/latents --out samples/
-fica plan --config configs/dit.py:paper --mesh data=8,fsdp=8          # AOT plan, 64 chips
+fica plan --config configs/dit.py:paper --mesh data=2,fsdp=32 --topology v5p:4x4x4   # 64 chips
 # paper (supplement: 28 DiT+ControlMLP blocks, ~2B params, 32x32x16 latents, patch 2, batch 128,
-# 50k steps on 64 A100s): the documented default mesh is data=8 x fsdp=8 on 64 chips
+# 50k steps on 64 A100s): the default mesh is data=2 x fsdp=32 on 64 chips (docs/architecture.md
+# §9: the best of 8x8, 4x16, 2x32 and 1x64 in the TPU-compiled plan)
 fica train dit --config configs/dit.py:paper --workdir gs://BUCKET/dit
 """
 
@@ -76,12 +77,13 @@ def get_config(arg: str = "tiny"):
         c.train.compute_dtype = "bfloat16"
         # Chosen by `fica plan`'s memory and hardware/model FLOP figures (docs/architecture.md
         # §9, benchmarks/results/plan_dit_paper*.json): paper keeps every matmul output (no
-        # recompute, ~10 GB/chip on v5p-64); paper1024's attention logits are 16x larger, so it
-        # keeps the weight matmuls' outputs and recomputes attention.
+        # recompute, 3.7 GB/chip on v5p-64 at 2x32 in the TPU compiler's memory analysis);
+        # paper1024's attention logits are 16x larger, so it keeps the weight matmuls' outputs
+        # and recomputes attention.
         remat = {"paper": "dots_saveable", "paper1024": "dots_with_no_batch_dims_saveable"}
         c.train.remat = remat.get(arg, "full")
-    if arg == "paper":
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8, 8, 1
+    if arg == "paper":  # optimizer + EMA sharded 32 ways; fsdp=64 turns all-gathers into all-reduces
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 32, 1
     if arg == "paper1024":  # 16 chips; two microbatches of 64 keep activations < 28 GB/chip
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1
         c.train.grad_accum = 2

@@ -31,18 +31,17 @@ import numpy as np
 from flax import nnx
 
 from fica_jax.errors import UserError
+from fica_jax.export.manifest import AVATAR_FORMAT, AVATAR_VERSION, read_arrays, read_manifest
 from fica_jax.models.upm import UPM, UPMConfig, eye_masks, flatten, view_direction
 from fica_jax.render import ply, rasterization
 
-FORMAT = "fica-avatar"
-VERSION = 1
+FORMAT, VERSION = AVATAR_FORMAT, AVATAR_VERSION
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 
 try:  # safetensors when installed (zero-copy, framework-neutral), else numpy's npz
-    from safetensors.numpy import load_file as _st_load
     from safetensors.numpy import save_file as _st_save
 except ImportError:  # pragma: no cover - the project's environment ships safetensors
-    _st_load = _st_save = None
+    _st_save = None
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
@@ -210,22 +209,9 @@ class Avatar:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Avatar:
-        d = pathlib.Path(directory)
-        try:
-            meta = json.loads((d / "avatar.json").read_text())
-        except FileNotFoundError:
-            raise UserError(
-                f"{d} holds no avatar.json; expected a folder from Avatar.save"
-            ) from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise UserError(f"{d}/avatar.json is not a {FORMAT} v{VERSION} file")
-        path = d / meta["arrays"]
-        if path.suffix == ".safetensors":
-            if _st_load is None:  # pragma: no cover
-                raise UserError(f"{path} needs the safetensors package")
-            arrays = _st_load(str(path))
-        else:  # pragma: no cover
-            arrays = dict(np.load(path))
+        d, meta = read_manifest(directory, "avatar.json", FORMAT, VERSION, "Avatar.save")
+        path = d / str(meta.get("arrays", ""))
+        arrays = read_arrays(path)
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
         # abstract (no init work): every parameter it keeps is then read from the file
         model = nnx.eval_shape(lambda: UPM(UPMConfig(**fields), rngs=nnx.Rngs(0)))

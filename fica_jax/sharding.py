@@ -124,9 +124,16 @@ def make_mesh(
         raise UserError(
             f"mesh {shape} needs {math.prod(sizes)} devices but {len(devices)} are available"
         )
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose physical axes do not factor into the logical ones (data=8 on a
+        # 4x4x4 v5p slice): split physical axes, as MaxText's `create_device_mesh` allows.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 # ----------------------------------------------------------------------------- specs

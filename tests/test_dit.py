@@ -275,7 +275,7 @@ def test_stage_data_and_spec(tiny_cfg):
     paper = dit_configs.get_config("paper")
     ps = dit_stage.batch_spec(paper)
     assert ps["tex_latent"].shape == (128, 32, 32, 16) and ps["control"].shape[:3] == (128, 32, 32)
-    assert (paper.mesh.data, paper.mesh.fsdp) == (8, 8) and paper.train.compute_dtype == "bfloat16"
+    assert (paper.mesh.data, paper.mesh.fsdp) == (2, 32) and paper.train.compute_dtype == "bfloat16"
     m = dit_stage.dit_config(paper)
     assert (m.width, m.depth, m.heads, m.patch, m.width // m.heads) == (1792, 28, 28, 2, 64)
 

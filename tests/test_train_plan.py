@@ -18,6 +18,7 @@ from fica_jax import sharding as shd
 from fica_jax.config import load_config
 from fica_jax.errors import UserError
 from fica_jax.train import cli, plan
+from fica_jax.train import hlo_stats as hs
 from fica_jax.train.hlo_stats import analyze
 from fica_jax.train.stage import get_stage
 from fica_jax.train.step import build
@@ -107,9 +108,10 @@ def _check_mfu_is_model_flops(report):
     hw = report["flops"]["hardware_per_device_per_step"]
     for chip, r in report["roofline"].items():
         peak = CHIPS[chip].peak_flops
-        assert r["op_roofline_s"] >= max(r["compute_s"], r["hbm_s"]) * (1 - 1e-9)
-        assert r["step_s"] == max(r["op_roofline_s"], r["collective_s"])
-        assert r["step_s_no_overlap"] == pytest.approx(r["op_roofline_s"] + r["collective_s"])
+        ops_s = r["op_roofline_s"] + r["async_copy_s"]  # every op, at its own roofline
+        assert ops_s >= max(r["compute_s"], r["hbm_s"]) * (1 - 1e-9)
+        assert r["step_s"] == max(r["op_roofline_s"], r["hbm_s"], r["collective_s"])
+        assert r["step_s_no_overlap"] == pytest.approx(ops_s + r["collective_s"])
         assert r["compute_s"] == pytest.approx(hw / peak)
         assert r["mfu"] == pytest.approx(model / (peak * r["step_s"]))
         assert r["mfu_no_overlap"] == pytest.approx(model / (peak * r["step_s_no_overlap"]))
@@ -117,9 +119,8 @@ def _check_mfu_is_model_flops(report):
         assert 0 < r["mfu_no_overlap"] <= r["mfu"] <= 1
     top = report["top_ops"]
     kinds = top["by_kind"].values()
-    assert sum(k["seconds"] for k in kinds) == pytest.approx(
-        report["roofline"][top["chip"]]["op_roofline_s"]
-    )
+    r = report["roofline"][top["chip"]]
+    assert sum(k["seconds"] for k in kinds) == pytest.approx(r["op_roofline_s"] + r["async_copy_s"])
     assert sum(k["flops"] for k in kinds) == pytest.approx(hw)  # every dot sits in some op
     assert 0 < len(top["top"]) <= 10
 
@@ -141,7 +142,7 @@ def test_op_roofline_hand_counted():
 
     x = jax.ShapeDtypeStruct((b, d), jnp.float32)
     w = jax.ShapeDtypeStruct((n_layers, d, d), jnp.float32)
-    ops = {o.name: o for o in plan.op_costs(jax.jit(f).lower(x, w).compile().as_text())}
+    ops = {o.name: o for o in hs.op_costs(jax.jit(f).lower(x, w).compile().as_text())}
     dot = next(o for o in ops.values() if o.kind == "matmul")
     assert dot.count == n_layers and dot.flops == 2 * b * d * d
     assert dot.bytes == f32 * (b * d + d * d + b * d)  # x and the weight slice in, x @ w out
@@ -190,11 +191,117 @@ ENTRY %main (a: bf16[8,16], i: s32[]) -> bf16[8,16] {
   ROOT %put = bf16[8,16]{1,0} fusion(%a, %row, %i), kind=kLoop, calls=%dus
 }
 """
-    ops = {o.name: o for o in plan.op_costs(hlo)}
+    ops = {o.name: o for o in hs.op_costs(hlo)}
     assert set(ops) == {"row", "put"}
     assert ops["row"].bytes == 16 * 2 + 4 + 16 * 4  # bf16 slice + index in, f32 row out
     assert ops["put"].bytes == 16 * 4 + 4 + 16 * 2  # f32 row + index in, bf16 row written
     assert ops["row"].kind == ops["put"].kind == "slice-update"
+
+
+def test_op_bytes_of_a_tpu_program_count_hbm_only():
+    """TPU HLO (`fica plan --topology`): a prefetch `copy-start` into VMEM (`S(1)`) reads its
+    source from HBM once; a fusion whose operand already sits in VMEM reads no HBM for it; an
+    `AllocateBuffer` custom-call moves nothing; a collective wrapped in `async-start` is left to
+    the collective term, and `analyze` still counts it there."""
+    hlo = """HloModule m
+
+%mul (x: f32[128,128], y: f32[128,128]) -> f32[128,128] {
+  %x = f32[128,128]{1,0:T(8,128)S(1)} parameter(0)
+  %y = f32[128,128]{1,0:T(8,128)} parameter(1)
+  ROOT %m = f32[128,128]{1,0:T(8,128)} multiply(%x, %y)
+}
+
+%sum (s0: f32[], s1: f32[]) -> f32[] {
+  %s0 = f32[] parameter(0)
+  %s1 = f32[] parameter(1)
+  ROOT %s = f32[] add(%s0, %s1)
+}
+
+%rs (r0: f32[128,128]) -> f32[32,128] {
+  %r0 = f32[128,128]{1,0:T(8,128)} parameter(0)
+  ROOT %r = f32[32,128]{1,0:T(8,128)} reduce-scatter(%r0), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%sum
+}
+
+ENTRY %main (a: f32[128,128], b: f32[128,128]) -> f32[32,128] {
+  %a = f32[128,128]{1,0:T(8,128)} parameter(0)
+  %b = f32[128,128]{1,0:T(8,128)} parameter(1)
+  %cs = (f32[128,128]{1,0:T(8,128)}, f32[128,128]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = f32[128,128]{1,0:T(8,128)S(1)} copy-done(%cs)
+  %buf = f32[128,128]{1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  %f = f32[128,128]{1,0:T(8,128)} fusion(%cd, %b), kind=kLoop, calls=%mul
+  %st = ((f32[128,128]{1,0:T(8,128)}), f32[32,128]{1,0:T(8,128)}) async-start(%f), calls=%rs
+  ROOT %dn = f32[32,128]{1,0:T(8,128)} async-done(%st), calls=%rs
+}
+"""
+    n = 128 * 128 * 4
+    ops = {o.name: o for o in hs.op_costs(hlo)}
+    assert ops["f"].kind == "elementwise" and ops["cs"].kind == "copy-start"
+    assert set(ops) == {"cs", "f"}
+    assert ops["cs"].bytes == n  # HBM -> VMEM: one read
+    assert ops["f"].bytes == n + n  # %b read from HBM, the product written; %cd is in VMEM
+    assert hs.analyze(hlo).collective_bytes == {"reduce-scatter": 32 * 128 * 4 * 3}
+
+
+def test_tpu_all_reduce_scatter_fusion_is_a_reduce_scatter():
+    """The TPU compiler emits a gradient reduce-scatter as a kCustom fusion around all-reduce +
+    1/n dynamic-slice: the collective term counts it as a reduce-scatter, the op list skips it."""
+    hlo = """HloModule m
+
+%sum (s0: f32[], s1: f32[]) -> f32[] {
+  %s0 = f32[] parameter(0)
+  %s1 = f32[] parameter(1)
+  ROOT %s = f32[] add(%s0, %s1)
+}
+
+%all-reduce-scatter (g0: bf16[64,128]) -> bf16[16,128] {
+  %g0 = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %ar = bf16[64,128]{1,0:T(8,128)(2,1)} all-reduce(%g0), replica_groups={{0,1,2,3}}, to_apply=%sum
+  %pid = u32[] partition-id()
+  %z = u32[] constant(0)
+  ROOT %ds = bf16[16,128]{1,0:T(8,128)(2,1)} dynamic-slice(%ar, %pid, %z), dynamic_slice_sizes={16,128}
+}
+
+ENTRY %main (g: bf16[64,128]) -> bf16[16,128] {
+  %g = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %rs = bf16[16,128]{1,0:T(8,128)(2,1)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
+}
+"""
+    assert hs.op_costs(hlo) == []
+    stats = hs.analyze(hlo, reduce_scatter=True)
+    assert stats.collective_bytes == {"reduce-scatter": 16 * 128 * 2 * 3}  # (n - 1) x result
+
+
+def test_fusion_bytes_follow_a_slice_into_a_nested_fusion():
+    """TPU programs slice a scanned layer's weights inside a nested fusion: the outer fusion
+    reads one layer of the stacked [L, K, N] operand, not all L."""
+    hlo = """HloModule m
+
+%layer (w0: bf16[28,64,128], i0: s32[]) -> bf16[64,128] {
+  %w0 = bf16[28,64,128]{2,1,0} parameter(0)
+  %i0 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = bf16[1,64,128]{2,1,0} dynamic-slice(%w0, %i0, %z, %z), dynamic_slice_sizes={1,64,128}
+  ROOT %b = bf16[64,128]{1,0} bitcast(%ds)
+}
+
+%mm (x: bf16[8,64], w: bf16[28,64,128], i: s32[]) -> bf16[8,128] {
+  %x = bf16[8,64]{1,0} parameter(0)
+  %w = bf16[28,64,128]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %one = bf16[64,128]{1,0} fusion(%w, %i), kind=kLoop, calls=%layer
+  ROOT %d = bf16[8,128]{1,0} dot(%x, %one), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: bf16[8,64], ws: bf16[28,64,128], k: s32[]) -> bf16[8,128] {
+  %a = bf16[8,64]{1,0} parameter(0)
+  %ws = bf16[28,64,128]{2,1,0} parameter(1)
+  %k = s32[] parameter(2)
+  ROOT %f = bf16[8,128]{1,0} fusion(%a, %ws, %k), kind=kOutput, calls=%mm
+}
+"""
+    (op,) = hs.op_costs(hlo)
+    assert op.flops == 2 * 8 * 64 * 128
+    assert op.bytes == 8 * 64 * 2 + 64 * 128 * 2 + 4 + 8 * 128 * 2  # x, ONE layer, index, out
 
 
 def test_fica_plan_mfu_excludes_remat_recompute():
@@ -309,3 +416,42 @@ def test_fica_plan_dit_tiny(tmp_path):
     assert report["flops"]["while_trip_counts"].count(depth) == 2  # forward and backward scans
     assert report["flops"]["per_device_per_step"] > 0
     assert report["per_device_bytes"]["params"] < 4 * report["param_count"]
+
+
+def _libtpu_or_skip() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None and not plan.LIBTPU_DIR.is_dir():
+        pytest.skip(f"libtpu not installed (.ci/run puts it in {plan.LIBTPU_DIR})")
+
+
+def test_fica_plan_with_the_tpu_compiler():
+    """`--topology`: the same train step compiled by libtpu's TPU compiler for a v5p slice that
+    is not here. Same hardware FLOPs as the CPU plan (same dots, whoever fuses them), the
+    collectives as the TPU sends them, the TPU's own memory analysis, and a roofline for v5p
+    alone."""
+    _libtpu_or_skip()
+    tpu = plan.plan_in_subprocess("configs/toy.py", "data=2,fsdp=4", "v5p,a100", [], "v5p:2x2x2")
+    cpu = plan.plan_in_subprocess("configs/toy.py", "data=2,fsdp=4", "v5p")
+    assert tpu["compiler"].startswith("tpu (v5p:2x2x2") and cpu["compiler"].startswith("cpu")
+    assert set(tpu["roofline"]) == {"v5p"}  # the program is a v5p's; no other chip's row
+    f_tpu, f_cpu = tpu["flops"], cpu["flops"]
+    assert f_tpu["hardware_per_device_per_step"] == pytest.approx(
+        f_cpu["hardware_per_device_per_step"], rel=1e-6
+    )
+    assert f_tpu["model_per_device_per_step"] == f_cpu["model_per_device_per_step"]
+    coll = tpu["collective_bytes_per_device"]
+    assert coll["total"] > 0 and coll["source"].startswith("TPU-compiled")
+    # bf16 stays bf16 on a TPU: never more than the CPU executable's f32-upcast collectives
+    assert coll["total"] <= cpu["collective_bytes_per_device"]["cpu_compiled"]["total"]
+    assert tpu["per_device_bytes"]["peak_estimate"] > tpu["per_device_bytes"]["params"] > 0
+    _check_mfu_is_model_flops(tpu)
+
+
+def test_fica_plan_topology_errors_are_one_line(capsys):
+    with pytest.raises(UserError, match=r"--topology 'v5x:4x4': expected CHIP:AxBxC"):
+        plan.topology_chip("v5x:4x4")
+    assert plan.topology_chip("v5p:4x4x4") == "v5p" and plan.topology_chip("v6e:8x8") == "v6e"
+    _libtpu_or_skip()
+    with pytest.raises(UserError, match=r"needs 8 devices; --topology v5p:2x2x1 has 4"):
+        plan.plan_in_subprocess("configs/toy.py", "data=2,fsdp=4", "v5p", [], "v5p:2x2x1")

@@ -33,6 +33,7 @@ import numpy as np
 
 from fica_jax import __version__
 from fica_jax.errors import UserError
+from fica_jax.export.manifest import read_arrays, read_manifest
 
 FORMAT, VERSION = "fica-export", 1
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", None)}
@@ -142,6 +143,8 @@ def host_params(
     """(step, generator of (name, host array)) restoring at most `chunk_bytes` at a time."""
     import orbax.checkpoint as ocp
 
+    from fica_jax.train.checkpoint import restore_item
+
     manager, step = _checkpoint_reader(run, step)
     entries = param_names(abstract_pure)
 
@@ -153,21 +156,11 @@ def host_params(
                     [(keys, ocp.RestoreArgs(restore_type=np.ndarray)) for _, keys, _ in group]
                 )
                 try:
-                    out = manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.PyTreeRestore(
-                                item={item: item_tree},
-                                restore_args={item: args},
-                                partial_restore=True,
-                            )
-                        ),
-                    )
+                    tree = restore_item(manager, step, item, item_tree, args)
                 except (ValueError, KeyError, FileNotFoundError) as e:
                     raise UserError(
                         f"--run {run}: step {step} holds no {item!r} matching this model ({e})"
                     ) from None
-                tree = out["state"][item]
                 for name, keys, leaf in group:
                     arr = np.asarray(_get(tree, keys))
                     if arr.shape != tuple(leaf.shape):
@@ -305,26 +298,10 @@ def export_run(
 # ----------------------------------------------------------------------------- reload
 def read_export(directory: str | os.PathLike, stage: str | None = None) -> tuple[dict, dict]:
     """(model.json, {name: np.ndarray}) of an export folder, checked."""
-    from safetensors.numpy import load_file
-
-    d = pathlib.Path(directory)
-    try:
-        meta = json.loads((d / "model.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{d}: no model.json; expected a folder written by `fica export`") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d}/model.json: not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or int(meta.get("version", -1)) != VERSION:
-        raise UserError(
-            f"{d}/model.json: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT} v{VERSION}"
-        )
+    d, meta = read_manifest(directory, "model.json", FORMAT, VERSION, "`fica export`")
     if stage is not None and meta.get("stage") != stage:
         raise UserError(f"{d}: an export of stage {meta.get('stage')!r}, expected {stage!r}")
-    try:
-        arrays = load_file(str(d / "model.safetensors"))
-    except (OSError, Exception) as e:  # safetensors raises its own error type
-        raise UserError(f"{d}/model.safetensors: unreadable ({e})") from None
-    return meta, arrays
+    return meta, read_arrays(d / "model.safetensors")
 
 
 def load_exported(directory: str | os.PathLike, stage: str | None = None):

@@ -26,7 +26,6 @@ with `backend=`:
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 
@@ -35,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from fica_jax.errors import UserError
+from fica_jax.export.manifest import AVATAR_FORMAT, AVATAR_VERSION, read_arrays, read_manifest
 
 # as fica_jax.avatar (which imports jax, so it is not imported here); tests check they agree
-FORMAT = "fica-avatar"
-VERSION = 1
+FORMAT, VERSION = AVATAR_FORMAT, AVATAR_VERSION
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 # the rasteriser's rules (fica_jax.render.composite / project / tiles)
 ALPHA_MAX, ALPHA_MIN, T_MIN, EXTENT_SIGMA = 0.999, 1.0 / 255.0, 1e-4, 3.33
@@ -154,26 +153,9 @@ def view_direction(viewmat):
 
 
 def _read_bundle(directory) -> tuple[pathlib.Path, dict, dict]:
-    d = pathlib.Path(directory)
-    try:
-        meta = json.loads((d / "avatar.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{d} holds no avatar.json; expected a folder from Avatar.save") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d}/avatar.json is not JSON ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        got = f"format {meta.get('format')!r} version {meta.get('version')!r}"
-        raise UserError(f"{d}/avatar.json is {got}; expected a {FORMAT} v{VERSION} file")
+    d, meta = read_manifest(directory, "avatar.json", FORMAT, VERSION, "Avatar.save")
     path = d / str(meta.get("arrays", ""))
-    if not path.is_file():
-        raise UserError(f"{path} (avatar.json 'arrays') does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        arrays = load_file(str(path))
-    else:
-        arrays = dict(np.load(path))
-    return path, meta, arrays
+    return path, meta, read_arrays(path)
 
 
 class TorchAvatar:

@@ -116,22 +116,28 @@ def load_params(
         abstract_params,
     )
     try:
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={item: abstract_params},
-                    restore_args={item: restore_args},
-                    partial_restore=True,
-                )
-            ),
-        )
+        tree = restore_item(manager, step, item, abstract_params, restore_args)
     except (ValueError, KeyError) as e:
         raise UserError(
             f"--init_from {run_dir}: step {step} params do not match this model ({e})"
         ) from None
-    manager.close()
-    return step, out["state"][item]
+    finally:
+        manager.close()
+    return step, tree
+
+
+def restore_item(manager: ocp.CheckpointManager, step: int, item: str, target, restore_args):
+    """`target`'s leaves (a sub-tree, any subset) of the saved state's `item` at `step`: Orbax's
+    partial restore of the loop's `Composite(state=...)` layout. Orbax's errors pass through."""
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={item: target}, restore_args={item: restore_args}, partial_restore=True
+            )
+        ),
+    )
+    return out["state"][item]
 
 
 def load_run_config(run_dir: str | pathlib.Path) -> ml_collections.ConfigDict:

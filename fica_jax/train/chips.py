@@ -4,7 +4,7 @@ Peak dense bf16 FLOP/s, HBM bytes, HBM bandwidth and per-chip interconnect bytes
 vendors' published specifications (docs/architecture.md §9); interconnect figures are upper bounds.
 A100/H100 are the 80 GB SXM parts. `kinds` are substrings of `jax.Device.device_kind`.
 Also the roofline that `fica plan` puts over them: per-op time max(FLOPs / peak, bytes / HBM
-bandwidth) summed over the step's ops (`OpCost`s, from `plan.op_costs`), against the collectives.
+bandwidth) summed over the step's ops (`hlo_stats.op_costs`), against the collectives.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
+
+from fica_jax.train.hlo_stats import OpCost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,27 +45,23 @@ def chip_of(device: jax.Device | None = None) -> Chip | None:
     return None
 
 
-@dataclasses.dataclass
-class OpCost:
-    """One top-level HLO instruction of the per-device step: HBM bytes and dot/conv FLOPs per
-    execution, `count` executions per step (while trip counts applied)."""
-
-    name: str
-    kind: str  # matmul, slice-update, convert, copy, broadcast, reduce, elementwise or opcode
-    label: str  # instruction name without its number, and the JAX op it came from
-    count: int
-    bytes: float
-    flops: float
-
-
 def op_seconds(op: OpCost, chip: Chip) -> float:
     """All executions of one op: max(FLOPs / peak, HBM bytes / bandwidth) each."""
     return op.count * max(op.flops / chip.peak_flops, op.bytes / chip.hbm_bytes_per_s)
 
 
+ASYNC_KINDS = ("copy-start",)  # DMA the TPU runs beside compute (prefetch into / out of VMEM)
+
+
 def op_roofline(ops: Sequence[OpCost], chip: Chip) -> float:
-    """Seconds of a step's ops run one after another on `chip`, each at its own roofline."""
-    return sum(op_seconds(o, chip) for o in ops)
+    """Seconds of a step's synchronous ops run one after another on `chip`, each at its own
+    roofline (async copies are `async_copy_seconds`)."""
+    return sum(op_seconds(o, chip) for o in ops if o.kind not in ASYNC_KINDS)
+
+
+def async_copy_seconds(ops: Sequence[OpCost], chip: Chip) -> float:
+    """HBM time of the asynchronous copies (`copy-start`; only TPU programs have them)."""
+    return sum(op_seconds(o, chip) for o in ops if o.kind in ASYNC_KINDS)
 
 
 def top_ops(ops: Sequence[OpCost], chip: str, n: int = 10) -> dict:
@@ -99,12 +97,15 @@ def roofline(
 ) -> dict:
     """Per-chip roofline of one step from per-device figures (docs/architecture.md §9).
 
-    op_roofline_s = sum over the step's ops (`op_costs`) of max(FLOPs / peak, HBM bytes / HBM
-    bandwidth); collective_s = bytes / interconnect; the step takes max of the two with perfect
-    overlap, their sum with none. MFU is MaxText's: model FLOPs / (peak x step time), for both
-    step times; `hfu` is hardware FLOPs over the same. compute_s = hardware FLOPs / peak and
-    hbm_s = all op bytes / HBM bandwidth are the two pure bounds. Without `ops` (no HLO) the op
-    roofline falls back to compute_s.
+    op_roofline_s = sum over the step's synchronous ops (`op_costs`) of max(FLOPs / peak, HBM
+    bytes / HBM bandwidth); async_copy_s = the asynchronous copies' bytes / HBM bandwidth (a TPU
+    program's `copy-start`s: DMA beside compute); collective_s = bytes / interconnect. With
+    perfect overlap the step takes max(op_roofline_s, hbm_s, collective_s) (async copies and
+    collectives hide behind compute, but all bytes still cross HBM once: hbm_s); with none, the
+    sum op_roofline_s + async_copy_s + collective_s. MFU is MaxText's: model FLOPs / (peak x step
+    time), for both step times; `hfu` is hardware FLOPs over the same. compute_s = hardware FLOPs
+    / peak and hbm_s = all op bytes / HBM bandwidth are the two pure bounds. Without `ops` (no
+    HLO) the op roofline falls back to compute_s.
     """
     out = {}
     ratio = lambda num, den: num / den if den > 0 else None
@@ -112,14 +113,17 @@ def roofline(
         c = CHIPS[chip]
         compute_s = hw_flops / c.peak_flops
         ops_s = op_roofline(ops, c) if ops is not None else compute_s
+        async_s = async_copy_seconds(ops, c) if ops is not None else 0.0
+        hbm_s = sum(o.count * o.bytes for o in ops) / c.hbm_bytes_per_s if ops else None
         comm_s = coll_bytes / c.link_bytes_per_s
-        step_s = max(ops_s, comm_s)
-        step_serial = ops_s + comm_s
+        step_s = max(ops_s, hbm_s or 0.0, comm_s)
+        step_serial = ops_s + async_s + comm_s
         out[chip] = {
             "compute_s": compute_s,
             "model_compute_s": model_flops / c.peak_flops,
-            "hbm_s": sum(o.count * o.bytes for o in ops) / c.hbm_bytes_per_s if ops else None,
+            "hbm_s": hbm_s,
             "op_roofline_s": ops_s,
+            "async_copy_s": async_s,
             "collective_s": comm_s,
             "step_s": step_s,
             "step_s_no_overlap": step_serial,

@@ -2,7 +2,7 @@
 
 fica train toy --config configs/toy.py --workdir /tmp/toy [--init_from DIR]
     [--profile_steps 10,20] [--config.train.steps=500 ...]
-fica plan --config configs/dit.py:paper --mesh data=8,fsdp=8 [--chips v5p,h100] [--out F]
+fica plan --config configs/dit.py:paper --mesh data=2,fsdp=32 [--chips v5p,h100] [--topology v5p:4x4x4] [--out F]
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def cmd_train(args, extra) -> int:
 def cmd_plan(args, extra) -> int:
     from fica_jax.train import plan
 
-    report = plan.plan_in_subprocess(args.config, args.mesh, args.chips, extra)
+    report = plan.plan_in_subprocess(
+        args.config, args.mesh, args.chips, extra, args.topology, args.libtpu
+    )
     text = plan.dumps(report)
     if args.out:
         with open(args.out, "w") as f:
@@ -77,6 +79,12 @@ def add_commands(subparsers) -> None:
     q.add_argument("--mesh", required=True, help="axis sizes, e.g. data=8,fsdp=8[,tensor=1]")
     q.add_argument("--chips", default="v5p,v6e,a100,h100", help="chips for the roofline")
     q.add_argument("--out", default=None, help="also write the JSON here")
+    q.add_argument(
+        "--topology",
+        default=None,
+        help="compile with the TPU compiler for this slice, e.g. v5p:4x4x4 (libtpu, no TPU needed)",
+    )
+    q.add_argument("--libtpu", default=None, help="folder with libtpu (pip install --target)")
     q.set_defaults(func=cmd_plan)
 
 

@@ -109,7 +109,9 @@ class Progress:
     """A tqdm bar on an interactive terminal (process 0); otherwise, with `log_every`, one
     `label: n/total` line every `log_every` items (so a batch job's log shows progress)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, label: str = "", log_every: int = 0):
+    def __init__(
+        self, total: int, initial: int, enabled: bool, label: str = "", log_every: int = 0
+    ):
         self._bar, self._n, self.total = None, initial, total
         self.label, self.log_every = label, log_every if enabled else 0
         if enabled and sys.stderr.isatty():

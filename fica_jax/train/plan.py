@@ -28,12 +28,10 @@ pessimistic estimates of a TPU's HBM traffic and peak memory.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,7 +40,7 @@ from collections.abc import Mapping, Sequence
 
 from fica_jax.errors import UserError
 from fica_jax.train import hlo_stats as hs
-from fica_jax.train.chips import CHIPS, OpCost, roofline, top_ops  # noqa: F401 (re-exported)
+from fica_jax.train.chips import CHIPS, roofline, top_ops
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -69,6 +67,50 @@ def parse_chips(text: str) -> list[str]:
     return chips
 
 
+# `pip install --target` libtpu here (or name another folder in FICA_LIBTPU / `--libtpu`).
+LIBTPU_DIR = pathlib.Path(os.environ.get("FICA_LIBTPU", "~/.cache/fica/libtpu")).expanduser()
+TOPOLOGY_CHIPS = {"v5p": "v5p", "v6e": "v6e", "v5e": "v5e", "v5litepod": "v5e"}
+
+
+def topology_chip(topology: str) -> str:
+    """`v5p:4x4x4` -> "v5p": the `CHIPS` entry whose compiler the plan runs."""
+    name, sep, dims = topology.partition(":")
+    chip = TOPOLOGY_CHIPS.get(name.lower())
+    if not sep or chip is None or not all(d.isdigit() for d in dims.split("x")):
+        raise UserError(
+            f"--topology {topology!r}: expected CHIP:AxBxC with CHIP one of "
+            f"{sorted(TOPOLOGY_CHIPS)}, e.g. v5p:4x4x4 (64 chips) or v6e:8x8"
+        )
+    return chip
+
+
+def topology_devices(topology: str, libtpu: str | None = None) -> list:
+    """The devices of a TPU slice that need not exist: libtpu's topology description, so
+    `compile()` runs the TPU compiler on this (CPU) host (MaxText's `train_compile.py` way).
+    libtpu comes from `libtpu` (a folder made by `pip install --target`), `LIBTPU_DIR`, or the
+    environment; it never becomes JAX's backend here (the parent sets JAX_PLATFORMS=cpu)."""
+    topology_chip(topology)
+    for d in (libtpu, LIBTPU_DIR):
+        if d and pathlib.Path(d).is_dir() and str(d) not in sys.path:
+            sys.path.insert(0, str(d))
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        where = libtpu or LIBTPU_DIR
+        raise UserError(
+            f"--topology needs libtpu (the TPU compiler), not found in {where} or the "
+            f"environment: pip install --target {where} 'libtpu==0.0.42.*'"
+        ) from None
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # libtpu's own message names what it refused
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--topology {topology!r}: libtpu refused it ({msg})") from None
+    return list(desc.devices)
+
+
 def _tree_bytes(tree) -> tuple[int, int]:
     """(global elements, bytes held by one device) of an abstract tree with shardings."""
     import jax
@@ -80,149 +122,6 @@ def _tree_bytes(tree) -> tuple[int, int]:
         shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
         per_device += math.prod(shard) * np.dtype(a.dtype).itemsize
     return count, per_device
-
-
-_NO_TRAFFIC = {  # move no HBM bytes of their own (while/call/conditional bodies are walked)
-    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
-    "partition-id", "replica-id", "opt-barrier", "add-dependency", "while", "call",
-    "conditional", "copy-done",
-}  # fmt: skip
-_SAME_ELEMENTS = ("convert", "bitcast", "copy", "reshape", "transpose")  # slice-transparent
-
-
-def _hlo_computations(text: str) -> tuple[dict[str, list], str]:
-    """`hlo_stats.computations`, refusing text without an ENTRY computation."""
-    comps, entry = hs.computations(text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return comps, entry
-
-
-def _args(rest: str) -> list[str]:
-    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-
-
-def _n(result: str) -> int:
-    return max(sum(math.prod(s) for _, s in hs._shapes(result)), 1)
-
-
-def _dot_conv_flops(result: str, op: str, rest: str, shapes: dict) -> float:
-    if op == "dot":
-        return hs._dot_flops(result, _args(rest), rest, shapes)
-    return hs._conv_flops(result, _args(rest), rest, shapes) if op == "convolution" else 0.0
-
-
-def _fusion_bytes(insts: dict, operand_bytes: list[float]) -> float:
-    """HBM bytes of one fusion, counted as XLA's HloCostAnalysis counts a fusion: operands read
-    and outputs written in full, except an operand only dynamic-sliced or sliced (the slice is
-    read) and one updated in place (a dynamic-update-slice of a parameter at the root: only the
-    update is written). Converts, bitcasts, copies, reshapes and transposes between parameter
-    and slice or update (the CPU's f32 detour for bf16) do not change which elements move."""
-    users: dict[str, list] = {}
-    for name, (_, _, rest, _) in insts.items():
-        for i, a in enumerate(_args(rest)):
-            users.setdefault(a, []).append((name, i))
-
-    def source(name):  # up operand 0 through element-preserving ops
-        while insts[name][1] in _SAME_ELEMENTS:
-            name = _args(insts[name][2])[0]
-        return name
-
-    root = next(n for n, v in insts.items() if v[3])
-    written, in_place = 0.0, set()
-    for out in _args(insts[root][2]) if insts[root][1] == "tuple" else [root]:
-        d, full = source(out), hs._bytes(insts[out][0])
-        args = _args(insts[d][2])
-        if insts[d][1] == "dynamic-update-slice" and insts[source(args[0])][1] == "parameter":
-            in_place.add(d)
-            full *= _n(insts[args[1]][0]) / _n(insts[d][0])
-        written += full
-
-    def read_fraction(name) -> float:
-        frac = 0.0
-        for user, i in users.get(name, []):
-            op = insts[user][1]
-            if op in _SAME_ELEMENTS:
-                frac += read_fraction(user)
-            elif op in ("dynamic-slice", "slice") and i == 0:
-                frac += _n(insts[user][0]) / _n(insts[name][0])
-            elif not (op == "dynamic-update-slice" and i == 0 and user in in_place):
-                return 1.0
-        return min(frac, 1.0)
-
-    read = 0.0
-    for name, (_, op, rest, _) in insts.items():
-        k = int(re.match(r"\s*(\d+)", rest).group(1)) if op == "parameter" else -1
-        if 0 <= k < len(operand_bytes):
-            read += operand_bytes[k] * read_fraction(name)
-    return read + written
-
-
-def _kind(op: str, comp: list | None, flops: float) -> str:
-    if flops > 0:
-        return "matmul"
-    ops = {i[2] for i in comp[1:]} if comp else {op}
-    if ops & {"dynamic-update-slice", "dynamic-slice", "slice"}:
-        return "slice-update"
-    if ops <= {"convert", "bitcast", "copy", "parameter", "constant", "broadcast", "tuple"}:
-        return next((k for k in ("convert", "copy", "broadcast") if k in ops), op)
-    if ops & {"reduce", "reduce-window"}:
-        return "reduce"
-    return "elementwise" if op == "fusion" else op
-
-
-def op_costs(hlo_text: str) -> list[OpCost]:
-    """HBM bytes and dot/conv FLOPs of every top-level instruction of a compiled (partitioned,
-    per-device) step: ENTRY, while bodies (times their trip counts), called computations and
-    conditional branches; a fusion's bytes are its operands and outputs (`_fusion_bytes`), its
-    FLOPs the dots and convs inside. Collectives are left to the collective term; parameters,
-    constants, tuples and bitcasts move nothing. docs/architecture.md §9."""
-    comps, entry = _hlo_computations(hlo_text)
-    shapes_of = lambda comp: {i[0]: s[0][1] for i in comp[1:] if (s := hs._shapes(i[1]))}
-
-    @functools.cache
-    def flops_in(name: str) -> float:  # dot/conv FLOPs of a fused computation, nested included
-        comp, shapes = comps[name], shapes_of(comps[name])
-        f = sum(_dot_conv_flops(i[1], i[2], i[3], shapes) for i in comp[1:])
-        return f + sum(flops_in(c) for i in comp[1:] for c in hs._CALLS.findall(i[3]) if c in comps)
-
-    out: list[OpCost] = []
-
-    def walk(name: str, mult: int) -> None:
-        comp = comps[name]
-        by_name, shapes = {i[0]: i for i in comp[1:]}, shapes_of(comp)
-        for iname, result, op, rest, _ in comp[1:]:
-            args, called = _args(rest), [c for c in hs._CALLS.findall(rest) if c in comps]
-            if op == "while":
-                cond = hs._COND.search(rest)
-                n = hs._trip_count(rest, args, by_name, comps)
-                for c in (c for c in called if not cond or c != cond.group(1)):
-                    walk(c, mult * n)
-            elif op in ("call", "conditional"):
-                for group in hs._BRANCHES.findall(rest):
-                    called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-                for c in (c for c in called if c in comps):
-                    walk(c, mult)
-            base = op.removesuffix("-start").removesuffix("-done")
-            if op in _NO_TRAFFIC or base in hs.COLLECTIVES:
-                continue
-            arg_bytes = [hs._bytes(by_name[a][1]) if a in by_name else 0.0 for a in args]
-            fused = comps[called[0]] if op == "fusion" and called else None
-            flops = flops_in(called[0]) if fused else _dot_conv_flops(result, op, rest, shapes)
-            if fused:
-                nb = _fusion_bytes({i[0]: i[1:] for i in fused[1:]}, arg_bytes)
-            elif op in ("dynamic-slice", "slice"):
-                nb = 2.0 * hs._bytes(result)
-            elif op == "dynamic-update-slice":
-                nb = 2.0 * arg_bytes[1]
-            else:
-                nb = sum(dict(zip(args, arg_bytes, strict=True)).values()) + hs._bytes(result)
-            meta = re.search(r'op_name="([^"]*)"', rest)
-            label = re.sub(r"\.\d+$", "", iname) + (f" {meta.group(1)}" if meta else "")
-            out.append(OpCost(iname, _kind(op, fused, flops), label, mult, nb, flops))
-
-    walk(entry, 1)
-    return out
 
 
 def model_flops(cfg, stage) -> float:
@@ -288,21 +187,42 @@ def collectives(compiled_text: str, spmd_text: str | None) -> dict:
     }
 
 
+_CPU_NOTE = (
+    "An estimate from the CPU-compiled step, whose fusion decisions differ from a TPU/GPU "
+    "compiler's: the CPU fuses less, runs bf16 matmuls and elementwise math in f32 (f32 matmul "
+    "operands, bf16<->f32 convert fusions, kind 'convert' in top_ops) and splits the optimizer "
+    "into several passes, so op_roofline_s is likely pessimistic (`fica plan --topology` reads "
+    "the TPU compiler's own program). Collectives are counted after SPMD partitioning (bf16 as "
+    "the program sends them, not the CPU's f32 upcast)"
+)
+_TPU_NOTE = (
+    "Read from the TPU compiler's own program for this slice (libtpu, compiled on this host "
+    "without a chip): its fusions, layouts, bf16 collectives and reduce-scatters, and its memory "
+    "analysis. What remains an estimate is the roofline itself (op time = max(FLOPs / peak, bytes "
+    "/ HBM bandwidth), collectives at the link bandwidth, no latency or scheduling term)"
+)
+
+
 def plan(
     cfg,
     mesh_shape: Mapping[str, int],
     chips: Sequence[str],
     hlo_out: str | None = None,
     spmd_dump_dir: str | None = None,
+    topology: str | None = None,
+    libtpu: str | None = None,
 ) -> dict:
-    """Compiles the train step of `cfg` for `mesh_shape` on the available (fake) devices.
+    """Compiles the train step of `cfg` for `mesh_shape` on the available (fake) devices, or with
+    `topology` (e.g. `v5p:4x4x4`) for that TPU slice by the TPU compiler (`topology_devices`).
 
     `hlo_out`: also write the compiled, partitioned HLO text there (for reading collectives).
     `spmd_dump_dir`: where this process's XLA dumps the step after SPMD partitioning
     (`spmd_dump_flags`, set by `plan_in_subprocess`); collectives are counted there, as the
     partitioner placed them. The CPU pipeline then upcasts bf16 collectives to f32 (it has no
     bf16 all-reduce/all-gather) and never forms reduce-scatters, neither of which a TPU does;
-    without a dump the CPU-compiled figure (an upper bound) is reported.
+    without a dump the CPU-compiled figure (an upper bound) is reported. A TPU-compiled step
+    is counted as compiled: its fusion, bf16 collectives, reduce-scatters and memory analysis are
+    the TPU's own, and the roofline is given for that chip only.
     """
     import jax
 
@@ -312,7 +232,15 @@ def plan(
     from fica_jax.train.step import build
 
     stage = get_stage(cfg.stage)
-    mesh = shd.make_mesh(dict(mesh_shape))
+    devices = topology_devices(topology, libtpu) if topology else None
+    if devices is not None and len(devices) != math.prod(mesh_shape.values()):
+        raise UserError(
+            f"--mesh {dict(mesh_shape)} needs {math.prod(mesh_shape.values())} devices; "
+            f"--topology {topology} has {len(devices)}"
+        )
+    if topology:
+        chips = [topology_chip(topology)]
+    mesh = shd.make_mesh(dict(mesh_shape), devices)
     n_dev = mesh.size
     batch = int(cfg.data.batch_size)
     if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -340,14 +268,23 @@ def plan(
     if hlo_out:
         pathlib.Path(hlo_out).write_text(text)
     hlo = hs.analyze(text)
-    ops = op_costs(text)
-    coll = collectives(text, _spmd_hlo(spmd_dump_dir))
+    ops = hs.op_costs(text)
+    if topology:
+        tpu = hs.analyze(text, reduce_scatter=True)
+        coll = {**tpu.collective_bytes, "total": tpu.total_collective_bytes}
+        coll["source"] = (
+            f"TPU-compiled HLO ({topology}, libtpu): as the TPU will send them; its "
+            "all-reduce-scatter fusions (all-reduce + 1/n dynamic-slice) count as reduce-scatter"
+        )
+    else:
+        coll = collectives(text, _spmd_hlo(spmd_dump_dir))
     flops = hlo.flops
     model_dev = model_global / n_dev
     return {
         "config": {"stage": cfg.stage, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()},
         "mesh": dict(mesh.shape),
         "devices": n_dev,
+        "compiler": f"tpu ({topology}, libtpu)" if topology else "cpu (fake devices)",
         "global_batch": batch,
         "param_count": n_params,
         "per_device_bytes": {
@@ -391,16 +328,11 @@ def plan(
         "FLOPs / peak, op bytes / HBM bandwidth); collective_s = collective bytes / interconnect; "
         "step_s = max(op_roofline_s, collective_s) (perfect overlap), step_s_no_overlap = their "
         "sum; mfu / mfu_no_overlap = model FLOPs / (peak x step_s / step_s_no_overlap) (MaxText "
-        "MFU); hfu = hardware FLOPs / (peak x step_s). An estimate: ops and their bytes are read "
-        "from the CPU-compiled step (top-level instructions of ENTRY and of while bodies x trip "
-        "count; a fusion moves its operands and outputs, a dynamic-slice reads its slice, a "
-        "dynamic-update-slice writes its update in place), whose fusion decisions differ from a "
-        "TPU/GPU compiler's: the CPU fuses less, runs bf16 matmuls and elementwise math in f32 "
-        "(f32 matmul operands, bf16<->f32 convert fusions, kind 'convert' in top_ops) and splits "
-        "the optimizer into several passes, so op_roofline_s is likely pessimistic. Peak matmul "
-        "throughput is assumed for every dot (no efficiency factor); no latency term. "
-        "Collectives are counted after SPMD partitioning (bf16 as the program sends them, not "
-        "the CPU's f32 upcast)",
+        "MFU); hfu = hardware FLOPs / (peak x step_s). Ops: top-level instructions of ENTRY and of "
+        "while bodies x trip count; a fusion moves its operands and outputs, a dynamic-slice reads "
+        "its slice, a dynamic-update-slice writes its update in place. Peak matmul throughput is "
+        "assumed for every dot (no efficiency factor); no latency term. "
+        + (_TPU_NOTE if topology else _CPU_NOTE),
         "top_ops": top_ops(ops, chips[0]) if chips else None,
         "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1, "model_flops": t3 - t2},
         "jax_version": jax.__version__,
@@ -445,11 +377,19 @@ def dumps_table(table: Mapping[str, object]) -> str:
 
 
 def plan_in_subprocess(
-    config: str, mesh_text: str, chips_text: str, overrides: Sequence[str] = ()
+    config: str,
+    mesh_text: str,
+    chips_text: str,
+    overrides: Sequence[str] = (),
+    topology: str | None = None,
+    libtpu: str | None = None,
 ) -> dict:
-    """Runs `plan` in a fresh Python whose JAX sees prod(mesh) fake CPU devices."""
+    """Runs `plan` in a fresh Python whose JAX sees prod(mesh) fake CPU devices, or, with
+    `topology`, the TPU slice's devices from libtpu (`topology_devices`)."""
     mesh = parse_mesh(mesh_text)
     parse_chips(chips_text)
+    if topology:
+        topology_chip(topology)
     n = math.prod(mesh.values())
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
@@ -457,10 +397,16 @@ def plan_in_subprocess(
     cmd = [sys.executable, "-m", "fica_jax.train.plan", "--config", config, "--mesh", mesh_text]
     cmd += ["--chips", chips_text]
     with tempfile.TemporaryDirectory(prefix="fica_plan_") as dump:
-        flags = f"--xla_force_host_platform_device_count={n} {spmd_dump_flags(dump)}"
-        env["XLA_FLAGS"] = flags
-        cmd += ["--spmd-dump-dir", dump, *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if topology:  # no fake devices; libtpu must not look for a TPU VM's metadata server
+            env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+            # compiling touches no chip, so plans may run side by side (no libtpu lockfile)
+            env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+            cmd += ["--topology", topology] + (["--libtpu", libtpu] if libtpu else [])
+        else:
+            flags = f"--xla_force_host_platform_device_count={n} {spmd_dump_flags(dump)}"
+            env["XLA_FLAGS"] = flags
+            cmd += ["--spmd-dump-dir", dump]
+        proc = subprocess.run(cmd + list(overrides), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         if lines and lines[-1].startswith("error: "):
@@ -479,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--hlo-out", default=None, help="also write the compiled HLO text here")
     p.add_argument("--spmd-dump-dir", default=None, help="XLA's dump dir (spmd_dump_flags)")
+    p.add_argument("--topology", default=None, help="TPU slice, e.g. v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--libtpu", default=None, help="folder holding the libtpu package")
     args, extra = p.parse_known_args(argv)
     from fica_jax.config import load_config
 
@@ -491,7 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError("give --config FILE[:ARG] (or --golden FILE[:ARG])")
             cfg = load_config(args.config, extra)
             chips = parse_chips(args.chips)
-            text = dumps(plan(cfg, mesh, chips, args.hlo_out, args.spmd_dump_dir))
+            report = plan(
+                cfg, mesh, chips, args.hlo_out, args.spmd_dump_dir, args.topology, args.libtpu
+            )
+            text = dumps(report)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
