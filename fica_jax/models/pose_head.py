@@ -4,9 +4,15 @@ FiCA estimates the portrait's head pose and expression with an external face tra
 the current avatar from the portrait's camera (refiner, Sec. 2.3) and to drive it. We regress them
 from the dense predictor's final tokens instead, trained with the dense stage:
 
-  tokens [B, h, w, D] -> multi-head attention pooling (a learned probe per head; big_vision's
-  MAP head without its extra blocks) -> [pooled values, attention centroids] -> MLP ->
-  rot6d [B, 6], cam [B, 3], expression [B, E].
+  tokens [B, h, w, D] -> LayerNorm -> per-token projection to C channels -> resized to a fixed
+  G x G grid -> flattened (G * G * C, the layout kept) -> MLP -> rot6d [B, 6], cam [B, 3],
+  expression [B, E].
+
+The readout keeps *where* each feature is: the camera shows in the arrangement of face parts
+inside the silhouette, which a pooled (attention or mean) feature throws away. Measured on 48
+synthetic identities x 8 views (42 train / 6 held out), pose loss alone, 300 steps: this readout
+27 deg held-out rotation error, the big_vision-style attention pooling it replaced 58 deg, the
+train-mean rotation 56 deg (a ridge regression on 16 x 16 masked pixels: 19 deg).
 
 - rot6d: the camera rotation (the world->camera viewmat's R, head at the world origin) in the
   continuous 6D representation of Zhou et al. 2019 (the first two columns of R); `rotation_from_6d`
@@ -19,9 +25,7 @@ from the dense predictor's final tokens instead, trained with the dense stage:
   image shows and `fica_jax.pose.translation_from_params` solves t for the given K.
 - expression: the template's blendshape weights (`view_expression`).
 
-The attention centroids (each head's expected token position, in [0, 1]) give the MLP the head's
-image location directly, which the pooled values only carry implicitly. Outputs are offsets from a
-fixed prior (a frontal camera, a centred head filling ~40% of the frame, neutral expression) and
+Outputs are offsets from a fixed prior (a frontal camera, a centred head filling ~40% of the frame, neutral expression) and
 the last layer starts small, so the untrained head already yields a valid, plausible pose.
 """
 
@@ -73,49 +77,39 @@ def geodesic_deg(a: jax.Array, b: jax.Array) -> jax.Array:
 class PoseHead(nnx.Module):
     """Tokens [B, h, w, D] -> {"rot6d": [B, 6], "cam": [B, 3], "expression": [B, E]} (float32).
 
-    Parameters: per-head probes [heads, D / heads], key/value projections D -> D, an MLP
-    (D + 2 heads) -> hidden -> 9 + E; sharded like the backbone's attention and MLP.
+    Parameters: a LayerNorm, a D -> C per-token projection, an MLP (G * G * C) -> hidden -> 9 + E;
+    any token grid is resized (linear, antialiased) to G x G, so one head serves every input size.
     """
 
     def __init__(
         self,
         din: int,
-        heads: int,
         expression_dim: int,
         *,
         hidden: int,
+        grid: int = 8,
+        channels: int = 8,
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
     ):
-        if din % heads:
-            raise ValueError(f"width {din} is not divisible by {heads} heads")
-        self.heads, self.head_dim, self.expression_dim = heads, din // heads, expression_dim
+        self.grid, self.channels, self.expression_dim = grid, channels, expression_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        probe = nnx.initializers.normal(0.02)(rngs.params(), (heads, din // heads), param_dtype)
-        self.probe = nnx.Param(probe, out_sharding=(shd.HEADS, shd.HEAD_DIM))
-        self.k = layers.linear(din, din, (shd.EMBED, shd.HEADS), **kw)
-        self.v = layers.linear(din, din, (shd.EMBED, shd.HEADS), **kw)
-        self.fc1 = layers.linear(din + 2 * heads, hidden, (shd.EMBED, shd.MLP), **kw)
+        self.norm = layers.layer_norm(din, rngs=rngs, param_dtype=param_dtype)
+        self.reduce = layers.linear(din, channels, (shd.EMBED, None), **kw)
+        self.fc1 = layers.linear(grid * grid * channels, hidden, (shd.EMBED, shd.MLP), **kw)
         small = nnx.initializers.normal(0.01)
         self.fc2 = layers.linear(
             hidden, 9 + expression_dim, (shd.MLP, None), kernel_init=small, **kw
         )
 
     def __call__(self, feats: jax.Array) -> dict[str, jax.Array]:
-        b, h, w, d = feats.shape
-        x = feats.reshape(b, h * w, d)
-        split = lambda t: t.reshape(b, h * w, self.heads, self.head_dim)
-        k, v = split(self.k(x)), split(self.v(x))
-        logits = jnp.einsum("BNHK,HK->BHN", k, self.probe[...].astype(k.dtype))
-        probs = jax.nn.softmax(logits.astype(jnp.float32) / math.sqrt(self.head_dim), axis=-1)
-        pooled = jnp.einsum("BHN,BNHK->BHK", probs.astype(v.dtype), v).reshape(b, d)
-        # each head's attention centroid in [0, 1] image fractions (x, y)
-        gy, gx = jnp.meshgrid((jnp.arange(h) + 0.5) / h, (jnp.arange(w) + 0.5) / w, indexing="ij")
-        grid = jnp.stack([gx.ravel(), gy.ravel()], -1)  # [N, 2]
-        centroid = jnp.einsum("BHN,NC->BHC", probs, grid).reshape(b, 2 * self.heads)
-        z = jnp.concatenate([pooled.astype(jnp.float32), centroid], -1)
-        z = shd.constrain(z, shd.BATCH, None)
+        b, h, w, _ = feats.shape
+        z = self.reduce(self.norm(feats.astype(jnp.float32)))  # [B, h, w, C]
+        if (h, w) != (self.grid, self.grid):
+            z = jax.image.resize(z.astype(jnp.float32), (b, self.grid, self.grid, self.channels),
+                                 "linear", antialias=True)  # fmt: skip
+        z = shd.constrain(z.reshape(b, -1).astype(jnp.float32), shd.BATCH, None)
         out = self.fc2(nnx.gelu(self.fc1(z))).astype(jnp.float32)
         return {
             "rot6d": out[:, :6] + jnp.asarray(PRIOR_6D, jnp.float32),

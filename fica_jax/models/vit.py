@@ -220,7 +220,7 @@ class DensePredictor(nnx.Module):
         self.nrm = DenseHead(cfg.width, HEADS["nrm"], **kw)
         self.mask_logits = DenseHead(cfg.width, HEADS["mask_logits"], **kw)
         self.pose = (
-            PoseHead(cfg.width, cfg.heads, cfg.expression_dim, hidden=cfg.pose_hidden, rngs=rngs,
+            PoseHead(cfg.width, cfg.expression_dim, hidden=cfg.pose_hidden, rngs=rngs,
                      dtype=dtype, param_dtype=param_dtype)
             if cfg.pose_head else None
         )  # fmt: skip
