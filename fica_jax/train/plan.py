@@ -12,15 +12,19 @@ step's HLO with while-loop trip counts applied (`hlo_stats`; includes remat reco
 to XLA's own `cost_analysis()` figure (which counts a scanned body once, §10), and *model* FLOPs
 (MaxText's MFU numerator: 3 x the forward's matmul/conv/attention FLOPs, remat off,
 `model_flops`); collective bytes by kind, counted in the step as the SPMD partitioner left it
-(`collectives`); HBM bytes and FLOPs of every op of the compiled per-device step (`op_costs`);
-and a roofline per chip (`chips.roofline`): op time = sum over ops of max(FLOPs / peak, bytes /
-HBM bandwidth), collective time = bytes / interconnect bandwidth, step time = their max (perfect
-overlap) or their sum (none), MFU = model FLOPs / (peak x step time) for both. The op bytes and
-the memory analysis are the CPU compiler's: it fuses less than a TPU/GPU compiler, runs bf16
-matmuls and elementwise ops in f32 and keeps f32 copies of some bf16 tensors, so both are
-pessimistic estimates of a TPU's HBM traffic and peak memory.
+(`collectives`); HBM bytes and FLOPs of every op of the compiled per-device step
+(`hlo_stats.op_costs`); and a roofline per chip (`chips.roofline`): op time = sum over ops of
+max(FLOPs / peak, bytes / HBM bandwidth), async DMA and collective time beside it, step time =
+their max (perfect overlap) or their sum (none), MFU = model FLOPs / (peak x step time) for both.
+By default the op bytes and the memory analysis are the CPU compiler's: it fuses less than a
+TPU/GPU compiler, runs bf16 matmuls and elementwise ops in f32 and keeps f32 copies of some bf16
+tensors, so both are pessimistic. `--topology v5p:4x4x4` compiles the same step with the TPU
+compiler instead (libtpu on this CPU host, `topology_devices`): TPU fusion, collectives and
+memory analysis, roofline for that chip only.
 
   python -m fica_jax.train.plan --config configs/toy.py --mesh data=2,fsdp=4
+  python -m fica_jax.train.plan --config configs/dit.py:paper --mesh data=2,fsdp=32 \
+      --topology v5p:4x4x4                             # the TPU compiler's program
   python -m fica_jax.train.plan --golden configs/dit.py:paper --mesh data=8,fsdp=8 \
       --out tests/golden/sharding_dit_paper.json      # regenerate a golden sharding file
 """
@@ -70,6 +74,11 @@ def parse_chips(text: str) -> list[str]:
 # `pip install --target` libtpu here (or name another folder in FICA_LIBTPU / `--libtpu`).
 LIBTPU_DIR = pathlib.Path(os.environ.get("FICA_LIBTPU", "~/.cache/fica/libtpu")).expanduser()
 TOPOLOGY_CHIPS = {"v5p": "v5p", "v6e": "v6e", "v5e": "v5e", "v5litepod": "v5e"}
+TOPOLOGY_ENV = {  # where the environment does not say otherwise
+    "JAX_PLATFORMS": "cpu",  # libtpu only compiles; JAX's own backend stays the CPU
+    "TPU_SKIP_MDS_QUERY": "1",  # do not look for a TPU VM's metadata server
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # no chip is touched, so plans may run side by side
+}
 
 
 def topology_chip(topology: str) -> str:
@@ -397,10 +406,8 @@ def plan_in_subprocess(
     cmd = [sys.executable, "-m", "fica_jax.train.plan", "--config", config, "--mesh", mesh_text]
     cmd += ["--chips", chips_text]
     with tempfile.TemporaryDirectory(prefix="fica_plan_") as dump:
-        if topology:  # no fake devices; libtpu must not look for a TPU VM's metadata server
-            env.setdefault("TPU_SKIP_MDS_QUERY", "1")
-            # compiling touches no chip, so plans may run side by side (no libtpu lockfile)
-            env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if topology:  # no fake devices
+            env = {**TOPOLOGY_ENV, **env}
             cmd += ["--topology", topology] + (["--libtpu", libtpu] if libtpu else [])
         else:
             flags = f"--xla_force_host_platform_device_count={n} {spmd_dump_flags(dump)}"
@@ -428,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topology", default=None, help="TPU slice, e.g. v5p:4x4x4 (needs libtpu)")
     p.add_argument("--libtpu", default=None, help="folder holding the libtpu package")
     args, extra = p.parse_known_args(argv)
+    if args.topology:  # run directly, not through `plan_in_subprocess`: same environment
+        for key, value in TOPOLOGY_ENV.items():
+            os.environ.setdefault(key, value)
     from fica_jax.config import load_config
 
     try:
