@@ -33,7 +33,8 @@ _DTYPE_BYTES = {
     "f32": 4, "s32": 4, "u32": 4,
     "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
-_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")  # dtype, dims, layout
+_OFF_HBM = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than 0 (HBM)
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
 _INST = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
@@ -43,30 +44,19 @@ _COND = re.compile(r"condition=%?([\w.\-]+)")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+def _shapes(text: str, hbm_only: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every shape in `text`; `hbm_only` drops those whose layout places them off
+    HBM (a TPU keeps some tensors in VMEM, layout `S(1)`, and scalars in SMEM, `S(2)`; CPU layouts
+    never do)."""
     out = []
-    for dtype, dims in _SHAPE.findall(text):
-        if dtype in _DTYPE_BYTES:
+    for dtype, dims, layout in _SHAPE.findall(text):
+        if dtype in _DTYPE_BYTES and not (hbm_only and _OFF_HBM.search(layout)):
             out.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
     return out
 
 
-def _bytes(text: str) -> int:
-    return sum(_DTYPE_BYTES[d] * math.prod(s) for d, s in _shapes(text))
-
-
-_LAID_OUT = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
-_OFF_HBM = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than 0 (HBM)
-
-
-def _hbm_bytes(text: str) -> int:
-    """`_bytes` of the shapes whose layout places them in HBM: a TPU program keeps some tensors
-    in on-chip memory (layout `S(1)`, VMEM) or scalars in SMEM (`S(2)`); CPU layouts never do."""
-    total = 0
-    for dtype, dims, layout in _LAID_OUT.findall(text):
-        if dtype in _DTYPE_BYTES and not _OFF_HBM.search(layout or ""):
-            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
+def _bytes(text: str, hbm_only: bool = False) -> int:
+    return sum(_DTYPE_BYTES[d] * math.prod(s) for d, s in _shapes(text, hbm_only))
 
 
 def _group_size(attrs: str) -> int:
@@ -358,7 +348,7 @@ def _fusion_bytes(insts: dict, operand_bytes: list[float], comps: dict | None = 
     written, in_place = 0.0, set()
     source = lambda name: _element_source(insts, name)
     for out in _args(insts[root][2]) if insts[root][1] == "tuple" else [root]:
-        d, full = source(out), _hbm_bytes(insts[out][0])
+        d, full = source(out), _bytes(insts[out][0], hbm_only=True)
         args = _args(insts[d][2])
         if insts[d][1] == "dynamic-update-slice" and insts[source(args[0])][1] == "parameter":
             in_place.add(d)
@@ -463,7 +453,9 @@ def op_costs(hlo_text: str) -> list[OpCost]:
                 continue
             if op == "custom-call" and 'custom_call_target="AllocateBuffer"' in rest:
                 continue  # TPU: reserves a buffer, moves nothing
-            arg_bytes = [_hbm_bytes(by_name[a][1]) if a in by_name else 0.0 for a in args]
+            arg_bytes = [
+                _bytes(by_name[a][1], hbm_only=True) if a in by_name else 0.0 for a in args
+            ]
             fused = comps[called[0]] if op == "fusion" and called else None
             if fused and any(i[2].removesuffix("-start") in COLLECTIVES for i in fused[1:]):
                 continue  # TPU collective fusion (e.g. all-reduce-scatter): the collective term
@@ -471,13 +463,15 @@ def op_costs(hlo_text: str) -> list[OpCost]:
             if fused:
                 nb = _fusion_bytes({i[0]: i[1:] for i in fused[1:]}, arg_bytes, comps)
             elif op in ("dynamic-slice", "slice"):
-                nb = 2.0 * _hbm_bytes(result)
+                nb = 2.0 * _bytes(result, hbm_only=True)
             elif op == "dynamic-update-slice":
                 nb = 2.0 * arg_bytes[1]
             elif op == "copy-start":  # (source alias, destination, context): HBM side(s) move
-                nb = _hbm_bytes(result)
+                nb = _bytes(result, hbm_only=True)
             else:
-                nb = sum(dict(zip(args, arg_bytes, strict=True)).values()) + _hbm_bytes(result)
+                nb = sum(dict(zip(args, arg_bytes, strict=True)).values()) + _bytes(
+                    result, hbm_only=True
+                )
             meta = re.search(r'op_name="([^"]*)"', rest)
             label = re.sub(r"\.\d+$", "", iname) + (f" {meta.group(1)}" if meta else "")
             out.append(OpCost(iname, _kind(op, fused, flops), label, mult, nb, flops))

@@ -180,8 +180,17 @@ def _spmd_hlo(dump_dir: str | None) -> str | None:
     return files[-1].read_text() if files else None
 
 
-def collectives(compiled_text: str, spmd_text: str | None) -> dict:
-    """Collective bytes per device by kind, as a TPU pipeline would send them (see `plan`)."""
+def collectives(compiled_text: str, spmd_text: str | None, topology: str | None = None) -> dict:
+    """Collective bytes per device by kind, as a TPU pipeline would send them (see `plan`):
+    counted in the TPU-compiled step itself with `topology`."""
+    if topology:
+        tpu = hs.analyze(compiled_text, reduce_scatter=True)
+        return {
+            **tpu.collective_bytes,
+            "total": tpu.total_collective_bytes,
+            "source": f"TPU-compiled HLO ({topology}, libtpu): as the TPU will send them; its "
+            "all-reduce-scatter fusions (all-reduce + 1/n dynamic-slice) count as reduce-scatter",
+        }
     cpu = hs.analyze(compiled_text)
     cpu_bytes = {**cpu.collective_bytes, "total": cpu.total_collective_bytes}
     if spmd_text is None:
@@ -278,15 +287,7 @@ def plan(
         pathlib.Path(hlo_out).write_text(text)
     hlo = hs.analyze(text)
     ops = hs.op_costs(text)
-    if topology:
-        tpu = hs.analyze(text, reduce_scatter=True)
-        coll = {**tpu.collective_bytes, "total": tpu.total_collective_bytes}
-        coll["source"] = (
-            f"TPU-compiled HLO ({topology}, libtpu): as the TPU will send them; its "
-            "all-reduce-scatter fusions (all-reduce + 1/n dynamic-slice) count as reduce-scatter"
-        )
-    else:
-        coll = collectives(text, _spmd_hlo(spmd_dump_dir))
+    coll = collectives(text, _spmd_hlo(spmd_dump_dir), topology)
     flops = hlo.flops
     model_dev = model_global / n_dev
     return {
