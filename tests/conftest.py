@@ -1,11 +1,21 @@
 """Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA cache for the session and the subprocesses it starts (exports, CLI runs):
+# many tests compile the same tiny programs, and a fresh folder keeps every run alike.
+from fica_jax.cli import use_compilation_cache  # noqa: E402  (imports no framework)
+
+_XLA_CACHE = tempfile.mkdtemp(prefix="fica-test-xla-")
+use_compilation_cache(_XLA_CACHE)
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -79,6 +79,8 @@ TOPOLOGY_ENV = {  # where the environment does not say otherwise
     "TPU_SKIP_MDS_QUERY": "1",  # do not look for a TPU VM's metadata server
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # no chip is touched, so plans may run side by side
 }
+# A plan reads what the compiler does (SPMD dumps, HLO): a cached executable would skip it.
+NO_CACHE_ENV = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
 
 
 def topology_chip(topology: str) -> str:
@@ -401,7 +403,7 @@ def plan_in_subprocess(
     if topology:
         topology_chip(topology)
     n = math.prod(mesh.values())
-    env = dict(os.environ)
+    env = dict(os.environ) | NO_CACHE_ENV
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "fica_jax.train.plan", "--config", config, "--mesh", mesh_text]
@@ -436,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topology", default=None, help="TPU slice, e.g. v5p:4x4x4 (needs libtpu)")
     p.add_argument("--libtpu", default=None, help="folder holding the libtpu package")
     args, extra = p.parse_known_args(argv)
+    os.environ.update(NO_CACHE_ENV)
     if args.topology:  # run directly, not through `plan_in_subprocess`: same environment
         for key, value in TOPOLOGY_ENV.items():
             os.environ.setdefault(key, value)
