@@ -32,6 +32,15 @@ from fica_jax.geometry.uvmaps import sample_uv_map
 from fica_jax.render.rasterize import RasterOptions, render
 
 
+def safe_norm(v: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """|v| over the last axis (kept) with a finite gradient at v = 0 (there it is 0): the plain
+    norm's gradient v / |v| is 0 / 0 there, and a texel with no valid neighbour has a zero
+    tangent; one NaN cotangent poisons every parameter's gradient."""
+    sq = jnp.sum(v * v, axis=-1, keepdims=True)
+    ok = sq > eps * eps
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
+
+
 def tangent(pos: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
     """Per-texel derivative of pos [R, R, 3] along `axis` (texel units), masked by valid: the
     shorter one-sided difference between valid texels, 0 where the texel has no valid
@@ -73,8 +82,8 @@ def surfel_gaussians(
     tv = tangent(position, valid, 0)  # along v (rows)
     if normal is None:
         normal = jnp.cross(tu, tv)
-    normal = normal / jnp.maximum(jnp.linalg.norm(normal, axis=-1, keepdims=True), 1e-12)
-    step = 0.5 * (jnp.linalg.norm(tu, axis=-1) + jnp.linalg.norm(tv, axis=-1))
+    normal = normal / jnp.maximum(safe_norm(normal), 1e-12)
+    step = 0.5 * (safe_norm(tu) + safe_norm(tv))[..., 0]
     h = thickness * step
     outer = lambda a: a[..., :, None] * a[..., None, :]
     cov = footprint**2 * (outer(tu) + outer(tv)) + (h**2)[..., None, None] * outer(normal)

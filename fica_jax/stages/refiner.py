@@ -55,7 +55,7 @@ from fica_jax.errors import UserError
 from fica_jax.eval import metrics
 from fica_jax.geometry.uvmaps import sample_uv_map, uv_laplacian
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
-from fica_jax.render.surfels import project_keypoints, render_surfels, tangent
+from fica_jax.render.surfels import project_keypoints, render_surfels, safe_norm, tangent
 from fica_jax.sample import write_sheet
 from fica_jax.train.stage import Stage
 
@@ -137,7 +137,7 @@ def normal_maps(geometry: jax.Array, mask: jax.Array) -> jax.Array:
 
     def one(p, m):
         n = jnp.cross(tangent(p, m > 0.5, 1), tangent(p, m > 0.5, 0))
-        norm = jnp.linalg.norm(n, axis=-1, keepdims=True)
+        norm = safe_norm(n)
         return jnp.where(norm > 1e-12, n / jnp.maximum(norm, 1e-12), 0.0)
 
     return jax.vmap(one)(geometry, mask)
