@@ -337,3 +337,22 @@ def test_upm_stage_trains_and_evaluates_through_the_loop(synth_dir, tmp_path):
     )
     assert last["eval/isect_overflow"] == 0
     assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+def test_tiny_variant_follows_the_data_uv_resolution(synth_dir):
+    """`upm:tiny` on 64^2 maps (`fica demo`'s default) keeps its three decoder levels and starts
+    from an 8^2 seed; an explicit seed that does not fit is still refused."""
+    over = [f"--config.data.dir={synth_dir}", "--config.data.uv_resolution=64"]
+    c = upm_stage.upm_config(load_config("configs/upm.py:tiny", over))
+    assert (c.uv_resolution, c.seed_resolution, c.levels) == (64, 8, 3)
+    model = upm.UPM(c, rngs=nnx.Rngs(0))
+    r, e = c.uv_resolution, c.expression_dim
+    vm = jnp.asarray(open_source(synth_dir, "train")[0]["view_viewmat"][:1])
+    g, _ = nnx.eval_shape(
+        lambda m: m(jnp.zeros((1, r, r, 3)), jnp.zeros((1, r, r, 3)), jnp.ones((1, r, r)),
+                    jnp.zeros((1, e)), vm, jnp.zeros((1, 2))), model,
+    )  # fmt: skip
+    assert g["means"].shape == (1, r, r, 3)  # one Gaussian per texel of the 64^2 map
+    bad = load_config("configs/upm.py:tiny", [*over, "--config.model.seed_resolution=4"])
+    with pytest.raises(ValueError, match="uv_resolution 64 != seed 4"):
+        upm_stage.make_model(bad, nnx.Rngs(0))

@@ -32,6 +32,8 @@ writes the same renders as a preview sheet every `sample_every` steps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 
 import jax
@@ -56,7 +58,7 @@ _SIZE_KEYS = ("latent_dim", "hidden", "seed_resolution", "seed_channels", "chann
 def upm_config(cfg: ml_collections.ConfigDict) -> UPMConfig:
     """The variant named by `cfg.model.variant` at the data's UV resolution and code size;
     non-empty `cfg.model.{channels, ...}` override its sizes."""
-    return config.variant(
+    c = config.variant(
         VARIANTS,
         cfg.model.variant,
         "model.variant",
@@ -67,6 +69,11 @@ def upm_config(cfg: ml_collections.ConfigDict) -> UPMConfig:
         position_extent=tuple(cfg.model.position_extent),
         eye_template=str(cfg.model.eye_template),
     )
+    if not cfg.model.get("seed_resolution") and c.uv_resolution % 2**c.levels == 0:
+        # no seed size given: the variant's decoder (its levels) at the data's UV resolution,
+        # e.g. upm:tiny on 64^2 maps starts from 8^2 instead of 4^2
+        c = dataclasses.replace(c, seed_resolution=c.uv_resolution // 2**c.levels)
+    return c
 
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UPM:
