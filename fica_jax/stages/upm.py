@@ -33,7 +33,6 @@ writes the same renders as a preview sheet every `sample_every` steps.
 from __future__ import annotations
 
 import dataclasses
-
 import pathlib
 
 import jax
