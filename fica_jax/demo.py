@@ -48,9 +48,10 @@ SIZES = {
         steps={
             "vae": 300,
             "dense": 300,
-            "dit": 300,
-            "dit-rgb": 300,
-            "dit-maps": 300,
+            # 600, not 300: held-out texture 11.3 vs 10.5 dB, geometry 3.1 vs 4.5 mm, +~10 s
+            "dit": 600,
+            "dit-rgb": 600,
+            "dit-maps": 600,
             "refiner": 200,
             "upm": 300,
         },

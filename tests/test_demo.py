@@ -77,6 +77,15 @@ def test_stage_configs_use_the_demo_sizes(tmp_path, size):
     if size == "quick":
         assert sizes["identities"] == 9 and max(sizes["steps"].values()) <= 10
     assert set(sizes["steps"]) == set(ds.RUNS)
+    # every model builds at these sizes (the full default's 64^2 UV once broke the upm stage
+    # only when the demo reached it, 9 minutes in)
+    from flax import nnx
+
+    from fica_jax.train.stage import get_stage
+
+    for name, cfg in cfgs.items():
+        stage = get_stage(cfg.stage)
+        assert nnx.eval_shape(lambda c=cfg, s=stage: s.make_model(c, nnx.Rngs(0))) is not None
 
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):
