@@ -83,7 +83,7 @@ def test_stage_configs_use_the_demo_sizes(tmp_path, size):
 
     from fica_jax.train.stage import get_stage
 
-    for name, cfg in cfgs.items():
+    for cfg in cfgs.values():
         stage = get_stage(cfg.stage)
         assert nnx.eval_shape(lambda c=cfg, s=stage: s.make_model(c, nnx.Rngs(0))) is not None
 
