@@ -34,8 +34,8 @@ from fica_jax.render.rasterize import RasterOptions, render
 
 def safe_norm(v: jax.Array, eps: float = 1e-12) -> jax.Array:
     """|v| over the last axis (kept) with a finite gradient at v = 0 (there it is 0): the plain
-    norm's gradient v / |v| is 0 / 0 there, and a texel with no valid neighbour has a zero
-    tangent; one NaN cotangent poisons every parameter's gradient."""
+    norm's gradient v / |v| is 0 / 0 there, and texels at one point (a welded or dilated UV
+    seam) have a zero tangent and normal; one NaN cotangent poisons every parameter's gradient."""
     sq = jnp.sum(v * v, axis=-1, keepdims=True)
     ok = sq > eps * eps
     return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
