@@ -13,8 +13,13 @@ _CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE",
 
 
 def _clean_env(monkeypatch):
-    for key in _CACHE_VARS:
-        monkeypatch.delenv(key, raising=False)
+    """A private copy of the environment without the cache variables: what
+    `use_compilation_cache` writes must not reach the session's later tests (monkeypatch.delenv
+    does not restore a key that was absent, so a written JAX_ENABLE_COMPILATION_CACHE=false
+    would turn the cache off for every subprocess after this test)."""
+    monkeypatch.setattr(
+        os, "environ", {k: v for k, v in os.environ.items() if k not in _CACHE_VARS}
+    )
 
 
 def test_default_folder_override_and_off(monkeypatch, tmp_path):
@@ -22,16 +27,16 @@ def test_default_folder_override_and_off(monkeypatch, tmp_path):
     assert cli.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "a")
     assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == cli.CACHE_MIN_COMPILE_SECONDS
     _clean_env(monkeypatch)
-    monkeypatch.setenv("FICA_XLA_CACHE", str(tmp_path / "b"))
+    os.environ["FICA_XLA_CACHE"] = str(tmp_path / "b")
     assert cli.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "b")
     _clean_env(monkeypatch)
-    monkeypatch.setenv("FICA_XLA_CACHE", "off")
+    os.environ["FICA_XLA_CACHE"] = "off"
     assert cli.use_compilation_cache(str(tmp_path / "a")) is None
     assert os.environ["JAX_ENABLE_COMPILATION_CACHE"] == "false"
     assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
     # a folder the user already gave JAX wins
     _clean_env(monkeypatch)
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "mine")
     assert cli.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "mine")
 
 
