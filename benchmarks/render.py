@@ -16,7 +16,11 @@ Paths, in the same run on the same scene:
 - "old": the previous library path, kept here only as the baseline: every tile takes a fixed
   [tiles, K] table of its K nearest Gaussians, composited by `lax.map` over tiles of a
   `jax.checkpoint`ed `lax.scan` over chunks (skipped by `lax.cond` past the tile's count), with
-  JAX autodiff for the backward. K is set to `max_tile_count`, so it drops nothing either.
+  JAX autodiff for the backward. K is set to `max_tile_count`, so it drops nothing either;
+- "gsplat" (only where torch sees CUDA): gsplat's `rasterization` CUDA kernels on the same scene
+  and camera, forward and forward + backward to all five inputs, timed with CUDA syncs;
+  `psnr_vs_new` compares its image with ours and `*_over_gsplat` on the new row is our time over
+  gsplat's.
 Every row records `n_isects` and `dropped` (0 for both paths). Timings are medians over
 `--repeats` after one compiling call (compile time reported separately). The old path is skipped,
 with the reason in the JSON, where its [tiles, K, pixels] block exceeds `--old-limit` pairs.
@@ -143,8 +147,53 @@ def time_fn(fn, args, repeats):
     return 1e3 * float(np.median(times)), compile_s
 
 
+def gsplat_row(s, h, repeats, w_img, ours):
+    """gsplat's CUDA `rasterization` on the same scene, timed like ours (torch, CUDA synced).
+
+    None without CUDA. `psnr_vs_new` compares its image with ours (`new`)."""
+    try:
+        import gsplat
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    vm, K = camera(h)
+    t = lambda x, grad=False: torch.tensor(np.asarray(x), device="cuda", requires_grad=grad)
+    keys = ("means", "quats", "scales", "opacities", "colors")
+    leaves = [t(s[k], grad=True) for k in keys]
+    w = t(w_img)
+
+    def fwd():
+        return gsplat.rasterization(*leaves, t(vm), t(K), h, h, tile_size=TILE)[0]
+
+    def fwd_bwd():
+        return torch.autograd.grad((fwd() * w).sum(), leaves)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(times)), first
+
+    with torch.no_grad():
+        fwd_ms, c0 = timed(fwd)
+        img = fwd().cpu().numpy()
+    bwd_ms, c1 = timed(fwd_bwd)
+    mse = float(np.mean((img - np.asarray(ours)) ** 2))
+    return {"path": "gsplat", "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms, "compile_s": c0 + c1,
+            "psnr_vs_new": 10 * np.log10(1.0 / max(mse, 1e-12))}  # fmt: skip
+
+
 def bench(s, h, repeats, old_limit):
-    """Rows for the new and the old path on scene s at h x h pixels."""
+    """Rows for the new and the old path (and gsplat's CUDA kernels, given CUDA) on scene s."""
     vm, K = camera(h)
     keys = ("means", "quats", "scales", "opacities", "colors")
     args = tuple(jnp.asarray(s[k]) for k in keys)
@@ -188,6 +237,11 @@ def bench(s, h, repeats, old_limit):
             rows["old"]["fwd_bwd_ms"] / rows["new"]["fwd_bwd_ms"]
         )
         rows["new"]["speedup_fwd_vs_old"] = rows["old"]["fwd_ms"] / rows["new"]["fwd_ms"]
+    ref = gsplat_row(s, h, repeats, w_img, jax.jit(new)(*args)[0])
+    if ref is not None:
+        for k in ("fwd_ms", "fwd_bwd_ms"):
+            rows["new"][f"{k}_over_gsplat"] = rows["new"][k] / ref[k]
+        return [rows["new"], rows["old"], ref | {"n_isects": n_isects}]
     return [rows["new"], rows["old"]]
 
 
