@@ -29,8 +29,11 @@ def get_config(arg: str = "tiny"):
     # Patch 8 + no final upsample: the x8 deconv heads then land exactly at full resolution.
     c.model.patch, c.model.final_upsample = (8, 1) if arg == "tiny" else (0, 0)
     # rot / cam / expr: the head-pose / expression regressor (models/pose_head.py); all three 0
-    # builds no pose head.
-    c.model.loss_weights = dict(uv=1.0, vtx=1.0, nrm=1.0, mask=0.5, rot=1.0, cam=1.0, expr=1.0)
+    # builds no pose head. kpt > 0 adds the landmark branch (models/landmarks.py), which then
+    # gives the expression; it generalises only with many identities (thousands).
+    c.model.loss_weights = dict(
+        uv=1.0, vtx=1.0, nrm=1.0, mask=0.5, rot=1.0, cam=1.0, expr=1.0, kpt=0.0
+    )
     # Same head-space normalisation as configs/vae.py (synthetic template extents).
     c.model.position_center = (0.0, -0.025, 0.02)
     c.model.position_extent = (0.19, 0.19, 0.19)

@@ -297,7 +297,8 @@ def predict_pose(
     """images [B, H, W, 3] in [0, 1] through a `DensePredictor` -> the `load_pose_json` dict with
     a batch axis (gaze None: not regressed). K [B, 3, 3] or [3, 3] are the images' intrinsics
     (default `nominal_K`). method "pnp": the camera from the predicted vertex map and mask
-    (`pose_from_vertices`), the expression from the pose head if there is one (else None);
+    (`pose_from_vertices`), the expression from the landmark branch or the pose head if the
+    model has one (else None);
     "regressor": everything from the pose head, the translation solved for K."""
     if method not in ("pnp", "regressor"):
         raise UserError(f"pose method {method!r} is unknown; expected 'pnp' or 'regressor'")
@@ -315,7 +316,8 @@ def predict_pose(
     if method == "regressor":
         return pose_from_outputs(out, K, (h, w))
     viewmat = _pnp_jit(out["vtx"], out["mask"], K)
-    expr = out["expression"] if has_head else None
+    has_expr = has_head or getattr(dense_model, "landmarks", None) is not None
+    expr = out["expression"] if has_expr else None
     return {"K": K, "viewmat": viewmat, "expression": expr, "gaze": None}
 
 

@@ -58,6 +58,9 @@ def test_losses_vanish_for_a_perfect_prediction(synth_dir):
         assert float(value) < 1e-6, name
     off = {**pose, "expression": b["expression"] + 0.2}
     np.testing.assert_allclose(dense_stage.pose_losses(off, b)["expr_l2"], 0.04, rtol=1e-4)
+    assert float(dense_stage.landmark_l1({"kpts": b["kpts"]}, b)) < 1e-6
+    shifted = {"kpts": b["kpts"] + jnp.asarray([1.0, 0.0])}  # 1 px in x: 0.5 px per coordinate
+    np.testing.assert_allclose(dense_stage.landmark_l1(shifted, b), 0.5 / 32, rtol=1e-4)
 
 
 def test_pose_targets_follow_the_crop(synth_dir):
@@ -105,6 +108,29 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     assert {f"eval/{k}" for k in pose_keys} <= set(last)
     assert all(np.isfinite(last[f"eval/{k}"]) for k in pose_keys)
     assert {"rot_l2", "cam_l1", "expr_l2"} <= set(rows[0])
+
+
+def test_landmark_branch_trains_alone_through_the_shared_loop(synth_dir, tmp_path):
+    """kpt > 0 adds the landmark branch, and the pose head then has no expression outputs. With
+    every other weight 0 except expr, only kpt_l1 and expr_l2 are computed and logged."""
+    off = [f"--config.model.loss_weights.{k}=0" for k in ("uv", "vtx", "nrm", "mask", "rot", "cam")]
+    cfg = _cfg(
+        synth_dir,
+        "--config.model.loss_weights.kpt=1.0",
+        *off,
+        "--config.train.steps=6",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=6",
+        "--config.optim.warmup_steps=1",
+    )
+    model = nnx.eval_shape(lambda: dense_stage.make_model(cfg, nnx.Rngs(0)))
+    assert model.landmarks is not None and model.pose.expression_dim == 0
+    last = loop.train(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert {"kpt_l1", "expr_l2"} <= set(rows[0]) and not {"uv_l1", "rot_l2"} & set(rows[0])
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert np.isfinite(last["eval/kpt_px"]) and np.isfinite(last["eval/expr_mse"])
 
 
 def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir):

@@ -33,6 +33,7 @@ from fica_jax.errors import UserError
 from fica_jax.models import layers, weights
 from fica_jax.models import remat as remat_lib
 from fica_jax.models.dense_heads import DenseHead
+from fica_jax.models.landmarks import LandmarkNet
 from fica_jax.models.pose_head import PoseHead
 
 # Sapiens' pixel normalisation, on 0..255 values (docs/architecture.md §6).
@@ -60,6 +61,7 @@ class ViTConfig:
     pose_head: bool = False  # add the head-pose / expression regressor (models/pose_head.py)
     expression_dim: int = 0  # its expression code size (the template's blendshapes)
     pose_hidden: int = 256  # its MLP width
+    landmarks: int = 0  # > 0: the landmark branch (models/landmarks.py), source of the expression
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -201,7 +203,8 @@ class DensePredictor(nnx.Module):
     images [B, H, W, 3] in [0, 1] (normalised inside) -> dict of float32 maps at full resolution
     (with the default `final_upsample=2`): uv [B,H,W,2], vtx [B,H,W,3], nrm [B,H,W,3] (not unit
     length), mask_logits [B,H,W,1], and pooled [B, D] (mean of the final tokens); with
-    `cfg.pose_head` also rot6d [B, 6], cam [B, 3] and expression [B, E] (`PoseHead`).
+    `cfg.pose_head` also rot6d [B, 6], cam [B, 3] and expression [B, E] (`PoseHead`); with
+    `cfg.landmarks` = L also kpts [B, L, 2], and the expression comes from them (`LandmarkNet`).
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
@@ -219,10 +222,17 @@ class DensePredictor(nnx.Module):
         self.vtx = DenseHead(cfg.width, HEADS["vtx"], **kw)
         self.nrm = DenseHead(cfg.width, HEADS["nrm"], **kw)
         self.mask_logits = DenseHead(cfg.width, HEADS["mask_logits"], **kw)
+        # with landmarks, the expression is read from them, not from the pose head
+        pose_expr = 0 if cfg.landmarks else cfg.expression_dim
         self.pose = (
-            PoseHead(cfg.width, cfg.expression_dim, hidden=cfg.pose_hidden, rngs=rngs,
+            PoseHead(cfg.width, pose_expr, hidden=cfg.pose_hidden, rngs=rngs,
                      dtype=dtype, param_dtype=param_dtype)
             if cfg.pose_head else None
+        )  # fmt: skip
+        self.landmarks = (
+            LandmarkNet(cfg.landmarks, cfg.expression_dim, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+            if cfg.landmarks else None
         )  # fmt: skip
 
     def head(self, name: str) -> DenseHead:
@@ -231,11 +241,14 @@ class DensePredictor(nnx.Module):
         return getattr(self, name)
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        feats = self.backbone(normalize(images))  # [B, h, w, D]
+        x = normalize(images)
+        feats = self.backbone(x)  # [B, h, w, D]
         out = {name: self.head(name)(feats) for name in HEADS}
         out["pooled"] = jnp.mean(feats, axis=(1, 2))
         if self.pose is not None:
             out.update(self.pose(feats))
+        if self.landmarks is not None:
+            out.update(self.landmarks(x))  # kpts [B, L, 2] and, with E > 0, expression
         return out
 
 

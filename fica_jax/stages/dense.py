@@ -51,6 +51,7 @@ def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor
         remat=cfg.train.remat,
         pose_head=_pose_on(cfg),
         expression_dim=int(cfg.data.get("expression_dim", 0)),
+        landmarks=int(cfg.data.landmarks) if _landmarks_on(cfg) else 0,
     )
     return DensePredictor(variant, rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
 
@@ -58,6 +59,10 @@ def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor
 def _pose_on(cfg: ml_collections.ConfigDict) -> bool:
     w = cfg.model.loss_weights
     return any(float(w.get(k, 0.0)) > 0 for k in POSE_TERMS.values())
+
+
+def _landmarks_on(cfg: ml_collections.ConfigDict) -> bool:
+    return float(cfg.model.loss_weights.get("kpt", 0.0)) > 0
 
 
 # loss term -> its weight's name in cfg.model.loss_weights
@@ -99,6 +104,14 @@ def pose_losses(pred: dict[str, jax.Array], batch) -> dict[str, jax.Array]:
     }
 
 
+def landmark_l1(pred: dict[str, jax.Array], batch) -> jax.Array:
+    """Mean |predicted - true| landmark coordinate over the visible landmarks, in fractions of
+    the image width (so the weight does not depend on the resolution)."""
+    vis = batch["kpts_visible"]
+    err = jnp.sum(jnp.abs(pred["kpts"] - batch["kpts"]), axis=-1) * vis
+    return jnp.sum(err) / (2.0 * jnp.sum(vis) * batch["image"].shape[2] + 1e-6)
+
+
 def _check_expression(cfg: ml_collections.ConfigDict, batch) -> None:
     got, want = batch["expression"].shape[-1], int(cfg.data.expression_dim)
     if got != want:
@@ -112,6 +125,10 @@ def make_loss(cfg: ml_collections.ConfigDict):
     w = cfg.model.loss_weights
     weights = {"uv_l1": w.uv, "vtx_l1": w.vtx, "nrm_cos": w.nrm, "mask_bce": w.mask}
     weights |= {t: float(w.get(k, 0.0)) for t, k in POSE_TERMS.items()} if _pose_on(cfg) else {}
+    weights |= {"kpt_l1": float(w.get("kpt", 0.0))} if _landmarks_on(cfg) else {}
+    # Zero-weight terms are neither computed nor logged, so XLA drops the heads they alone use
+    # (e.g. train only the landmark branch: every other weight 0).
+    weights = {k: v for k, v in weights.items() if v}
     center = jnp.asarray(cfg.model.position_center, jnp.float32)
     extent = jnp.asarray(cfg.model.position_extent, jnp.float32)
 
@@ -122,6 +139,9 @@ def make_loss(cfg: ml_collections.ConfigDict):
         if model.pose is not None:
             _check_expression(cfg, batch)
             terms |= pose_losses(pred, batch)
+        if model.landmarks is not None:
+            terms["kpt_l1"] = landmark_l1(pred, batch)
+        terms = {k: v for k, v in terms.items() if k in weights}
         loss = sum(weights[k] * v for k, v in terms.items())
         return loss, terms
 
@@ -172,6 +192,10 @@ def make_eval(cfg: ml_collections.ConfigDict):
         )
         if model.pose is not None:
             out |= pose_eval(pred, batch, stats["expression"])
+        if model.landmarks is not None:  # mean pixel distance over the visible landmarks
+            vis = batch["kpts_visible"]
+            dist = jnp.linalg.norm(pred["kpts"] - batch["kpts"], axis=-1)
+            out["kpt_px"] = jnp.sum(dist * vis) / (jnp.sum(vis) + 1e-6)
         return out
 
     return eval_fn
