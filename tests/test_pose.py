@@ -293,31 +293,39 @@ def test_predict_pose_pnp_solves_the_predicted_vertex_map(monkeypatch):
         pose.predict_pose(model, images, method="pn")
 
 
-@pytest.fixture(scope="module")
-def trained_dense(tmp_path_factory):
-    """The tiny dense config (with its pose head) trained 600 steps on 48 synthetic identities x
-    8 views at 64 px (42 train, 6 held out): the last logged metrics, held-out eval included."""
+def _train_synthetic_dense(tmp, n_ids: int, n_frames: int, steps: int, *extra: str, seed=0):
+    """Synthesises n_ids identities (64 px, n_frames dome frames each) into tmp / "data", trains
+    the tiny dense config on them for `steps` steps and returns the last logged metrics
+    (held-out eval included)."""
     from data_pipelines.synth import synthesize
     from data_pipelines.synthetic.generator import SynthConfig
     from fica_jax.config import load_config
     from fica_jax.train import loop
 
-    tmp = tmp_path_factory.mktemp("pose_run")
     data = tmp / "data"
-    synthesize(data, 48, SynthConfig(uv_resolution=32, image_size=64, n_frames=7), progress=False)
+    cfg = SynthConfig(uv_resolution=32, image_size=64, n_frames=n_frames)
+    synthesize(data, n_ids, cfg, seed=seed, progress=False)
     cfg = load_config(
         "configs/dense.py:tiny",
         [
             f"--config.data.dir={data}",
             "--config.data.image_size=64",
-            "--config.train.steps=600",
-            "--config.train.eval_every=600",
+            f"--config.train.steps={steps}",
+            f"--config.train.eval_every={steps}",
             "--config.mesh.fsdp=-1",
+            *extra,
         ],
     )
     last = loop.train(cfg, tmp / "run")
     print({k: round(float(v), 4) for k, v in last.items() if k.startswith("eval/")})
     return last
+
+
+@pytest.fixture(scope="module")
+def trained_dense(tmp_path_factory):
+    """The tiny dense config (with its pose head) trained 600 steps on 48 synthetic identities x
+    8 views at 64 px (42 train, 6 held out): the last logged metrics, held-out eval included."""
+    return _train_synthetic_dense(tmp_path_factory.mktemp("pose_run"), 48, 7, 600)
 
 
 @pytest.mark.slow
@@ -356,30 +364,10 @@ def test_landmark_branch_expression_beats_the_mean_on_held_out_identities(tmp_pa
     Observed with the same settings through `fica train dense`: held-out landmarks 0.93 px,
     expression MSE 0.0658 against 0.0685 for the train mean (-4%; jaw_open carries it). With 168
     training identities the same net reached 2.8 px and lost to the mean."""
-    from data_pipelines.synth import synthesize
-    from data_pipelines.synthetic.generator import SynthConfig
-    from fica_jax.config import load_config
-    from fica_jax.train import loop
-
-    data = tmp_path / "data"
-    cfg = SynthConfig(uv_resolution=32, image_size=64, n_frames=3)
-    synthesize(data, 2000, cfg, seed=1, progress=False)
     off = [f"--config.model.loss_weights.{k}=0" for k in ("uv", "vtx", "nrm", "mask", "rot", "cam")]
-    cfg = load_config(
-        "configs/dense.py:tiny",
-        [
-            f"--config.data.dir={data}",
-            "--config.data.image_size=64",
-            "--config.data.batch_size=32",
-            "--config.train.steps=2500",
-            "--config.train.eval_every=2500",
-            "--config.optim.lr=2e-3",
-            "--config.mesh.fsdp=-1",
-            "--config.model.loss_weights.kpt=1.0",
-            *off,
-        ],
-    )
-    last = loop.train(cfg, tmp_path / "run")
-    print({k: round(float(v), 4) for k, v in last.items() if k.startswith("eval/")})
+    last = _train_synthetic_dense(
+        tmp_path, 2000, 3, 2500, "--config.data.batch_size=32", "--config.optim.lr=2e-3",
+        "--config.model.loss_weights.kpt=1.0", *off, seed=1,
+    )  # fmt: skip
     assert last["eval/kpt_px"] < 1.5
     assert last["eval/expr_mse"] < 0.98 * last["eval/baseline_expr_mse"]
