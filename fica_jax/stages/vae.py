@@ -125,9 +125,11 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
 
 def make_eval(cfg: ml_collections.ConfigDict):
-    """Reconstruction with the posterior mode (what the DiT's targets are encoded with) and the
-    8x-downsample-then-bilinear-upsample baseline on the same maps."""
+    """Reconstruction with the posterior mode (what the DiT's targets are encoded with), the
+    8x-downsample-then-bilinear-upsample baseline on the same maps and, for geometry, the
+    training mean shape (the template every identity would get without its own geometry)."""
     stats = map_stats(cfg)
+    mean_shape = _train_mean_geometry(str(cfg.data.dir)) if cfg.data.dir else None
 
     def eval_fn(model: AutoencoderKL, batch, rng: jax.Array):
         del rng
@@ -137,6 +139,13 @@ def make_eval(cfg: ml_collections.ConfigDict):
         f = model.cfg.spatial_factor
         base = downsample_upsample(x, f)
         out.update({f"baseline_{k}": v for k, v in _split_metrics(base, x, m, stats).items()})
+        if mean_shape is not None:
+            b = x.shape[0] // 2
+            shape = jnp.broadcast_to(jnp.asarray(mean_shape), batch["uv_geometry"].shape)
+            shape = uv_latent.normalize_map("position", shape, stats, batch["uv_mask"])
+            both = jnp.concatenate([x[:b], shape], axis=0)
+            geo = _split_metrics(both, x, m, stats)["geometry_l1_mm"]
+            out["baseline_mean_shape_geometry_l1_mm"] = geo
         return out
 
     return eval_fn
