@@ -89,6 +89,23 @@ def test_torch_backend_agrees_with_jax(report, pipeline, synth_dir, lpips_dir, t
         assert abs(a["ssim"] - b["ssim"]) < 1e-3
 
 
+def test_several_samples_average_per_identity(pipeline, synth_dir, tmp_path):
+    """`samples=2`: every method is scored on seeds 0 and 1; the tables average both; only the
+    generated rows change with the seed."""
+    rep = evaluate(pipeline["models"], synth_dir, tmp_path, steps=2, frames=1, limit=1, samples=2,
+                   progress=False)  # fmt: skip
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["method"], r["sample"]): float(r["psnr"]) for r in rows}
+    assert {k for _, k in by} == {"0", "1"} and len(by) == len(rows)
+    assert by[("mean", "0")] == by[("mean", "1")] and by[("3dgs", "0")] != by[("3dgs", "1")]
+    main_rows = {r["method"]: r for r in rep["tables"]["main"]}
+    want = (by[("3dgs", "0")] + by[("3dgs", "1")]) / 2
+    assert main_rows["3dgs"]["psnr"] == pytest.approx(want, abs=1e-5)
+    assert main_rows["3dgs"]["identities"] == 1 and rep["info"]["samples"] == 2
+    assert "2 DiT sample(s) per identity" in (tmp_path / "report.md").read_text()
+
+
 def test_eval_bad_inputs(pipeline, tmp_path, capsys):
     argv = ["eval", "--models", str(pipeline["models"]), "--data", str(tmp_path / "none"),
             "--out", str(tmp_path / "o")]  # fmt: skip
@@ -105,6 +122,10 @@ def test_eval_bad_inputs(pipeline, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "no dense/ export" in capsys.readouterr().err
+    argv = ["eval", "--models", str(pipeline["models"]), "--data", str(tmp_path),
+            "--out", str(tmp_path / "o"), "--samples", "0"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--samples 0: expected at least 1" in capsys.readouterr().err
 
 
 def test_host_parts_merge_into_one_report(tmp_path):

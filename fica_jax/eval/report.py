@@ -1,6 +1,7 @@
 """`fica eval`'s outputs: tables in the paper's layout (`report.md`, `report.json`), the
 per-identity breakdown (`per_identity.csv`, `per_identity.png`) and the best / median / worst
-frame sheet (`frames.png`). Figures are means over identities of each identity's frame mean."""
+frame sheet (`frames.png`). Figures are means over identities of each identity's mean over its
+frames (and DiT samples, `fica eval --samples`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _mean(values) -> float | None:
 
 
 def per_identity(rows: list[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
-    """{(identity, method): {metric: frame mean}}."""
+    """{(identity, method): {metric: mean over the identity's frames and samples}}."""
     from fica_jax.eval.harness import METRICS
 
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -152,11 +153,13 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
     os.replace(out / ".per_identity.csv.tmp", out / "per_identity.csv")
     _bar_chart(ids, MAIN, out / "per_identity.png")
     if sheets:
-        _frames_sheet([r for r in rows if isinstance(r["psnr"], float)], sheets, out / "frames.png")
+        first = [r for r in rows if isinstance(r["psnr"], float) and int(r.get("sample") or 0) == 0]
+        _frames_sheet(first, sheets, out / "frames.png")
     text = (
         "# fica eval\n\n"
         f"{info['identities']} held-out identities of `{info['data']}` ({info['split']} split), "
         f"models `{info['models']}`, backend {info['backend']}, {info['steps']} DiT steps, "
+        f"{info.get('samples', 1)} DiT sample(s) per identity (seeds from {info.get('seed', 0)}), "
         f"portrait pose: {info['pose']}. Face-region metrics, conventions in docs/evaluation.md. "
         f"LPIPS: {info['weights']['lpips']}; ID-CSIM: {info['weights']['id_csim']}.\n\n"
         + _markdown("Held-out animation (paper Table 1 layout)", tables["main"])
