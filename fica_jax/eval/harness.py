@@ -322,7 +322,8 @@ def add_commands(subparsers) -> None:
         rep = evaluate(
             args.models, args.data, args.out, backend=args.backend, steps=args.steps,
             cfg_scale=args.cfg, seed=args.seed, samples=args.samples, split=args.split,
-            limit=args.limit, frames=args.frames, pose=args.pose, lpips_dir=args.lpips, arcface=args.arcface,
+            limit=args.limit, frames=args.frames, pose=args.pose, lpips_dir=args.lpips,
+            arcface=args.arcface,
         )  # fmt: skip
         if "tables" in rep:
             print(pathlib.Path(args.out, "report.md").read_text())
