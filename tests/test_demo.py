@@ -122,6 +122,7 @@ def test_quick_demo_runs_every_stage_to_avatar_gifs_and_eval(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
+    assert not [n for n, s in report["steps"].items() if s["skipped"]]  # a fresh run ran them all
     assert set(report["stages"]) == set(ds.RUNS)
     for name, st in report["stages"].items():
         assert st["step"] == demo.SIZES["quick"]["steps"][name], name
