@@ -54,6 +54,11 @@ def get_config(arg: str = "tiny"):
     m.use_image_emb = True
     m.image_emb_dim = emb  # CLIP ViT-L/14 projected embedding (tiny: the dense ViT's pooled 64)
     m.p_uncond = 0.1  # condition dropout for classifier-free guidance
+    # Conditioning augmentation: training-time Gaussian noise on the image embedding, x its RMS.
+    # tiny: its embedding (the dense ViT's pooled features of a few dozen training identities)
+    # names the identity, and the DiT memorises through it (fica demo, 3 held-out identities x
+    # 4 samples: the "+ image embedding" row 13.58 dB at 0, 14.07 at 0.5, vs 14.63 without it).
+    m.emb_noise = 0.5 if arg == "tiny" else 0.0
     m.t_mean, m.t_std, m.t_shift = 0.0, 1.0, 1.0  # logit-normal flow times (SD3)
     # Held-out sampling (eval + previews): the cache's VAE run decodes; "" = the one the cache
     # names. eval_steps Euler steps with guidance cfg_scale (1 = unguided).

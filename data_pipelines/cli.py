@@ -73,6 +73,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="auto: 1/std of training latents; vae: the VAE's own scaling factor (SDXL weights)",
     )
     p.add_argument(
+        "--train-views",
+        type=int,
+        default=1,
+        help="views of each training identity used as its portrait, one row each (0: all; "
+        "needs --control dense); held-out identities keep their portrait only",
+    )
+    p.add_argument(
         "--process-index", type=int, default=None, help="this host (default: jax.process_index())"
     )
     p.add_argument("--process-count", type=int, default=None)
@@ -150,6 +157,7 @@ def _cache(args: argparse.Namespace, extra: list[str]) -> int:
         control=args.control,
         unshuffle=args.unshuffle,
         latent_scale=args.latent_scale,
+        train_views=args.train_views,
         process_index=pi,
         process_count=pc,
         overwrite=args.overwrite,

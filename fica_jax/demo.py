@@ -2,7 +2,8 @@
 and the evaluation report.
 
 synthetic captures (portrait + dome frames) -> stage `vae` -> stage `dense` -> latent cache
-(the dense predictor's partial UV maps as control) -> stage `dit` (full conditioning) and its
+(the dense predictor's partial UV maps as control; every view of a training identity serves as
+one of its portraits) -> stage `dit` (full conditioning) and its
 ablations `dit-rgb` (partial RGB only) and `dit-maps` (+ normal & vertex maps) -> stage `refiner`
 (corruption curriculum) -> stage `upm` -> one `fica export` folder per model in `OUT/models/` ->
 `fica generate` for held-out portraits (`OUT/avatars/<id>`, camera and expression from the capture
@@ -186,8 +187,10 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
     def latent_cache():
         from fica_jax.latent_cache import build_cache
 
-        build_cache(data, runs / "vae", cache, dense_run=runs / "dense", unshuffle=1)
-        return {"dir": str(cache), "control": "dense"}
+        # every view of a training identity as its portrait: 4x the DiT's (conditioning, target)
+        # pairs; the held-out identities keep their portrait
+        build_cache(data, runs / "vae", cache, dense_run=runs / "dense", unshuffle=1, train_views=0)
+        return {"dir": str(cache), "control": "dense", "train_views": "all"}
 
     def train_step(name):
         def run():

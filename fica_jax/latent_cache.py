@@ -173,7 +173,7 @@ def _scale_from_data(vae: VAEBundle, src, n: int) -> float:
 
 
 def _stack(records: list[dict]) -> dict[str, np.ndarray]:
-    keys = ("uv_texture", "uv_geometry", "uv_mask", "partial_uv", "view_image")
+    keys = ("uv_texture", "uv_geometry", "uv_mask", "partial_uv")
     return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
 
 
@@ -188,6 +188,7 @@ def build_cache(
     control: str | None = None,
     unshuffle: int = 2,
     latent_scale: str = "auto",
+    train_views: int = 1,
     process_index: int = 0,
     process_count: int = 1,
     overwrite: bool = False,
@@ -202,6 +203,13 @@ def build_cache(
         raise UserError(
             f"--control {control!r}: expected 'gt', or 'dense' together with --dense RUN"
         )
+    if train_views != 1 and control == "gt":
+        raise UserError(
+            f"--train-views {train_views}: the records' ground-truth partial maps unwrap the "
+            "portrait only; other views need --control dense"
+        )
+    if train_views < 0:
+        raise UserError(f"--train-views {train_views}: expected 0 (all views) or a count >= 1")
     out = pathlib.Path(out)
     target = out if process_count == 1 else out / f"part-{process_index:05d}-of-{process_count:05d}"
     vae = load_vae(vae_path, unshuffle)
@@ -226,9 +234,14 @@ def build_cache(
     if (target / "metadata.json").is_file() and not overwrite:
         meta = L.read_metadata(target)
         check_vae(meta, vae, str(target))
-        if meta.get("dense") != (dense[2] if dense else None) or meta["control_source"] != control:
+        views = meta.get("train_views", 1)
+        if (
+            meta.get("dense") != (dense[2] if dense else None)
+            or meta["control_source"] != control
+            or views != train_views
+        ):
             raise UserError(
-                f"{target}: cache built from other conditioning (dense {meta.get('dense')}, control {meta['control_source']}); pass --overwrite to rebuild"
+                f"{target}: cache built from other conditioning (dense {meta.get('dense')}, control {meta['control_source']}, train views {views}); pass --overwrite to rebuild"
             )
         print(f"{target}: up to date (VAE fingerprint {meta['vae']['fingerprint']})")
         return target
@@ -245,16 +258,23 @@ def build_cache(
     )
     vae = with_scale(vae, scale)
     sources = {split: open_source(data_dir, split) for split in ("train", "test")}
+    # Rows: each held-out identity once, from its portrait (view 0); each training identity once
+    # per view it lends as a portrait (`train_views`; 0 = all): any photo of a person is a
+    # portrait of them, and one target seen under several conditionings is harder to memorise.
+    n_views = int(sources["train"][0]["view_image"].shape[0]) if len(sources["train"]) else 1
+    per_split = {"train": n_views if train_views == 0 else min(train_views, n_views), "test": 1}
     todo = [
-        (split, i)
+        (split, i, v)
         for split, src in sources.items()
         for i in range(len(src))[host_slice(len(src), process_index, process_count)]
+        for v in range(per_split[split])
     ]
     embedding = "clip" if clip is not None else ("dense-vit-pooled" if dense else "none")
     info = {
         "vae": vae.source,
         "dense": dense[2] if dense else None,
         "control_source": control,
+        "train_views": train_views,  # as asked (0 = all views)
         "embedding": embedding,
         "control_groups": list(L.CONTROL_GROUPS),
         "latent_scale": scale,
@@ -268,13 +288,15 @@ def build_cache(
     ) as w:
         for k in range(0, len(todo), BATCH):
             chunk = todo[k : k + BATCH]
-            recs = [sources[s][i] for s, i in chunk]
+            recs = [sources[s][i] for s, i, _ in chunk]
             batch = _stack(recs)
+            # the photo each row is conditioned on [B, H, W, 3]
+            photo = np.stack([r["view_image"][v] for r, (*_, v) in zip(recs, chunk, strict=True)])
             if control == "dense" or embedding != "none":
                 dcfg, dmodel, _ = dense if dense else (None, None, None)
-                size = int(dcfg.data.image_size) if dcfg else batch["view_image"].shape[2]
+                size = int(dcfg.data.image_size) if dcfg else photo.shape[1]
                 img = jax.image.resize(
-                    jnp.asarray(batch["view_image"][:, 0], jnp.float32) / 255.0,
+                    jnp.asarray(photo, jnp.float32) / 255.0,
                     (len(recs), size, size, 3),
                     "bilinear",
                 )
@@ -309,7 +331,7 @@ def build_cache(
                     str(rec["split"]),
                     dims,
                     L.encode(row),
-                    str(rec["identity"]),
+                    str(rec["identity"]) + (f"#view{chunk[j][2]}" if chunk[j][2] else ""),  # unique
                     f"{data_dir} {rec['identity']}",
                 )
             bar.update(len(recs))

@@ -321,3 +321,37 @@ def test_ablation_switches_pick_control_groups_and_embedding(tiny_cfg):
     assert not batch["image_emb"].any() and full["image_emb"].any()
     assert stage.batch_spec(cfg)["control"].shape[-1] == 2 * c
     assert dit_stage.dit_config(cfg).control_channels == 2 * c
+
+
+def test_embedding_noise_scales_with_each_embedding_and_spares_a_zeroed_one(tiny_cfg):
+    """`model.emb_noise` (conditioning augmentation): the loss sees each portrait's embedding
+    plus Gaussian noise at emb_noise x its RMS; 0 leaves it exact, a zeroed embedding (the
+    no-embedding ablations) stays zero."""
+    from fica_jax.config import apply_overrides
+
+    stage = get_stage("dit")
+    batch = {
+        k: jnp.asarray(v) for k, v in next(iter(stage.make_data(tiny_cfg, "train", 0, 1))).items()
+    }
+    clean = batch["image_emb"]
+
+    def seen(*overrides):
+        cfg = tiny_cfg.copy_and_resolve_references()
+        apply_overrides(cfg, list(overrides))
+        got = []
+
+        def model(x_s, t, image_emb, domain, control, drop):
+            got.append(image_emb)
+            return jnp.zeros_like(x_s)
+
+        b = {**batch, "image_emb": jnp.zeros_like(clean)} if "false" in str(overrides) else batch
+        stage.make_loss(cfg)(model, b, jax.random.PRNGKey(0))
+        return np.asarray(got[0][: clean.shape[0]])
+
+    np.testing.assert_array_equal(seen("--config.model.emb_noise=0.0"), clean)
+    noisy = seen("--config.model.emb_noise=0.5")
+    rms = np.sqrt(np.mean(np.square(np.asarray(clean)), axis=-1, keepdims=True))
+    z = (noisy - np.asarray(clean)) / rms
+    assert 0.4 < z.std() < 0.6 and abs(z.mean()) < 0.1, (z.std(), z.mean())
+    zeroed = seen("--config.model.emb_noise=0.5", "--config.model.use_image_emb=false")
+    assert not zeroed.any()

@@ -12,6 +12,7 @@ from flax import nnx
 from data_pipelines.latents import LatentSource, cache_metadata
 from fica_jax import flow, sample
 from fica_jax.cli import main
+from fica_jax.latent_cache import build_cache
 from fica_jax.models import dit
 
 VAE_ARGS = [
@@ -107,6 +108,8 @@ def test_train_then_sample_held_out(cache, tmp_path):
         "geometry_l1_mm",
         "baseline_geometry_l1_mm",
         "vae_texture_psnr",
+        "baseline_uncond_texture_psnr",  # the same noise, every condition dropped
+        "baseline_uncond_geometry_l1_mm",
     ):
         assert np.isfinite(last[f"eval/{k}"]), k
     assert (run / "samples" / "step_0000002.png").is_file()
@@ -135,6 +138,37 @@ def test_train_then_sample_held_out(cache, tmp_path):
     tex = np.load(res_dir / "maps" / f"{name}_texture.npy")
     assert tex.shape == (32, 32, 3) and 0 <= tex.min() and tex.max() <= 1
     assert (res_dir / "sample_000.png").is_file()
+
+
+def test_every_view_of_a_training_identity_as_its_portrait(pipeline, synth_dir, tmp_path, capsys):
+    """`--train-views 0`: one training row per view (each its own photo's embedding and dense
+    unwrap, the same targets); held-out identities keep their portrait only."""
+    vae, dense = pipeline["runs"]["vae"][0], pipeline["runs"]["dense"][0]
+    one = build_cache(synth_dir, vae, tmp_path / "one", dense_run=dense, unshuffle=1)
+    every = build_cache(
+        synth_dir, vae, tmp_path / "all", dense_run=dense, unshuffle=1, train_views=0
+    )
+    assert cache_metadata(every)["train_views"] == 0
+    t1, ta = LatentSource(one, "train"), LatentSource(every, "train")
+    assert (len(t1), len(ta), len(LatentSource(every, "test"))) == (8, 16, 1)  # 2 views each
+    rows = {}
+    for i in range(len(ta)):
+        rows.setdefault(str(ta[i]["identity"]), []).append(ta[i])
+    first = t1[0]
+    a, b = rows[str(first["identity"])]
+    np.testing.assert_array_equal(a["tex_mean"], b["tex_mean"])  # one target ...
+    np.testing.assert_allclose(a["image_emb"], first["image_emb"], atol=1e-5)  # view 0 = portrait
+    assert np.abs(a["image_emb"] - b["image_emb"]).max() > 1e-4  # ... two conditionings
+    assert np.abs(a["control"] - b["control"]).max() > 1e-4
+    # a cache built with other views is refused, as is --train-views with the gt unwrap
+    base = ["data", "cache", "--data", str(synth_dir), "--vae", str(vae), "--unshuffle", "1"]
+    capsys.readouterr()
+    assert main([*base, "--dense", str(dense), "--out", str(every)]) == 2
+    assert "train views 0" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "gt"), "--train-views", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--control dense" in err
+    assert not (tmp_path / "gt").exists()
 
 
 # ----------------------------------------------------------------------------- sampler

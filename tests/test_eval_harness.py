@@ -7,10 +7,11 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from fica_jax.cli import main
-from fica_jax.eval.harness import evaluate
+from fica_jax.eval.harness import ABLATION, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,30 @@ def test_host_parts_merge_into_one_report(tmp_path):
     assert main_rows["3dgs"]["lpips"] == "unavailable (no weights at x)"
     with pytest.raises(Exception, match="parts never arrived"):
         report.gather_parts(tmp_path, 3, timeout=0)
+
+
+def test_rows_carry_standard_errors_and_ablation_steps_their_paired_change():
+    """Each figure's standard error over identities; each ablation row its change from the row
+    above, identity by identity (a shared per-identity offset cancels), by hand."""
+    from fica_jax.eval import report
+
+    psnr = {  # identity -> (abl_rgb, abl_maps): maps adds 1 dB +- 0.5 on top of a big spread
+        "a": (10.0, 11.5),
+        "b": (20.0, 20.5),
+        "c": (15.0, 16.0),
+    }
+    rows = [{"identity": i, "frame": f, "method": m, "psnr": v[k] + 0.1 * f, "ssim": 0.5}
+            for i, v in psnr.items() for f in (0, 1)
+            for k, m in enumerate(("abl_rgb", "abl_maps"))]  # fmt: skip
+    rgb, maps, emb = report.table(rows, ABLATION[:3], {}, paired="above")
+    per_id = np.array([v[0] + 0.05 for v in psnr.values()])
+    assert rgb["psnr"] == pytest.approx(per_id.mean())
+    assert rgb["psnr_se"] == pytest.approx(per_id.std(ddof=1) / np.sqrt(3))  # ~2.9 dB
+    assert "psnr_delta" not in rgb and emb["psnr"] == "not trained"
+    assert maps["psnr_delta"] == pytest.approx(1.0)
+    assert maps["psnr_delta_se"] == pytest.approx(np.std([1.5, 0.5, 1.0], ddof=1) / np.sqrt(3))
+    assert maps["ssim_delta"] == 0.0 and maps["ssim_se"] == 0.0
+    first = report.table(rows, ABLATION[:3], {}, paired="first")  # vs the first row
+    assert first[1]["psnr_delta"] == pytest.approx(1.0) and "psnr_delta" not in first[2]
+    cell = report._cell(maps, "psnr")
+    assert cell == f"{maps['psnr']:.4f} ± {maps['psnr_se']:.4f} (Δ +1.0000 ± 0.2887)", cell

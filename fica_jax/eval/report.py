@@ -1,7 +1,9 @@
 """`fica eval`'s outputs: tables in the paper's layout (`report.md`, `report.json`), the
 per-identity breakdown (`per_identity.csv`, `per_identity.png`) and the best / median / worst
 frame sheet (`frames.png`). Figures are means over identities of each identity's mean over its
-frames (and DiT samples, `fica eval --samples`)."""
+frames (and DiT samples, `fica eval --samples`), ± their standard error over identities; each
+row also gives its change, paired identity by identity, from the mean-texture baseline (main
+table) or from the row above (ablation), so a reader can see what the held-out set resolves."""
 
 from __future__ import annotations
 
@@ -33,25 +35,55 @@ def per_identity(rows: list[dict]) -> dict[tuple[str, str], dict[str, float | No
     return {k: {m: _mean(r.get(m) for r in g) for m in METRICS} for k, g in groups.items()}
 
 
-def table(rows: list[dict], methods, notes: dict[str, str]) -> list[dict]:
-    """One dict per (method, label): metric means over identities, or the reason missing."""
+def _se(values: list[float]) -> float | None:
+    """Standard error of the mean over identities (None below two)."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def table(rows: list[dict], methods, notes: dict[str, str], paired: str = "") -> list[dict]:
+    """One dict per (method, label): metric means over identities (`<metric>_se`: their standard
+    error), or the reason missing. `paired` "above" / "first": also each metric's change from the
+    row above (the ablation's steps) / from the first row (the baseline), identity by identity
+    (`<metric>_delta`, `<metric>_delta_se`)."""
     from fica_jax.eval.harness import METRICS
 
     ids = per_identity(rows)
-    out = []
+    out, prev = [], None
     for key, label in methods:
-        mine = [v for (i, m), v in ids.items() if m == key]
+        mine = {i: v for (i, m), v in ids.items() if m == key}
         row = {"method": key, "label": label, "identities": len(mine)}
         for metric in METRICS:
-            vals = [v[metric] for v in mine if v[metric] is not None]
+            vals = {i: v[metric] for i, v in mine.items() if v[metric] is not None}
             if not mine:
                 row[metric] = "not trained"
             elif not vals:
                 row[metric] = notes.get(metric, "unavailable")
             else:
-                row[metric] = float(np.mean(vals))
+                row[metric] = float(np.mean(list(vals.values())))
+                row[f"{metric}_se"] = _se(list(vals.values()))
+                both = sorted(set(vals) & set(prev or {}))
+                if paired and prev is not None and both:  # prev: the row compared with
+                    diff = [vals[i] - prev[i][metric] for i in both if prev[i][metric] is not None]
+                    if diff:
+                        row[f"{metric}_delta"] = float(np.mean(diff))
+                        row[f"{metric}_delta_se"] = _se(diff)
         out.append(row)
+        prev = mine if paired == "above" or prev is None else prev
     return out
+
+
+def _cell(r: dict, m: str) -> str:
+    """`mean ± s.e.` (and `(Δ ± s.e.)` when paired) or the reason missing."""
+    if not isinstance(r[m], float):
+        return str(r[m])
+
+    def pm(value: float, se: float | None, fmt: str) -> str:
+        return format(value, fmt) + ("" if se is None else f" ± {se:.4f}")
+
+    text = pm(r[m], r.get(f"{m}_se"), ".4f")
+    if f"{m}_delta" in r:
+        text += f" (Δ {pm(r[f'{m}_delta'], r[f'{m}_delta_se'], '+.4f')})"
+    return text
 
 
 def _markdown(title: str, rows: list[dict]) -> str:
@@ -60,8 +92,7 @@ def _markdown(title: str, rows: list[dict]) -> str:
     head = "| Method | " + " | ".join(ARROWS[m] for m in METRICS) + " |"
     lines = [f"### {title}", "", head, "|" + "---|" * (len(METRICS) + 1)]
     for r in rows:
-        cells = [f"{r[m]:.4f}" if isinstance(r[m], float) else str(r[m]) for m in METRICS]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +174,10 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
     notes = {
         m: info["weights"][m] for m in ("lpips", "id_csim") if "unavailable" in info["weights"][m]
     }
-    tables = {"main": table(rows, MAIN, notes), "ablation": table(rows, ABLATION, notes)}
+    tables = {
+        "main": table(rows, MAIN, notes, paired="first"),
+        "ablation": table(rows, ABLATION, notes, paired="above"),
+    }
     ids = per_identity(rows)
     with open(out / ".per_identity.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
@@ -160,7 +194,9 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
         f"{info['identities']} held-out identities of `{info['data']}` ({info['split']} split), "
         f"models `{info['models']}`, backend {info['backend']}, {info['steps']} DiT steps, "
         f"{info.get('samples', 1)} DiT sample(s) per identity (seeds from {info.get('seed', 0)}), "
-        f"portrait pose: {info['pose']}. Face-region metrics, conventions in docs/evaluation.md. "
+        f"portrait pose: {info['pose']}. Face-region metrics, conventions in docs/evaluation.md; "
+        "± is the standard error over identities; Δ, paired by identity, is the change from the "
+        "mean-texture baseline (first table) or from the row above (ablation). "
         f"LPIPS: {info['weights']['lpips']}; ID-CSIM: {info['weights']['id_csim']}.\n\n"
         + _markdown("Held-out animation (paper Table 1 layout)", tables["main"])
         + "\n"

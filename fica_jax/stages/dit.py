@@ -20,7 +20,9 @@ Batch (global, `batch_spec`):
 Held-out evaluation (`make_eval`; decoded with the cache's VAE run, or `cfg.model.vae`) samples both
 domains with `cfg.model.eval_steps` guided Euler steps, decodes them and reports texture PSNR /
 SSIM on the UV mask against the mean training texture and geometry L1 (mm) against the mean
-training neutral geometry; `make_sample` writes the preview sheet and a TensorBoard image.
+training neutral geometry, and (when condition dropout trained the null condition) against the
+same model sampled from the same noise with every condition dropped (`baseline_uncond_*`: what
+the conditioning adds); `make_sample` writes the preview sheet and a TensorBoard image.
 """
 
 from __future__ import annotations
@@ -85,13 +87,20 @@ def _time_kw(cfg: ml_collections.ConfigDict) -> dict[str, float]:
 def make_loss(cfg: ml_collections.ConfigDict):
     """(model, batch, rng) -> (L_T + L_G, metrics), with CFG condition dropout."""
     p_uncond, time_kw = float(cfg.model.p_uncond), _time_kw(cfg)
+    emb_noise = float(cfg.model.get("emb_noise", 0.0))
 
     def loss_fn(model: DiT, batch, rng: jax.Array):
         k_drop, k_flow = jax.random.split(rng)
         b = batch["tex_latent"].shape[0]
         drop = jax.random.bernoulli(k_drop, p_uncond, (b,))
         cond2 = lambda a: jnp.concatenate([a, a], axis=0)  # same conditions for both domains
-        image_emb, control = cond2(batch["image_emb"]), cond2(batch["control"])
+        image_emb = batch["image_emb"]
+        if emb_noise:  # conditioning augmentation: noise at emb_noise x each embedding's RMS
+            rms = jnp.sqrt(jnp.mean(jnp.square(image_emb), axis=-1, keepdims=True))
+            image_emb = image_emb + emb_noise * rms * jax.random.normal(
+                jax.random.fold_in(rng, 7), image_emb.shape
+            )
+        image_emb, control = cond2(image_emb), cond2(batch["control"])
 
         def velocity(x_s, t, domain, drop2):
             return model(x_s, t, image_emb, domain, control, drop2)
@@ -120,6 +129,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
         float(cfg.model.cfg_scale),
         float(cfg.model.t_shift),
     )
+    uncond = float(cfg.model.p_uncond) > 0  # the null condition is trained
 
     def eval_fn(model: DiT, batch, rng: jax.Array):
         rng = jax.random.PRNGKey(0) if rng is None else rng
@@ -144,6 +154,12 @@ def make_eval(cfg: ml_collections.ConfigDict):
             kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
             texture, geometry = sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
             out.update(uv_metrics(texture, geometry, batch, ctx.baselines))
+            if uncond:  # the same noise without any condition: what the conditioning adds
+                kw["cfg_scale"] = 0.0
+                tex0, geo0 = sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
+                free = uv_metrics(tex0, geo0, batch, ctx.baselines)
+                out["baseline_uncond_texture_psnr"] = free["texture_psnr"]
+                out["baseline_uncond_geometry_l1_mm"] = free["geometry_l1_mm"]
             # What the VAE alone keeps of the ground truth (the ceiling for any sample).
             recon, recon_geo = decode(
                 vae,
