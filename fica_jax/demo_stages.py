@@ -157,9 +157,10 @@ def check_data(data_dir: pathlib.Path, identities: int, seed: int, sizes: dict) 
     gen = read_metadata(data_dir).get("generator", {})
     cfg = gen.get("config", {})
     have = {"identities": gen.get("identities"), "uv_resolution": cfg.get("uv_resolution"),
-            "image_size": cfg.get("image_size"), "n_frames": cfg.get("n_frames"), "seed": gen.get("seed")}  # fmt: skip
+            "image_size": cfg.get("image_size"), "n_frames": cfg.get("n_frames"), "seed": gen.get("seed"),
+            "test_every": cfg.get("test_every")}  # fmt: skip
     want = {"identities": identities, "uv_resolution": sizes["uv"], "image_size": sizes["image"],
-            "n_frames": sizes["frames"], "seed": seed}  # fmt: skip
+            "n_frames": sizes["frames"], "seed": seed, "test_every": sizes["test_every"]}  # fmt: skip
     for key, value in want.items():
         if have[key] is not None and int(have[key]) != value:
             raise UserError(

@@ -90,7 +90,7 @@ def test_stage_configs_use_the_demo_sizes(tmp_path, size):
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):
     cases = [
-        (["--identities", "3"], "--identities must be >= 9"),
+        (["--identities", "3"], "--identities must be >= 5"),
         (["--steps", "0"], "--steps 0"),
     ]
     for extra, msg in cases:
