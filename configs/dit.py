@@ -56,8 +56,9 @@ def get_config(arg: str = "tiny"):
     m.p_uncond = 0.1  # condition dropout for classifier-free guidance
     # Conditioning augmentation: training-time Gaussian noise on the image embedding, x its RMS.
     # tiny: its embedding (the dense ViT's pooled features of a few dozen training identities)
-    # names the identity, and the DiT memorises through it (fica demo, 3 held-out identities x
-    # 4 samples: the "+ image embedding" row 13.58 dB at 0, 14.07 at 0.5, vs 14.63 without it).
+    # names the identity, and the DiT memorises through it (the previous 24-identity demo, 3
+    # held out x 4 samples: the "+ image embedding" row 13.58 dB at 0, 14.07 at 0.5, vs 14.63
+    # without the embedding; higher noise only drowns it).
     m.emb_noise = 0.5 if arg == "tiny" else 0.0
     m.t_mean, m.t_std, m.t_shift = 0.0, 1.0, 1.0  # logit-normal flow times (SD3)
     # Held-out sampling (eval + previews): the cache's VAE run decodes; "" = the one the cache

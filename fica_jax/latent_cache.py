@@ -331,7 +331,8 @@ def build_cache(
                     str(rec["split"]),
                     dims,
                     L.encode(row),
-                    str(rec["identity"]) + (f"#view{chunk[j][2]}" if chunk[j][2] else ""),  # unique
+                    # the writer's key: one per row, so a view's row gets its own
+                    str(rec["identity"]) + (f"#view{chunk[j][2]}" if chunk[j][2] else ""),
                     f"{data_dir} {rec['identity']}",
                 )
             bar.update(len(recs))
