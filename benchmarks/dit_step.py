@@ -62,29 +62,22 @@ XLA_PRESETS = {
 }
 
 
+# Integer flags and defaults: the model shape (latent: its side, tokens = (side / patch)^2;
+# num_embeds_ada_norm: diffusers' class count), then timing and sampling.
+INT_ARGS = dict(width=384, depth=6, heads=6, patch=2, latent=32, channels=4, batch=8,
+                image_emb_dim=768, control_channels=64, num_embeds_ada_norm=1000, warmup=2,
+                repeats=7, sample_steps=50, sample_identities=1)  # fmt: skip
+
+
 def _args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--width", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--latent", type=int, default=32, help="latent side (tokens = (side/patch)^2)")
-    p.add_argument("--channels", type=int, default=4)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--image-emb-dim", type=int, default=768)
-    p.add_argument("--control-channels", type=int, default=64)
-    p.add_argument("--num-embeds-ada-norm", type=int, default=1000, help="diffusers' classes")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--sample-steps", type=int, default=50)
+    for name, default in INT_ARGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--sample-variants", default="tiny,B")
     p.add_argument("--sample-repeats", default="tiny=3,B=1")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="guidance (1: unguided)")
-    p.add_argument("--sample-identities", type=int, default=1)
     p.add_argument(
-        "--skip",
-        default="",
-        help="comma list of parts to skip: ours,diffusers,control,variant,sample",
+        "--skip", default="", help="parts to skip: ours,diffusers,control,variant,sample"
     )
     p.add_argument(
         "--sweep-xla",
@@ -109,10 +102,8 @@ def _args():
 
 
 ARGS = _args()
-if XLA_PRESETS[ARGS.xla_preset]:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " " + XLA_PRESETS[ARGS.xla_preset]
-    ).strip()
+if flags := XLA_PRESETS[ARGS.xla_preset]:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if ARGS.omp_wait_policy:  # read by libgomp when torch loads it
     os.environ["OMP_WAIT_POLICY"] = ARGS.omp_wait_policy
