@@ -16,7 +16,7 @@ process:
    ratio is ours / diffusers (median step times, and the median of per-round ratios).
 2. our full model (with ControlMLP) at the same shape.
 3. 50-step Euler sampling with CFG for the `tiny` and `B` variants through the real sampler
-   (`fica_jax.sample.sample_latents` -> `fica_jax.flow.euler_sample`): one identity, both
+   (`fica_jax.infer.sample.sample_latents` -> `fica_jax.flow.euler_sample`): one identity, both
    domains (texture + geometry rows) on the 32x32 latent (256 tokens), so 4 rows per call.
 
 Issue target: ours / diffusers <= 0.8.
@@ -264,11 +264,11 @@ def diffusers_step(a, threads: int):
 
 # ----------------------------------------------------------------------------- sampling
 def sample_time(name: str, a, repeats: int) -> dict:
-    """The real sampler (`fica_jax.sample.sample_latents`: both domains of every identity in one
+    """The real sampler (`fica_jax.infer.sample.sample_latents`: both domains of every identity in one
     batch, 50 guided Euler steps) for `a.sample_identities` identities on FiCA's 32x32 latent
     grid (patch 2: 256 tokens); with CFG each network call sees 4 rows per identity. Compiled
     ahead of time (compile_s), then timed `repeats` times."""
-    from fica_jax import sample as sample_lib
+    from fica_jax.infer import sample as sample_lib
 
     cfg = dit.VARIANTS[name]
     model = dit.DiT(cfg, rngs=nnx.Rngs(0))

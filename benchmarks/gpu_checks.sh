@@ -18,7 +18,7 @@ python3 -c "import jax, torch, flax; print('jax', jax.__version__, jax.devices()
 t0=$(date +%s)
 python3 -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat kernels did not build'" || exit 1
 echo "gsplat kernels built/loaded in $(($(date +%s) - t0)) s"
-python3 -m pytest -m gpu -rA -s -p no:cacheprovider tests/test_render_raster.py tests/test_torch_runtime.py
+python3 -m pytest -m gpu -rA -s -p no:cacheprovider tests/render/test_render_raster.py tests/export/test_torch_runtime.py
 status=$?
 python3 benchmarks/gsplat_render.py --uv 64 --size 512 --frames 10 --out "$RESULTS/gsplat_render_cuda.json"
 python3 benchmarks/render.py --sizes 512,1024 --counts 10000,100000,260000 --upm 128@512,256@1024 \

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.results_io import write_result  # noqa: E402
 from benchmarks.upm_drive import model_for  # noqa: E402
 from data_pipelines.synthetic.generator import SynthConfig, make_identity  # noqa: E402
-from fica_jax.avatar import Avatar  # noqa: E402
-from fica_jax.eval.metrics import psnr  # noqa: E402
+from fica_jax.avatar.bundle import Avatar  # noqa: E402
+from fica_jax.quality.image import psnr  # noqa: E402
 from fica_jax.export.torch_runtime import TorchAvatar  # noqa: E402
 from fica_jax.models.upm import view_direction  # noqa: E402
 

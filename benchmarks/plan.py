@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fica_jax.errors import UserError  # noqa: E402
-from fica_jax.train.plan import plan_in_subprocess  # noqa: E402
+from fica_jax.plan.planner import plan_in_subprocess  # noqa: E402
 
 # name: (config, mesh, overrides, TPU topology or None for fake CPU devices)
 PLANS = {

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_result  # noqa: E402
 from data_pipelines.synthetic.generator import SynthConfig, make_identity  # noqa: E402
-from fica_jax.avatar import Avatar  # noqa: E402
+from fica_jax.avatar.bundle import Avatar  # noqa: E402
 from fica_jax.models import upm  # noqa: E402
 
 # decoder widths per level, low -> high resolution (the last entries serve the finest levels)

@@ -46,7 +46,7 @@ def get_config(arg: str = "tiny"):
     # Measured at 32 px (5 held-out synthetic identities, seed 1): the ground-truth maps' own
     # keypoint error is 0.45 px (landmark UVs found at pixel precision), the offset field alone
     # gives 0.88 px (which 400 steps did not improve: 0.813 vs 0.812 px), with this shift and
-    # scale 1.38 px, which the refiner cuts by 15 % (tests/test_refiner.py, held-out test)
+    # scale 1.38 px, which the refiner cuts by 15 % (tests/stages/test_refiner.py, held-out test)
     c.model.corruption = dict(blur=1.5, color=0.15, offset=0.01, shift=0.015, scale=0.05)
     # a texel counts as seen in the portrait when its camera depth is within this (m) of the
     # input render's depth (`stages/refiner.py` uv_cues; ~1 texel spacing at 32^2)

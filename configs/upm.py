@@ -42,7 +42,7 @@ def get_config(arg: str = "tiny"):
     # scale_bound (m): Gaussians larger than ~1 texel spacing are penalised (32^2: ~15 mm)
     c.model.scale_bound = 0.02 if arg == "tiny" else 0.002
     # Gaussian-tile slots of the jitted training render (0: the rasteriser's default 8N + 4096).
-    # A 1024 px frame of 1024^2 Gaussians at the scale bound needs ~12M (tests/test_upm.py):
+    # A 1024 px frame of 1024^2 Gaussians at the scale bound needs ~12M (tests/stages/test_upm.py):
     # 16 per Gaussian. Overflow is counted in the `isect_overflow` metric, never silent.
     c.model.isect_capacity = 0 if arg == "tiny" else 16 * res * res
     # identity-encoder input normalisation (synthetic head extents, as configs/dense.py)

@@ -1,6 +1,6 @@
 """The DiT's latent + condition cache: records, reading, and the `dit` stage's example function.
 
-Written by `fica data cache` (`fica_jax/latent_cache.py`) with the same atomic shard writer as the
+Written by `fica data cache` (`fica_jax/infer/latent_cache.py`) with the same atomic shard writer as the
 captures (`shards.DatasetWriter`, format `fica-latent-cache`); the layout and every key are in
 `SCHEMA.md` ("Latent cache"). One record per identity:
 

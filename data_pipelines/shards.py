@@ -264,3 +264,13 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(info, dict) or "shards" not in info:
             raise UserError(f"{path}: splits.{split} must hold a 'shards' list")
     return meta
+
+
+def template_stats(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+    """What a model laid out on `data_dir`'s head template carries into its `fica export`: the
+    template's metadata and its expression names (empty where the folder holds no metadata)."""
+    try:
+        template = read_metadata(data_dir).get("template", {})
+    except (UserError, OSError):
+        template = {}
+    return {"template": template, "expression_names": list(template.get("expression_names", []))}, {}

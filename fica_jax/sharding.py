@@ -24,8 +24,12 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import fica_jax.models  # noqa: F401  (NNX's lazy-sharding setting lives there)
 from fica_jax.errors import UserError
+
+# Parameters carry logical axis names, resolved to mesh axes by the rule tables below at jit time,
+# never eagerly at construction (which would need a mesh context). Set here, the module every
+# sharded model and the train loop import, so it holds however a model is reached.
+nnx.use_eager_sharding(False)
 
 # ----------------------------------------------------------------------------- mesh axes
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"

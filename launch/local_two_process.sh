@@ -9,7 +9,7 @@ export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1
 export FICA_COORDINATOR=127.0.0.1:${PORT} FICA_NUM_PROCESSES=2 PYTHONPATH=${PWD}${PYTHONPATH:+:${PYTHONPATH}}
 pids=()
 for id in 0 1; do
-  FICA_PROCESS_ID=${id} python -m fica_jax.train.cli train toy --config configs/toy.py \
+  FICA_PROCESS_ID=${id} python -m fica_jax.commands.train train toy --config configs/toy.py \
     --workdir "${WORKDIR}" --config.train.steps=20 --config.train.ckpt_every=10 &
   pids+=($!)
 done

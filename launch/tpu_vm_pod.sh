@@ -18,7 +18,7 @@ EXTRA=${EXTRA:-}
 REPO_DIR=${REPO_DIR:-~/fica-jax}
 
 CMD="cd ${REPO_DIR} && . .venv/bin/activate && FICA_DISTRIBUTED=auto \
-python -m fica_jax.cli train ${STAGE} --config ${CONFIG} --workdir ${WORKDIR} ${MESH} ${EXTRA} \
+python -m fica_jax.commands.main train ${STAGE} --config ${CONFIG} --workdir ${WORKDIR} ${MESH} ${EXTRA} \
 2>&1 | tee -a /tmp/fica_train.log"
 
 # shellcheck disable=SC2086

@@ -27,6 +27,6 @@ xpk workload create \
   --num-slices="${NUM_SLICES}" \
   --docker-image="${IMAGE}" \
   --max-restarts=10 \
-  --command="FICA_DISTRIBUTED=auto python -m fica_jax.cli train ${STAGE} --config ${CONFIG} \
+  --command="FICA_DISTRIBUTED=auto python -m fica_jax.commands.main train ${STAGE} --config ${CONFIG} \
 --workdir ${WORKDIR} ${MESH} ${EXTRA}"
 # A restarted pod re-runs the same command and resumes from WORKDIR's newest checkpoint.

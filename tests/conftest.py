@@ -11,7 +11,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA cache for the session and the subprocesses it starts (exports, CLI runs):
 # many tests compile the same tiny programs, and a fresh folder keeps every run alike.
-from fica_jax.cli import use_compilation_cache  # noqa: E402  (imports no framework)
+from fica_jax.commands.main import use_compilation_cache  # noqa: E402  (imports no framework)
 
 _XLA_CACHE = tempfile.mkdtemp(prefix="fica-test-xla-")
 use_compilation_cache(_XLA_CACHE)

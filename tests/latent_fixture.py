@@ -1,6 +1,6 @@
 """A synthetic latent cache for DiT stage tests that need no VAE: records in the real cache
 format (`data_pipelines/latents.py`) whose conditions predict their targets, so a few steps of
-training visibly learn. Not a FiCA result; `tests/test_dit_cache.py` covers the real path."""
+training visibly learn. Not a FiCA result; `tests/stages/test_dit_cache.py` covers the real path."""
 
 import numpy as np
 

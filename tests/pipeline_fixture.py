@@ -14,7 +14,7 @@ from data_pipelines.latents import cache_metadata
 from fica_jax import sharding as shd
 from fica_jax.config import load_config
 from fica_jax.export.model_export import param_names
-from fica_jax.latent_cache import build_cache
+from fica_jax.infer.latent_cache import build_cache
 from fica_jax.train.checkpoint import Checkpointer
 from fica_jax.train.stage import get_stage
 from fica_jax.train.step import build
@@ -90,7 +90,7 @@ def _env(devices):
 def export_all(root, runs) -> str:
     """Every run exported by ONE 1-device process (`fica export`; f32, and bf16 for the five
     stages) into root/x_NAME_DTYPE; root/models/NAME links the f32 ones. -> its stdout."""
-    script = "import sys; from fica_jax.cli import main\n"
+    script = "import sys; from fica_jax.commands.main import main\n"
     for name, (run, _) in runs.items():
         for dt in ("float32", "bfloat16") if name in STAGES else ("float32",):
             args = [

@@ -4,7 +4,7 @@ For every held-out identity: generate its UV maps from its portrait (view 0) wit
 (DiT + refiner, as `fica generate`; the portrait's camera and expression are the capture's own,
 i.e. an oracle tracker, unless `--pose regressor`), build the UPM avatar, drive it with each dome
 frame's expression code and gaze, render it from that frame's camera and compare with the frame
-on the face region only (`fica_jax.eval.face`). Rows (docs/evaluation.md):
+on the face region only (`fica_jax.quality.face`). Rows (docs/evaluation.md):
 
 - main table: the mean-texture baseline (the training split's mean UV texture on its mean
   neutral geometry, rendered as a mesh), FiCA (Mesh) (the generated + refined maps as a surfel
@@ -29,7 +29,6 @@ every part and writes the report.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import pathlib
 import time
@@ -39,14 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fica_jax.errors import UserError
-
-MAIN = (("mean", "Mean texture (template geometry)"), ("mesh", "FiCA (Mesh)"),
-        ("3dgs", "FiCA (3DGS)"), ("gt_upm", "GT UV maps -> UPM (upper bound)"))  # fmt: skip
-ABLATION = (("abl_rgb", "Partial RGB only"), ("abl_maps", "+ normal & vertex UV"),
-            ("abl_emb", "+ image embedding"), ("3dgs", "+ refiner"))  # fmt: skip
-ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
-METRICS = ("psnr", "ssim", "lpips", "id_csim")
-BACKGROUND = (0.0, 0.0, 0.0)
+from fica_jax.eval.protocol import ABLATION_DIT, BACKGROUND, METRICS
 
 
 # ----------------------------------------------------------------------------- metric kit
@@ -54,7 +46,7 @@ class Scorer:
     """Per-frame metrics on the face mask; LPIPS / ArcFace only when their weights exist."""
 
     def __init__(self, lpips_dir: str | None, arcface: str | None):
-        from fica_jax.eval import metrics
+        from fica_jax.quality import image as metrics
 
         self.notes: dict[str, str] = {}
         self.lpips = self.arcface = None
@@ -62,30 +54,30 @@ class Scorer:
         paths = (d / "alexnet.pth", d / "alex.pth")
         self.notes["lpips"] = metrics.weights_unavailable(*paths) or f"alex v0.1 ({d})"
         if not metrics.weights_unavailable(*paths):
-            from fica_jax.eval.lpips import load_lpips
+            from fica_jax.quality.lpips import load_lpips
 
             self.lpips = load_lpips("alex", *paths)
         a = pathlib.Path(arcface or "~/.cache/fica/arcface/backbone.pth").expanduser()
         self.notes["id_csim"] = metrics.weights_unavailable(a) or f"iresnet ({a})"
         if not metrics.weights_unavailable(a):
-            from fica_jax.eval.arcface import load_arcface
+            from fica_jax.quality.arcface import load_arcface
 
             self.arcface = load_arcface(a)
 
     def __call__(self, pred: np.ndarray, gt: np.ndarray, face: np.ndarray, kpts) -> dict:
-        from fica_jax.eval import metrics
+        from fica_jax.quality import image as metrics
 
         p, g, m = (jnp.asarray(x, jnp.float32) for x in (pred, gt, face))
         out = {"psnr": float(metrics.masked_psnr(p, g, m)),
                "ssim": float(metrics.masked_ssim(p, g, m))}  # fmt: skip
         if self.lpips is not None:
-            from fica_jax.eval.lpips import lpips_01
+            from fica_jax.quality.lpips import lpips_01
 
             comp = p * m[..., None] + g * (1.0 - m[..., None])
             out["lpips"] = float(lpips_01(comp[None], g[None], self.lpips, "alex")[0])
         if self.arcface is not None:
-            from fica_jax.eval.arcface import embed, id_csim
-            from fica_jax.eval.face import align_faces
+            from fica_jax.quality.arcface import embed, id_csim
+            from fica_jax.quality.face import align_faces
 
             faces = align_faces(jnp.stack([p, g]), np.stack([kpts, kpts]))
             e = embed(self.arcface, faces)
@@ -95,7 +87,7 @@ class Scorer:
 
 # ----------------------------------------------------------------------------- rendering
 def _mesh_render(texture, geometry, mask, frame, template_name: str) -> np.ndarray:
-    from fica_jax.generate import expression_offset
+    from fica_jax.infer.generate import expression_offset
     from fica_jax.render.surfels import render_surfels
 
     r = mask.shape[0]
@@ -110,7 +102,7 @@ def _mesh_render(texture, geometry, mask, frame, template_name: str) -> np.ndarr
 
 
 def _avatar(upm, maps, backend: str, tmp: pathlib.Path):
-    from fica_jax.avatar import Avatar
+    from fica_jax.avatar.bundle import Avatar
 
     av = Avatar.create(upm.model, maps["texture"], maps["geometry"], maps["mask"])
     if backend == "jax":
@@ -146,7 +138,7 @@ def _frames(rec, limit: int | None) -> list[dict]:
 
 def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, dict]:
     """{method: maps} of one identity for every method whose models exist."""
-    from fica_jax.generate import generate_maps
+    from fica_jax.infer.generate import generate_maps
 
     size = int(models["dense"].cfg.data.image_size)
     portrait = np.asarray(jax.image.resize(
@@ -181,7 +173,7 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
 def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, pose, cfg_scale,
                       frames, tmp) -> tuple[list[dict], dict]:  # fmt: skip
     """-> (metric rows, {method: [(frame, render)]} for the contact sheet)."""
-    from fica_jax.eval.face import record_face_masks
+    from fica_jax.quality.face import record_face_masks
 
     faces = record_face_masks(rec, template)
     maps = _identity_maps(rec, models, steps=steps, seed=seed, pose=pose, cfg_scale=cfg_scale)
@@ -233,8 +225,8 @@ def evaluate(
     from data_pipelines.pipeline import host_slice, open_source
     from data_pipelines.shards import read_metadata
     from fica_jax.eval import report as report_lib
-    from fica_jax.generate import load_models
     from fica_jax.geometry.template import make_head_template
+    from fica_jax.infer.generate import load_models
     from fica_jax.train.metrics import Progress
 
     if backend not in ("jax", "torch"):
@@ -299,35 +291,3 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="zero-shot animation protocol on held-out identities")
-    p.add_argument("--models", required=True, help="folder of exports (as for fica generate)")
-    p.add_argument("--data", required=True, help="capture dataset with held-out identities")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--backend", default="jax", choices=("jax", "torch"))
-    p.add_argument("--steps", type=int, default=50, help="DiT Euler steps (default 50)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the DiT's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=1, help="DiT samples per identity (seeds seed..)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="first N identities only")
-    p.add_argument("--frames", type=int, default=None, help="first N dome frames per identity")
-    p.add_argument("--pose", default="gt", choices=("gt", "regressor"))
-    p.add_argument("--lpips", default=None, help="folder with alexnet.pth + alex.pth (v0.1)")
-    p.add_argument("--arcface", default=None, help="insightface iresnet backbone.pth")
-
-    def run_cmd(args, extra) -> int:
-        rep = evaluate(
-            args.models, args.data, args.out, backend=args.backend, steps=args.steps,
-            cfg_scale=args.cfg, seed=args.seed, samples=args.samples, split=args.split,
-            limit=args.limit, frames=args.frames, pose=args.pose, lpips_dir=args.lpips,
-            arcface=args.arcface,
-        )  # fmt: skip
-        if "tables" in rep:
-            print(pathlib.Path(args.out, "report.md").read_text())
-        print(f"eval -> {args.out} ({json.dumps(rep.get('info', {}).get('seconds'))} s)")
-        return 0
-
-    p.set_defaults(func=run_cmd)

@@ -27,7 +27,7 @@ def _mean(values) -> float | None:
 
 def per_identity(rows: list[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
     """{(identity, method): {metric: mean over the identity's frames and samples}}."""
-    from fica_jax.eval.harness import METRICS
+    from fica_jax.eval.protocol import METRICS
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -45,7 +45,7 @@ def table(rows: list[dict], methods, notes: dict[str, str], paired: str = "") ->
     error), or the reason missing. `paired` "above" / "first": also each metric's change from the
     row above (the ablation's steps) / from the first row (the baseline), identity by identity
     (`<metric>_delta`, `<metric>_delta_se`)."""
-    from fica_jax.eval.harness import METRICS
+    from fica_jax.eval.protocol import METRICS
 
     ids = per_identity(rows)
     out, prev = [], None
@@ -87,7 +87,7 @@ def _cell(r: dict, m: str) -> str:
 
 
 def _markdown(title: str, rows: list[dict]) -> str:
-    from fica_jax.eval.harness import METRICS
+    from fica_jax.eval.protocol import METRICS
 
     head = "| Method | " + " | ".join(ARROWS[m] for m in METRICS) + " |"
     lines = [f"### {title}", "", head, "|" + "---|" * (len(METRICS) + 1)]
@@ -132,7 +132,7 @@ def _bar_chart(ids: dict, methods, path: pathlib.Path) -> None:
 
 def _frames_sheet(rows: list[dict], sheets: dict, path: pathlib.Path) -> None:
     """Best / median / worst FiCA (3DGS) frames: GT | 3DGS | 4x error | mesh | mean baseline."""
-    from fica_jax.sample import write_sheet
+    from fica_jax.preview import write_sheet
 
     scored = sorted((r["psnr"], r["identity"], r["frame"]) for r in rows if r["method"] == "3dgs")
     if not scored:
@@ -169,7 +169,7 @@ def gather_parts(out: pathlib.Path, count: int, timeout: float = 3600.0) -> list
 
 
 def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) -> dict:
-    from fica_jax.eval.harness import ABLATION, MAIN, METRICS
+    from fica_jax.eval.protocol import ABLATION, MAIN, METRICS
 
     notes = {
         m: info["weights"][m] for m in ("lpips", "id_csim") if "unavailable" in info["weights"][m]

@@ -1,7 +1,7 @@
 """Framework-free readers of fica-jax's on-disk folders: a JSON manifest carrying `format` and
 `version` beside an arrays file (safetensors or .npz).
 
-One reader for `fica export`'s model folders (`model_export`), avatar bundles (`fica_jax.avatar`)
+One reader for `fica export`'s model folders (`model_export`), avatar bundles (`fica_jax.avatar.bundle`)
 and the PyTorch runtime (`torch_runtime`, which must not import JAX): numpy, json and
 safetensors only. Bad folders raise one-line `UserError`s naming the file and what was expected.
 """

@@ -174,49 +174,6 @@ def host_params(
     return step, generate
 
 
-# ----------------------------------------------------------------------------- stats
-def _stage_stats(cfg) -> tuple[dict, dict[str, np.ndarray]]:
-    """The data normalisation a stage's model needs at inference, as (JSON, arrays)."""
-    stage = cfg.stage
-    if stage == "vae":
-        from fica_jax.stages.vae import map_stats
-
-        s = map_stats(cfg)
-        arrays = (
-            {}
-            if s.position_reference is None
-            else {"stats.position_reference": s.position_reference}
-        )
-        return {"map_stats": s.to_dict()}, arrays
-    if stage == "dit":
-        from data_pipelines.latents import LatentSource, cache_metadata, load_baselines
-
-        meta = cache_metadata(cfg.data.dir)  # the latent cache the DiT was trained on
-        keep = ("map_stats", "latent_scale", "unshuffle", "vae", "grid", "token_channels",
-                "image_emb_dim", "embedding", "control_groups", "control_source", "uv_resolution")  # fmt: skip
-        js = {k: meta[k] for k in keep if k in meta}
-        # the UV layout mask the maps are decoded under, and the mean-texture/shape baselines
-        arrays = {"stats.uv_mask": np.asarray(LatentSource(cfg.data.dir, "train")[0]["uv_mask"])}
-        try:
-            base = load_baselines(cfg.data.dir)
-        except UserError:  # caches without baselines (test fixtures) carry no reference map
-            base = {}
-        arrays |= {f"stats.{k}": np.asarray(v, np.float32) for k, v in base.items()}
-        if meta.get("map_stats", {}).get("reference_digest") and "position_reference" not in base:
-            raise UserError(f"{cfg.data.dir}: the cache's position reference map is missing")
-        return js, {k: v.astype(np.float32) for k, v in arrays.items()}
-    if stage in ("upm", "refiner"):  # the template the maps are laid out on
-        from data_pipelines.shards import read_metadata
-
-        try:
-            template = read_metadata(cfg.data.dir).get("template", {})
-        except (UserError, OSError):
-            template = {}
-        return {"template": template,
-                "expression_names": list(template.get("expression_names", []))}, {}  # fmt: skip
-    return {}, {}
-
-
 # ----------------------------------------------------------------------------- export
 def _architecture(model) -> dict:
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
@@ -251,7 +208,7 @@ def export_run(
     if use_ema and float(cfg.optim.get("ema_decay", 0.0)) <= 0:
         raise UserError(f"--ema: {run} keeps no EMA (its optim.ema_decay is 0)")
     step, params = host_params(run, abstract, step, "ema" if use_ema else "params", chunk_bytes)
-    stats_json, stats_arrays = _stage_stats(cfg)
+    stats_json, stats_arrays = stage.export_stats(cfg) if stage.export_stats else ({}, {})
 
     code = DTYPES[dtype][0]
     entries = param_names(abstract)
@@ -328,25 +285,3 @@ def load_exported(directory: str | os.PathLike, stage: str | None = None):
     nnx.update(model, state)
     stats = {k[len("stats.") :]: v for k, v in arrays.items() if k.startswith("stats.")}
     return cfg, model, stats, meta
-
-
-# ----------------------------------------------------------------------------- command
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="a run's checkpoint -> model.safetensors + model.json (any mesh)"
-    )
-    p.add_argument("--run", required=True, help="the `fica train` workdir")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--ema", action="store_true", help="export the EMA params")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-
-    def run_cmd(args, extra) -> int:
-        meta = export_run(args.run, args.out, step=args.step, ema=args.ema, dtype=args.dtype)
-        print(
-            f"exported {meta['stage']} step {meta['source']['step']}: "
-            f"{meta['parameters']:,} params ({args.dtype}) -> {args.out}"
-        )
-        return 0
-
-    p.set_defaults(func=run_cmd)

@@ -1,4 +1,4 @@
-"""A saved avatar (`fica_jax.avatar.Avatar.save`) driven and rendered with PyTorch alone.
+"""A saved avatar (`fica_jax.avatar.bundle.Avatar.save`) driven and rendered with PyTorch alone.
 
 Imports torch, safetensors, numpy and the standard library, never jax/flax (gsplat only when
 rendering), so an avatar trained in JAX runs on an A100/H100 with PyTorch + gsplat:
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fica_jax.errors import UserError
 from fica_jax.export.manifest import AVATAR_FORMAT, AVATAR_VERSION, read_arrays, read_manifest
 
-# as fica_jax.avatar (which imports jax, so it is not imported here); tests check they agree
+# as fica_jax.avatar.bundle (which imports jax, so it is not imported here); tests check they agree
 FORMAT, VERSION = AVATAR_FORMAT, AVATAR_VERSION
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
 # the rasteriser's rules (fica_jax.render.composite / project / tiles)

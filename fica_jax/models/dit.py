@@ -103,7 +103,7 @@ def modulation(linear: nnx.Linear, c: jax.Array, n: int, dtype) -> list[jax.Arra
 
     The explicit layout is more than tidiness: without it XLA's SPMD partitioner (jax 0.10.2,
     CPU, data x fsdp x tensor mesh) silently swapped batch rows of `x + gate * attn(...)`;
-    tests/test_dit.py::test_sharding_annotations_and_sharded_forward catches that.
+    tests/stages/test_dit.py::test_sharding_annotations_and_sharded_forward catches that.
     """
     mod = shd.constrain(linear(c.astype(dtype)).astype(f32), shd.BATCH, None)
     return jnp.split(mod[:, None], n, axis=-1)

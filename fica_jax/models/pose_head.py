@@ -19,10 +19,10 @@ train-mean rotation 56 deg (a ridge regression on 16 x 16 masked pixels: 19 deg)
   maps it back by Gram-Schmidt.
 - cam: (u, v, log s), the image-observable part of the translation: the head origin's projection
   in fractions of the image (x / W, y / H) and s = fx / (t_z W), image widths per metre at the
-  head's depth (`fica_jax.pose.camera_params`). The focal is taken as known (from the record or a
+  head's depth (`fica_jax.infer.pose.camera_params`). The focal is taken as known (from the record or a
   nominal K): a head at portrait distances fixes only the ratio of focal to depth (weak
   perspective), and the crop augmentation changes K exactly, so the regressor predicts what the
-  image shows and `fica_jax.pose.translation_from_params` solves t for the given K.
+  image shows and `fica_jax.infer.pose.translation_from_params` solves t for the given K.
 - expression: the template's blendshape weights (`view_expression`).
 
 Outputs are offsets from a fixed prior (a frontal camera, a centred head filling ~40% of the frame, neutral expression) and

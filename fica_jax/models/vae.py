@@ -126,7 +126,7 @@ def _conv(conv: nnx.Conv, x: Array) -> Array:
     Pinning both sides is also a workaround: left free, the partitioner (jax 0.10.2, CPU, both
     Shardy and GSPMD) may shard a 3x3 conv's input and output channels over `tensor` on a
     (data, fsdp, tensor) mesh, and that layout computes wrong values for the batch shards whose
-    data and fsdp indices differ (tests/test_vae.py::test_sharded_params_and_forward_on_mesh).
+    data and fsdp indices differ (tests/models/test_vae.py::test_sharded_params_and_forward_on_mesh).
     """
     return _constrain(conv(_constrain(x)))
 

@@ -9,7 +9,7 @@ to both. Each valid texel becomes one Gaussian ("surfel"):
   differences inside the UV mask, so that chart seams do not make giant surfels), `n` the unit normal (given, or `t_u x t_v`) and
   `h = thickness * mean(|t_u|, |t_v|)`: a flat disc in the tangent plane. `k` = `footprint`
   (std-dev in texels). Defaults (k = 0.5, eps2d = 0.1, 8-px tiles keeping 1024 Gaussians) were
-  chosen against the capture renderer (tests/test_render_surfels.py): 0.5 keeps neighbours
+  chosen against the capture renderer (tests/render/test_render_surfels.py): 0.5 keeps neighbours
   overlapping into an opaque surface while adding little blur, and gsplat's eps2d = 0.3 blurs a
   texel-dense surface more than a (supersampled) mesh rasteriser does. Surfaces are dense (several
   texels per pixel, front and back), so tiles are smaller and hold more Gaussians than the

@@ -12,12 +12,12 @@ depend on the dataset's length unit.
 Our addition, standing in for FiCA's EMOCA/SMIRK: a head-pose / expression regressor on the same
 tokens (`models/pose_head.py`), trained here with `rot_l2` (squared Frobenius distance of the
 Gram-Schmidt rotation to the viewmat's, = 4 (1 - cos angle)), `cam_l1` (L1 of (u, v, log s),
-the head origin's image position and scale, `fica_jax.pose.camera_params` of the crop's K) and
+the head origin's image position and scale, `fica_jax.infer.pose.camera_params` of the crop's K) and
 `expr_l2` (mean squared error of the blendshape weights: L1 learnt their median, ~0, and lost to
 the mean in MSE). Weights `cfg.model.loss_weights.{rot, cam, expr}`; all three 0 builds no pose
 head (and loads dense checkpoints from before it). The eval reports the regressor's rotation /
 translation and the expression L1 / MSE against the train split's mean rotation / mean
-expression (`baseline_*`); PnP from the predicted vertex map (`fica_jax.pose.pose_from_vertices`)
+expression (`baseline_*`); PnP from the predicted vertex map (`fica_jax.infer.pose.pose_from_vertices`)
 runs outside the sharded eval step.
 """
 
@@ -32,9 +32,9 @@ from data_pipelines import transforms
 from data_pipelines.pipeline import CaptureData
 from fica_jax import config
 from fica_jax.errors import UserError
+from fica_jax.infer.pose import camera_params, pose_stats, translation_from_params
 from fica_jax.models.pose_head import geodesic_deg, rotation_from_6d
 from fica_jax.models.vit import VARIANTS, DensePredictor
-from fica_jax.pose import camera_params, pose_stats, translation_from_params
 from fica_jax.train.stage import Stage
 
 
@@ -223,4 +223,12 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
 make_data = CaptureData(transforms.dense_example)
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
-STAGE = Stage("dense", "vit", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)
+STAGE = Stage(
+    name="dense",
+    rules="vit",
+    make_model=make_model,
+    make_loss=make_loss,
+    make_data=make_data,
+    batch_spec=batch_spec,
+    make_eval=make_eval,
+)

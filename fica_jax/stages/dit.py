@@ -27,27 +27,21 @@ the conditioning adds); `make_sample` writes the preview sheet and a TensorBoard
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from data_pipelines.latents import (
-    LatentSource,
-    cache_metadata,
-    control_channels,
-    latent_example,
-    load_baselines,
-)
-from data_pipelines.pipeline import make_pipeline
+from data_pipelines.latents import LatentSource, cache_metadata, load_baselines
 from fica_jax import config, flow
 from fica_jax.errors import UserError
-from fica_jax.models import uv_latent
+from fica_jax.infer.latents import decoding_context, latent_pipeline
+from fica_jax.infer.sample import decode, preview_rows, sample_maps, uv_metrics
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
-from fica_jax.sample import decode, preview_rows, sample_maps, uv_metrics, write_sheet
+from fica_jax.preview import write_sheet
 from fica_jax.train.stage import Stage
 
 
@@ -215,97 +209,14 @@ def make_sample(cfg: ml_collections.ConfigDict):
     return sample_fn
 
 
-# ----------------------------------------------------------------------------- decoding
-@dataclasses.dataclass
-class DecodingContext:
-    """What decoding a cache's latents needs: its VAE (latent scale applied), map statistics,
-    unshuffle factor and held-out baselines."""
-
-    vae: nnx.Module
-    stats: uv_latent.MapStats
-    unshuffle: int
-    baselines: dict
-    cache: str
-
-    def identities(self, split: str) -> list[str]:
-        src = LatentSource(self.cache, split)
-        return [str(src[i]["identity"]) for i in range(len(src))]
-
-
-def decoding_context(cfg: ml_collections.ConfigDict, meta: dict, where: str) -> DecodingContext:
-    """Loads `cfg.model.vae` (else the VAE the cache names) and refuses a cache built with
-    another VAE checkpoint."""
-    from fica_jax import latent_cache
-
-    vae = latent_cache.load_vae(cfg.model.vae or meta["vae"]["path"], int(meta["unshuffle"]))
-    latent_cache.check_vae(meta, vae, where)
-    vae = latent_cache.with_scale(vae, meta["latent_scale"])
-    baselines = load_baselines(cfg.data.dir)
-    stats = uv_latent.MapStats.from_dict(meta["map_stats"], baselines.get("position_reference"))
-    return DecodingContext(vae.model, stats, vae.unshuffle, baselines, str(cfg.data.dir))
-
-
-# ----------------------------------------------------------------------------- data
-def _check_cache(cfg: ml_collections.ConfigDict, meta: dict) -> None:
-    m, where = cfg.model, f"latent cache {cfg.data.dir}"
-    grid = m.latent_size
-    want = {"grid": grid, "token_channels": m.latent_channels, "image_emb_dim": m.image_emb_dim}
-    for key, value in want.items():
-        if int(meta[key]) != int(value):
-            cfg_key = {
-                "grid": "model.latent_size",
-                "token_channels": "model.latent_channels",
-                "image_emb_dim": "model.image_emb_dim",
-            }[key]
-            raise UserError(
-                f"{where} has {key} {meta[key]}, but config {cfg_key}={value}; pass --config.{cfg_key}={meta[key]}"
-            )
-    if m.use_image_emb and meta["embedding"] == "none":
-        raise UserError(
-            f"{where} holds no image embedding (built without --dense/--clip); pass --config.model.use_image_emb=false or rebuild it"
-        )
-
-
-def _pipeline(
-    cfg: ml_collections.ConfigDict,
-    split: str,
-    process_index: int,
-    process_count: int,
-    *,
-    ground_truth: bool,
-    **kw,
-):
-    if not cfg.data.dir:
-        raise UserError(
-            "config data.dir is empty; build a latent cache with `fica data cache --data DIR --vae RUN --out CACHE` and pass --config.data.dir=CACHE"
-        )
-    _check_cache(cfg, cache_metadata(cfg.data.dir))
-    shard_split = "test" if split == "eval" else split
-    extra = {
-        "control": tuple(control_channels(cfg.model.control_maps, cfg.model.latent_channels)),
-        "image_emb": bool(cfg.model.use_image_emb),
-        "ground_truth": ground_truth,
-    }
-    args = dict(
-        global_batch_size=cfg.data.batch_size,
-        seed=(cfg.data.shuffle_seed + cfg.seed) % 2**32,
-        process_index=process_index,
-        process_count=process_count,
-        workers=cfg.data.workers,
-        source=LatentSource(cfg.data.dir, shard_split),
-        extra=extra,
-    )
-    return make_pipeline(cfg.data.dir, latent_example, shard_split, **{**args, **kw})
-
-
 def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int):
     """Train: posterior samples, shuffled, forever. Eval: posterior means and the ground-truth
     maps of the held-out identities, one ordered pass (at least one full batch)."""
     if split == "train":
-        return _pipeline(cfg, split, process_index, process_count, ground_truth=False)
+        return latent_pipeline(cfg, split, process_index, process_count, ground_truth=False)
     n = len(LatentSource(cfg.data.dir, "test"))
     epochs = max(1, -(-int(cfg.data.batch_size) // max(n, 1)))
-    return _pipeline(
+    return latent_pipeline(
         cfg,
         split,
         process_index,
@@ -314,18 +225,6 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
         augment=False,
         shuffle=False,
         num_epochs=epochs,
-    )
-
-
-def held_out_batches(cfg: ml_collections.ConfigDict, split: str = "test"):
-    """Every identity of `split` once, in order, with ground truth (for `fica sample`): the
-    batch is the largest divisor of the split size up to the config's batch size."""
-    n = len(LatentSource(cfg.data.dir, split))
-    b = max(d for d in range(1, min(int(cfg.data.batch_size), n) + 1) if n % d == 0)
-    with cfg.unlocked():
-        cfg.data.batch_size = b
-    return _pipeline(
-        cfg, split, 0, 1, ground_truth=True, augment=False, shuffle=False, num_epochs=1
     )
 
 
@@ -341,5 +240,32 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
-# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
-STAGE = Stage("dit", "dit", make_model, make_loss, make_data, batch_spec, make_eval, make_sample)
+def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.ndarray]]:
+    """What sampling needs from the latent cache the DiT trained on: its VAE, latent scale and
+    layout, the UV mask the maps decode under and the mean-texture / mean-shape baselines."""
+    meta = cache_metadata(cfg.data.dir)
+    keep = ("map_stats", "latent_scale", "unshuffle", "vae", "grid", "token_channels",
+            "image_emb_dim", "embedding", "control_groups", "control_source", "uv_resolution")  # fmt: skip
+    arrays = {"stats.uv_mask": np.asarray(LatentSource(cfg.data.dir, "train")[0]["uv_mask"])}
+    try:
+        base = load_baselines(cfg.data.dir)
+    except UserError:  # caches without baselines (test fixtures) carry no reference map
+        base = {}
+    arrays |= {f"stats.{k}": np.asarray(v) for k, v in base.items()}
+    if meta.get("map_stats", {}).get("reference_digest") and "position_reference" not in base:
+        raise UserError(f"{cfg.data.dir}: the cache's position reference map is missing")
+    json_part = {k: meta[k] for k in keep if k in meta}
+    return json_part, {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+STAGE = Stage(
+    name="dit",
+    rules="dit",
+    make_model=make_model,
+    make_loss=make_loss,
+    make_data=make_data,
+    batch_spec=batch_spec,
+    make_eval=make_eval,
+    make_sample=make_sample,
+    export_stats=export_stats,
+)

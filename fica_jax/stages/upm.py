@@ -11,7 +11,7 @@ Losses (weights `cfg.model.loss_weights`, defaults from the public RGCA recipe, 
   that is not stored, so the render is composited over the frame's own background pixels
   (`frame_image` outside `frame_mask`, black inside): a Gaussian outside the head or a hole in
   it then costs as in RGCA's composite over the captured background plate.
-- `rgb_ssim` 0.2: 1 - SSIM (dm-pix convention, `fica_jax.eval.metrics`) of the same images.
+- `rgb_ssim` 0.2: 1 - SSIM (dm-pix convention, `fica_jax.quality.image`) of the same images.
 - `geom_l2` 0.4: mean squared distance, in `geometry_unit` (mm: RGCA's weights assume
   millimetre captures), between predicted means and the frame's posed UV geometry, inside the
   UV atlas.
@@ -43,11 +43,12 @@ from flax import nnx
 
 from data_pipelines import transforms
 from data_pipelines.pipeline import CaptureData, open_source
+from data_pipelines.shards import template_stats
 from fica_jax import config
-from fica_jax.eval import metrics
 from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
+from fica_jax.preview import write_sheet
+from fica_jax.quality import image as metrics
 from fica_jax.render.surfels import render_surfels
-from fica_jax.sample import write_sheet
 from fica_jax.train.stage import Stage
 
 _SIZE_KEYS = ("latent_dim", "hidden", "seed_resolution", "seed_channels", "channels",
@@ -283,6 +284,13 @@ make_data = CaptureData(transforms.upm_example)
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
 STAGE = Stage(
-    "upm", "upm", make_model, make_loss, make_data, batch_spec, make_eval=make_eval,
+    name="upm",
+    rules="upm",
+    make_model=make_model,
+    make_loss=make_loss,
+    make_data=make_data,
+    batch_spec=batch_spec,
+    make_eval=make_eval,
     make_sample=make_sample,
-)  # fmt: skip
+    export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
+)

@@ -20,9 +20,6 @@ needs LPIPS weights, which are not shipped; `cfg.model.kl_weight` sets the KL ba
 
 from __future__ import annotations
 
-import functools
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms
-from data_pipelines.pipeline import CaptureData, mean_maps
+from data_pipelines.pipeline import CaptureData
 from fica_jax import config
-from fica_jax.errors import UserError
+from fica_jax.infer.latents import map_stats, model_inputs, train_mean_geometry
 from fica_jax.models import uv_latent
 from fica_jax.models.vae import VARIANTS, AutoencoderKL, VAEConfig
 from fica_jax.train.stage import Stage
@@ -50,49 +47,8 @@ def vae_config(cfg: ml_collections.ConfigDict) -> VAEConfig:
     )
 
 
-REFERENCES = ("", "train_mean")  # cfg.model.position_reference
-
-
-def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
-    """The run's map normalisation. `model.position_reference = "train_mean"` centres positions
-    on the mean neutral geometry of `data.dir`'s training split (read from the data, so a VAE
-    run and every cache built from it agree while the data stay in place; the cache keeps its
-    own copy and the digest), `position_extent` then being the residual's half-width."""
-    stats = uv_latent.MapStats(
-        position_center=tuple(cfg.model.position_center),
-        position_extent=tuple(cfg.model.position_extent),
-    )
-    ref = cfg.model.get("position_reference", "")
-    if ref not in REFERENCES:
-        raise UserError(f"config model.position_reference={ref!r}; expected one of {REFERENCES}")
-    if ref == "train_mean":
-        stats = stats.with_reference(_train_mean_geometry(str(cfg.data.dir)))
-    return stats
-
-
-@functools.lru_cache(maxsize=4)
-def _train_mean_geometry(data_dir: str) -> np.ndarray:
-    if not data_dir or not pathlib.Path(data_dir).is_dir():
-        raise UserError(
-            f"config data.dir={data_dir!r}: no such directory; model.position_reference="
-            "'train_mean' reads the VAE's training data for its mean geometry"
-        )
-    return mean_maps(data_dir, "train")["mean_geometry"]
-
-
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> AutoencoderKL:
     return AutoencoderKL(vae_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
-
-
-def model_inputs(batch, stats: uv_latent.MapStats) -> tuple[jax.Array, jax.Array]:
-    """[2B, R, R, 3] maps in [-1, 1] (texture rows then geometry rows) and their [2B, R, R, 1]
-    UV-layout mask."""
-    mask = batch["uv_mask"]
-    tex = uv_latent.normalize_map("texture", batch["uv_texture"], stats, mask)
-    geo = uv_latent.normalize_map("position", batch["uv_geometry"], stats, mask)
-    x = jnp.concatenate([tex, geo], axis=0)
-    m = jnp.concatenate([mask, mask], axis=0)[..., None]
-    return x, m
 
 
 def _masked_l1(a, b, m):
@@ -129,7 +85,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
     8x-downsample-then-bilinear-upsample baseline on the same maps and, for geometry, the
     training mean shape (the template every identity would get without its own geometry)."""
     stats = map_stats(cfg)
-    mean_shape = _train_mean_geometry(str(cfg.data.dir)) if cfg.data.dir else None
+    mean_shape = train_mean_geometry(str(cfg.data.dir)) if cfg.data.dir else None
 
     def eval_fn(model: AutoencoderKL, batch, rng: jax.Array):
         del rng
@@ -179,4 +135,20 @@ def reference_metrics(batches, model, cfg) -> dict[str, float]:
 make_data = CaptureData(transforms.vae_example)
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
-STAGE = Stage("vae", "vae", make_model, make_loss, make_data, batch_spec, make_eval=make_eval)
+def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.ndarray]]:
+    """The map normalisation the VAE was trained with (and its position reference map)."""
+    s = map_stats(cfg)
+    ref = s.position_reference
+    return {"map_stats": s.to_dict()}, {} if ref is None else {"stats.position_reference": ref}
+
+
+STAGE = Stage(
+    name="vae",
+    rules="vae",
+    make_model=make_model,
+    make_loss=make_loss,
+    make_data=make_data,
+    batch_spec=batch_spec,
+    make_eval=make_eval,
+    export_stats=export_stats,
+)

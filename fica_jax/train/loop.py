@@ -20,7 +20,7 @@ import numpy as np
 
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
-from fica_jax.train import hlo_stats
+from fica_jax.perf import hlo_stats
 from fica_jax.train import metrics as mlib
 from fica_jax.train.checkpoint import Checkpointer, load_params
 from fica_jax.train.stage import get_stage

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 
 import jax
 
-from fica_jax.train.chips import chip_of
+from fica_jax.perf.chips import chip_of
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of the device's chip (`fica_jax.train.chips`); None if unknown."""
+    """Peak dense bf16 FLOP/s of the device's chip (`fica_jax.perf.chips`); None if unknown."""
     chip = chip_of(device)
     return chip.peak_flops if chip else None
 

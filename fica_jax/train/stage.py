@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from fica_jax.errors import UserError
@@ -29,12 +30,13 @@ from fica_jax.errors import UserError
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 Config = ml_collections.ConfigDict
+STAGES_PACKAGE = "fica_jax.stages"  # the registry: `fica train NAME` loads STAGES_PACKAGE.NAME
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
 EvalFn = Callable[[nnx.Module, Batch, jax.Array], Metrics]
 SampleFn = Callable[[nnx.Module, Batch, jax.Array, pathlib.Path, int], None]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
     """A stage's contract with the train loop. Every callable is a factory of `cfg`, called once
     outside jit, so config constants (loss weights, normalisation) are bound before tracing.
@@ -53,6 +55,9 @@ class Stage:
                  compile the step ahead of time without data.
     make_eval:   optional `(cfg) -> eval_fn(model, batch, rng) -> {name: scalar}` on the eval split.
     make_sample: optional `(cfg) -> sample_fn(model, batch, rng, workdir, step)` writing previews.
+    export_stats: optional `(cfg) -> (json dict, {name: np.ndarray})`: what the trained model
+                 needs beside its parameters at inference (data normalisation, the template),
+                 stored in its `fica export` (`model.json` "stats", `stats.*` tensors).
     """
 
     name: str
@@ -63,13 +68,14 @@ class Stage:
     batch_spec: Callable[[Config], dict[str, jax.ShapeDtypeStruct]]
     make_eval: Callable[[Config], EvalFn] | None = None
     make_sample: Callable[[Config], SampleFn] | None = None
+    export_stats: Callable[[Config], tuple[dict, dict[str, np.ndarray]]] | None = None
 
 
 def stage_names() -> list[str]:
     """The stages shipped in `fica_jax/stages/` (every module there defining STAGE)."""
-    import fica_jax.stages as pkg
-
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg)
+    # Found by name, not imported: the stages sit above the train loop (tests/foundation/test_layers.py).
+    where = importlib.util.find_spec(STAGES_PACKAGE).submodule_search_locations
+    return sorted(m.name for m in pkgutil.iter_modules(where) if not m.ispkg)
 
 
 def _load_file(path: pathlib.Path) -> Any:
@@ -96,7 +102,7 @@ def get_stage(spec: str) -> Stage:
         except ModuleNotFoundError:
             raise UserError(f"stage module {spec!r} cannot be imported") from None
     elif spec in stage_names():
-        module = importlib.import_module(f"fica_jax.stages.{spec}")
+        module = importlib.import_module(f"{STAGES_PACKAGE}.{spec}")
     else:
         raise UserError(
             f"unknown stage {spec!r}; expected one of {stage_names()} or a path/to/stage.py"

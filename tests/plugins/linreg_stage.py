@@ -44,7 +44,14 @@ def batch_spec(cfg):
     }
 
 
-STAGE = Stage("linreg", "default", make_model, make_loss, make_data, batch_spec)
+STAGE = Stage(
+    name="linreg",
+    rules="default",
+    make_model=make_model,
+    make_loss=make_loss,
+    make_data=make_data,
+    batch_spec=batch_spec,
+)
 
 
 def get_config():

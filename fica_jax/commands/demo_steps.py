@@ -1,0 +1,169 @@
+"""The steps `fica demo` chains: stage configs at the demo's sizes, training (skipped once the
+final checkpoint exists), held-out figures vs baselines, exports, avatars and their GIFs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from fica_jax.config import load_config
+from fica_jax.errors import UserError
+
+# The exports `fica generate` / `fica eval` read (`--models DIR/<name>`) and the runs behind them.
+RUNS = {"vae": "vae:tiny", "dense": "dense:tiny", "dit": "dit:tiny", "dit-rgb": "dit:tiny-rgb",
+        "dit-maps": "dit:tiny-maps", "refiner": "refiner:tiny", "upm": "upm:tiny"}  # fmt: skip
+HIGHER_IS_BETTER = ("psnr", "ssim", "iou")
+
+
+def stage_cfg(name: str, data_dir: pathlib.Path, steps: int, sizes: dict, meta: dict | None = None):
+    """`RUNS[name]`'s tiny config at the demo's sizes: all devices on fsdp, `steps` steps, held-out
+    metrics once, at the end."""
+    uv, image = sizes["uv"], sizes["image"]
+    o = [f"--config.data.dir={data_dir}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+         f"--config.train.steps={steps}", f"--config.optim.warmup_steps={max(1, steps // 10)}",
+         f"--config.train.eval_every={steps}", f"--config.train.ckpt_every={steps}"]  # fmt: skip
+    stage = name.split("-")[0]
+    if stage in ("vae", "refiner", "upm"):
+        o.append(f"--config.data.uv_resolution={uv}")
+    if stage == "dense":
+        o.append(f"--config.data.image_size={image}")
+    if stage == "refiner":
+        o.append(f"--config.data.image_size={sizes['refiner_image']}")
+    if stage == "upm":
+        o += [
+            f"--config.data.image_size={image}",
+            f"--config.model.n_cameras={sizes['frames'] + 1}",
+        ]
+    if stage == "dit":
+        o += [f"--config.model.latent_size={meta['grid']}",
+              f"--config.model.latent_channels={meta['token_channels']}",
+              f"--config.model.image_emb_dim={meta['image_emb_dim']}",
+              f"--config.model.patch={sizes['dit_patch']}",
+              f"--config.model.eval_steps={sizes['sample_steps']}"]  # fmt: skip
+    for key, value in sizes.get("lr", {}).get(stage, {}).items():
+        o.append(f"--config.{key}={value}")
+    return load_config(RUNS[name], o)
+
+
+def final_step(run: pathlib.Path) -> int | None:
+    """The newest complete checkpoint of a run (Orbax renames a step's folder to its number only
+    once it is complete), without opening Orbax."""
+    root = run / "checkpoints"
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    return max(steps, default=None)
+
+
+def train(cfg, run: pathlib.Path) -> None:
+    from fica_jax.train import loop
+
+    print(f"[demo] train {cfg.stage}: {cfg.train.steps} steps -> {run}", flush=True)
+    loop.train(cfg, run)
+
+
+def held_out(run: pathlib.Path) -> dict:
+    """The run's last logged `eval/...` figures, and each one's baseline with which is better:
+    {"eval/x": v, ..., "vs_baseline": {x: {"value", "baseline", "better"}}}."""
+    from fica_jax.train.metrics import read_metrics
+
+    final: dict = {}
+    for _, row in sorted(read_metrics(run).items()):
+        final.update(row)
+    evals = {k[5:]: v for k, v in final.items() if k.startswith("eval/")}
+    vs = {}
+    for key, base in evals.items():
+        if not key.startswith("baseline_"):
+            continue
+        rest = key[len("baseline_") :]
+        # baseline_X compares with X; baseline_<name>_X (several baselines of X) too
+        metric = rest if rest in evals else next((k for k in evals if rest.endswith("_" + k)), "")
+        if not metric:
+            continue
+        value = evals[metric]
+        up = any(t in metric for t in HIGHER_IS_BETTER)
+        vs[rest] = {
+            "value": value,
+            "baseline": base,
+            "better": bool(value > base if up else value < base),
+        }
+    return {
+        "step": final.get("step"),
+        **{f"eval/{k}": v for k, v in evals.items()},
+        "vs_baseline": vs,
+    }
+
+
+def export(run: pathlib.Path, out: pathlib.Path, ema: bool) -> dict:
+    from fica_jax.export.model_export import export_run
+
+    meta = export_run(run, out, ema=ema)
+    return {"dir": str(out), "step": meta["source"]["step"], "ema": ema,
+            "parameters": meta["parameters"]}  # fmt: skip
+
+
+def portraits(
+    data_dir: pathlib.Path, out: pathlib.Path, n: int
+) -> list[tuple[str, pathlib.Path, pathlib.Path]]:
+    """The first `n` held-out identities' portraits (PNG) and their capture camera and expression
+    as a `--pose` JSON (`fica_jax.infer.pose.load_pose_json`: what a face tracker would give) ->
+    [(identity, png, json)]."""
+    from PIL import Image
+
+    from data_pipelines.pipeline import open_source
+
+    src = open_source(data_dir, "test")
+    out.mkdir(parents=True, exist_ok=True)
+    got = []
+    for i in range(min(n, len(src))):
+        rec = src[i]
+        name = str(rec["identity"])
+        png, js = out / f"{name}.png", out / f"{name}.pose.json"
+        if not (png.is_file() and js.is_file()):
+            img = np.asarray(rec["view_image"][0])
+            pose = {"image_size": list(img.shape[:2]), "K": rec["view_K"][0].tolist(),
+                    "viewmat": rec["view_viewmat"][0].tolist(),
+                    "expression": rec["view_expression"][0].tolist()}  # fmt: skip
+            tmp = png.with_name(f".{png.name}.tmp.png")
+            Image.fromarray(img).save(tmp)
+            os.replace(tmp, png)
+            tmp = js.with_name(f".{js.name}.tmp")
+            tmp.write_text(json.dumps(pose))
+            os.replace(tmp, js)
+        got.append((name, png, js))
+    return got
+
+
+def avatar(png: pathlib.Path, pose: pathlib.Path, models: pathlib.Path, out: pathlib.Path,
+           steps: int) -> dict:  # fmt: skip
+    from fica_jax.commands.generate import generate_avatar
+
+    info = generate_avatar(png, models, out, steps=steps, pose=pose)
+    return {"dir": str(out), "refined": info["refined"], "seconds_by_part": info["seconds"]}
+
+
+def gif(avatar_dir: pathlib.Path, out: pathlib.Path, mode: str, size: int) -> dict:
+    from fica_jax.avatar.drive import render_avatar
+
+    res = render_avatar(avatar_dir, out, mode=mode, size=size)
+    return {"file": res["out"], "frames": res["frames"], "size": size}
+
+
+def check_data(data_dir: pathlib.Path, identities: int, seed: int, sizes: dict) -> None:
+    """A resumed `--out` must hold the captures this run would synthesise."""
+    from data_pipelines.shards import read_metadata
+
+    gen = read_metadata(data_dir).get("generator", {})
+    cfg = gen.get("config", {})
+    have = {"identities": gen.get("identities"), "uv_resolution": cfg.get("uv_resolution"),
+            "image_size": cfg.get("image_size"), "n_frames": cfg.get("n_frames"), "seed": gen.get("seed"),
+            "test_every": cfg.get("test_every")}  # fmt: skip
+    want = {"identities": identities, "uv_resolution": sizes["uv"], "image_size": sizes["image"],
+            "n_frames": sizes["frames"], "seed": seed, "test_every": sizes["test_every"]}  # fmt: skip
+    for key, value in want.items():
+        if have[key] is not None and int(have[key]) != value:
+            raise UserError(
+                f"{data_dir}/metadata.json: {key} {have[key]}, this demo run needs {value}; "
+                "pass another --out (or the flags that wrote this one)"
+            )

@@ -1,0 +1,110 @@
+"""`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
+
+The maps come from `fica_jax.infer.generate.generate_maps` (dense -> unwrap -> DiT -> VAE decode
+-> refiner); this command puts them through the UPM's identity encoder and writes the bundle
+(a temp folder renamed at the end): `avatar.safetensors` + `avatar.json` (`fica_jax.avatar.bundle`),
+`avatar.ply` (the neutral frame, standard 3DGS layout), `maps.npz` (generated and refined UV
+maps) and `preview.png` (portrait | front | side | back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fica_jax import __version__
+from fica_jax.errors import UserError
+from fica_jax.infer.generate import Exported, Timer, generate_maps, load_models, read_portrait
+
+
+def generate_avatar(
+    image: str | os.PathLike,
+    models_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    steps: int = 50,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    pose: str | os.PathLike | None = None,
+    refine: bool = True,
+    models: dict[str, Exported] | None = None,
+) -> dict:
+    """Writes the avatar bundle to `out`; returns its info (with per-stage seconds)."""
+    from fica_jax.avatar.bundle import Avatar
+    from fica_jax.avatar.drive import render_frames, write_frames
+
+    timer = Timer()
+    models = models or load_models(models_dir)
+    timer.lap("load")
+    upm = models["upm"]
+    r = int(models["dit"].stats["uv_mask"].shape[0])
+    if int(upm.model.cfg.uv_resolution) != r:
+        raise UserError(
+            f"--models: the DiT makes {r}^2 UV maps, the UPM takes {upm.model.cfg.uv_resolution}^2"
+        )
+    portrait = read_portrait(image, int(models["dense"].cfg.data.image_size))
+    maps, info = generate_maps(
+        portrait, models, steps=steps, cfg_scale=cfg_scale, seed=seed, pose=pose, refine=refine,
+        timer=timer, where=f"--image {image}",
+    )  # fmt: skip
+    info |= {
+        "source_image": str(pathlib.Path(image).resolve()), "models": str(models_dir),
+        "pose": str(pose) if pose else ("regressor" if info["refined"] else None),
+        "fica_jax_version": __version__,
+        "expression_names": list(upm.meta.get("stats", {}).get("expression_names", [])),
+    }  # fmt: skip
+    avatar = Avatar.create(upm.model, maps["texture"], maps["geometry"], maps["mask"], info=info)
+    timer.lap("upm")
+    out = pathlib.Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        avatar.save(tmp)
+        avatar.save_ply(tmp / "avatar.ply")
+        np.savez(tmp / "maps.npz", **maps)
+        views = [{"yaw": y, "label": lab} for y, lab in ((0, "front"), (60, "side"), (180, "back"))]
+        size = 256
+        imgs = render_frames(avatar, views, size, progress=False)
+        tile = np.asarray(jax.image.resize(jnp.asarray(portrait), (size, size, 3), "bilinear"))
+        imgs = [(np.clip(tile, 0, 1) * 255).round().astype(np.uint8), *imgs]
+        write_frames(tmp / "preview.png", imgs, ["portrait"] + [v["label"] for v in views], 1)
+        timer.lap("bundle")
+        info["seconds"] = timer.seconds
+        meta = json.loads((tmp / "avatar.json").read_text())
+        meta["info"] = info
+        (tmp / "avatar.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="portrait -> drivable avatar bundle")
+    p.add_argument("--image", required=True, help="the portrait (any PIL-readable image)")
+    p.add_argument("--models", required=True, help="folder of exports: dense vae dit upm [refiner]")
+    p.add_argument("--out", required=True, help="avatar folder to write")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps of the DiT (default 50)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the DiT's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pose", default=None, help="JSON with K, viewmat, expression (fica_jax.infer.pose)")
+    p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
+
+    def run_cmd(args, extra) -> int:
+        info = generate_avatar(
+            args.image, args.models, args.out, steps=args.steps, cfg_scale=args.cfg,
+            seed=args.seed, pose=args.pose, refine=not args.no_refine,
+        )  # fmt: skip
+        secs = ", ".join(f"{k} {v:.2f} s" for k, v in info["seconds"].items())
+        print(f"avatar -> {args.out} ({secs})")
+        return 0
+
+    p.set_defaults(func=run_cmd)

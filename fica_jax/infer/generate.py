@@ -1,0 +1,258 @@
+"""`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
+
+portrait -> dense predictor (UV, vertices, normals, mask) -> partial UV maps + image embedding
+-> VAE-encoded control latents -> DiT + ControlMLP, `--steps` Euler steps with guidance `--cfg`
+-> VAE decode -> complete UV texture + geometry -> refiner (when `MODELS/refiner` exists; it needs
+the portrait's camera: `--pose JSON` from the user's tracker, else the dense predictor's pose
+regressor) -> UPM identity encoder -> avatar bundle.
+
+`--models DIR` holds one `fica export` folder per stage: `dense/`, `vae/`, `dit/`, `upm/` and
+optionally `refiner/` (`fica export --run RUN --out DIR/NAME`). The DiT's export carries the
+latent statistics of the cache it was trained on, and names the VAE that cache was built with:
+another VAE is refused.
+
+The bundle (a temp folder renamed at the end): `avatar.safetensors` + `avatar.json`
+(`fica_jax.avatar.bundle`), `avatar.ply` (the neutral frame, standard 3DGS layout), `maps.npz`
+(generated and refined UV maps) and `preview.png` (portrait | front | side | back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fica_jax.errors import UserError
+
+REQUIRED, OPTIONAL = ("dense", "vae", "dit", "upm"), ("refiner", "dit-rgb", "dit-maps")
+MIN_HEAD = 0.05  # fraction of the portrait the dense predictor's mask must cover
+
+
+@dataclasses.dataclass
+class Exported:
+    cfg: object
+    model: object
+    stats: dict
+    meta: dict
+
+
+def load_models(models_dir: str | os.PathLike) -> dict[str, Exported]:
+    from fica_jax.export.model_export import load_exported
+
+    d = pathlib.Path(models_dir)
+    if not d.is_dir():
+        raise UserError(f"--models {d}: no such folder")
+    out = {}
+    for name in REQUIRED + OPTIONAL:
+        if not (d / name).is_dir():
+            if name in OPTIONAL:
+                continue
+            raise UserError(
+                f"--models {d}: no {name}/ export; expected `fica export --run RUN --out "
+                f"{d}/{name}` for each of {', '.join(REQUIRED)} (refiner optional)"
+            )
+        out[name] = Exported(*load_exported(d / name, stage=name.split("-")[0]))
+    return out
+
+
+def read_portrait(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file -> [size, size, 3] float in [0, 1] (centre-cropped to a square)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"--image {path}: not a readable image ({e})") from None
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+
+
+def _vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
+    """The exported VAE set up as the DiT's cache used it (statistics, latent scale, packing)."""
+    from fica_jax.infer import latents
+    from fica_jax.models import uv_latent
+
+    dit, vae = models[dit_name], models["vae"]
+    st = dit.meta["stats"]
+    stats = uv_latent.MapStats.from_dict(st["map_stats"], dit.stats.get("position_reference"))
+    bundle = latents.VAEBundle(vae.model, stats, int(st["unshuffle"]), {})
+    want = st.get("vae", {}).get("fingerprint")
+    got = latents.fingerprint(vae.model)
+    if want and want != got:
+        raise UserError(
+            f"--models: the DiT's latent cache was built with VAE {want}, but vae/ holds {got}; "
+            "export the VAE run that built the cache"
+        )
+    return latents.with_scale(bundle, float(st["latent_scale"]))
+
+
+def _pose(models, portrait, pose_path, size: int):
+    """(K [3, 3] at `size` px, viewmat [4, 4], expression [E] or None) of the portrait: from the
+    user's JSON (its K refers to the image as given; we centre-crop it to a square, so the
+    principal point shifts by the crop) or from the dense predictor's pose regressor."""
+    from fica_jax.infer import pose as pose_lib
+
+    if pose_path:
+        p = pose_path if isinstance(pose_path, dict) else pose_lib.load_pose_json(pose_path)
+        h, w = p["image_size"]
+        side = min(h, w)
+        K = np.asarray(p["K"], np.float64).copy()
+        K[0, 2] -= (w - side) // 2
+        K[1, 2] -= (h - side) // 2
+        K = np.diag([size / side, size / side, 1.0]) @ K
+        return K.astype(np.float32), p["viewmat"], p["expression"]
+    # the regressor head when the dense model has one (its held-out error is in the dense
+    # stage's eval), else PnP on the predicted vertex map (`pose.pose_from_vertices`)
+    dense = models["dense"].model
+    method = "regressor" if getattr(dense, "pose", None) is not None else "pnp"
+    p = pose_lib.predict_pose(dense, jnp.asarray(portrait)[None], method=method)
+    s = size / portrait.shape[0]
+    K = np.diag([s, s, 1.0]).astype(np.float32) @ np.asarray(p["K"][0])
+    return K, np.asarray(p["viewmat"][0]), np.asarray(p["expression"][0])
+
+
+@functools.lru_cache(maxsize=4)
+def _template_raster(name: str, r: int):
+    from fica_jax.geometry.template import make_head_template
+    from fica_jax.geometry.uvmaps import uv_raster
+
+    t = make_head_template(int(name.rsplit("r", 1)[-1]))
+    return t, uv_raster(t.uvs, t.faces, r)
+
+
+def expression_offset(name: str, expression, r: int) -> np.ndarray:
+    """An expression code as a UV offset map [R, R, 3] from the blendshapes of the procedural
+    template `name` (zero without a template name or expression)."""
+    if expression is None or not name:
+        return np.zeros((r, r, 3), np.float32)
+    from fica_jax.geometry.uvmaps import position_map
+
+    t, raster = _template_raster(name, r)
+    e = np.asarray(expression, np.float32)[: t.n_expr]
+    delta = np.einsum("e,evc->vc", e, t.expr_basis[: len(e)])
+    return np.asarray(position_map(raster, jnp.asarray(delta)), np.float32)
+
+
+@functools.cache
+def _refine_jit():
+    from fica_jax.infer import refine as refine_lib
+
+    return nnx.jit(refine_lib.refine)  # traced once per shape, not per call
+
+
+def _refine(models, texture, geometry, mask, portrait, head_mask, pose_path):
+    ref = models["refiner"]
+    s, n_kpts = int(ref.cfg.data.image_size), int(ref.cfg.data.landmarks)
+    img = np.asarray(jax.image.resize(jnp.asarray(portrait), (s, s, 3), "bilinear"))
+    hm = np.asarray(jax.image.resize(jnp.asarray(head_mask), (s, s), "bilinear"))
+    K, viewmat, expression = _pose(models, portrait, pose_path, s)
+    offset = expression_offset(models["upm"].model.cfg.eye_template, expression, mask.shape[0])
+    batch = {
+        "input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
+        "portrait_image": img[None], "portrait_mask": hm[None], "portrait_K": K[None],
+        "portrait_viewmat": viewmat[None], "portrait_offset": (offset * mask[..., None])[None],
+        "landmark_uv": np.zeros((1, n_kpts, 2), np.float32),
+    }  # fmt: skip
+    out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()})
+    return out["texture"], out["geometry"]
+
+
+class Timer:
+    """Seconds per named stage (`lap(name)` closes the current one)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._t, 3)
+        self._t = now
+
+
+def _condition(models, portrait, dit_name: str, where: str):
+    """Dense predictor -> (head mask [S, S], coverage, DiT batch of control + embedding)."""
+    from data_pipelines.latents import control_channels
+    from fica_jax.infer import conditioning, latent_cache
+
+    dense, dit = models["dense"], models[dit_name]
+    r = int(dit.stats["uv_mask"].shape[0])
+    cond = conditioning.condition(jnp.asarray(portrait)[None], dense.model, r)
+    head = np.asarray(cond.dense["mask"][0])
+    cover = float((head > 0.5).mean())
+    if cover < MIN_HEAD:
+        raise UserError(
+            f"{where}: no head found (the dense predictor's mask covers {cover:.1%} of the "
+            f"image, expected >= {MIN_HEAD:.0%}); use a portrait framed like the training data"
+        )
+    vae = _vae_bundle(models, dit_name)
+    control = latent_cache.encode_control(vae, np.asarray(cond.partial_uv))
+    m = dit.cfg.model
+    control = control[..., control_channels(m.control_maps, m.latent_channels)]
+    emb = np.asarray(cond.image_emb, np.float32)
+    kind = dit.meta["stats"].get("embedding", "none")
+    if not m.use_image_emb:
+        emb = np.zeros((1, int(m.image_emb_dim)), np.float32)
+    elif kind != "dense-vit-pooled":
+        raise UserError(
+            f"--models: {dit_name} was trained on {kind!r} image embeddings; `fica generate` "
+            "computes the dense predictor's pooled ViT features ('dense-vit-pooled')"
+        )
+    mask = np.asarray(dit.stats["uv_mask"], np.float32)
+    batch = {"control": jnp.asarray(control), "image_emb": jnp.asarray(emb),
+             "uv_mask": jnp.asarray(mask)[None]}  # fmt: skip
+    return head, cover, batch, vae
+
+
+def generate_maps(
+    portrait: np.ndarray,  # [S, S, 3] in [0, 1] at the dense predictor's size
+    models: dict[str, Exported],
+    *,
+    steps: int = 50,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    pose=None,  # a --pose JSON path, a load_pose_json-style dict, or None: the regressor
+    refine: bool = True,
+    dit: str = "dit",  # which DiT export (ablation variants: "dit-rgb", "dit-maps")
+    timer: Timer | None = None,
+    where: str = "--image",
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The portrait's UV maps: {"texture", "geometry", "mask", "dit_texture", "dit_geometry"} and
+    an info dict (guidance scale, refined, head coverage)."""
+    from fica_jax.infer.sample import sample_maps
+
+    timer = timer or Timer()
+    head, cover, batch, vae = _condition(models, portrait, dit, where)
+    timer.lap("conditioning")
+    m = models[dit].cfg.model
+    scale = float(m.cfg_scale if cfg_scale is None else cfg_scale)
+    kw = dict(steps=int(steps), cfg_scale=scale, shift=float(m.t_shift))
+    texture, geometry = sample_maps(
+        models[dit].model, vae.model, vae.stats, vae.unshuffle, batch, jax.random.PRNGKey(seed),
+        **kw,
+    )  # fmt: skip
+    texture = jnp.clip(texture, 0.0, 1.0)
+    mask = np.asarray(batch["uv_mask"][0])
+    maps = {"dit_texture": np.asarray(texture[0]), "dit_geometry": np.asarray(geometry[0])}
+    timer.lap("dit")
+    refined = bool(refine and "refiner" in models)
+    if refined:
+        texture, geometry = _refine(models, texture, geometry, mask, portrait, head, pose)
+        texture = jnp.clip(texture, 0.0, 1.0)
+        timer.lap("refiner")
+    maps |= {"texture": np.asarray(texture[0]), "geometry": np.asarray(geometry[0]), "mask": mask}
+    info = {"steps": int(steps), "cfg_scale": scale, "seed": int(seed), "dit": dit,
+            "refined": refined, "head_coverage": round(cover, 4)}  # fmt: skip
+    return maps, info
