@@ -46,3 +46,37 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.keep = 3  # newest checkpoints kept
     c.train.keep_every = 0  # also keep steps divisible by this (0: none)
     return c
+
+
+def apply_schedule(
+    c: ml_collections.ConfigDict,
+    *,
+    tiny: bool,
+    batch: int,
+    steps: int,
+    lr: float,
+    warmup_cap: int,
+    log_every: tuple[int, int] = (25, 100),
+    ckpt_every: tuple[int, int] = (100, 1000),
+    eval_every: tuple[int, int] = (0, 0),
+    bf16: bool | None = None,
+    remat: str = "none",
+) -> ml_collections.ConfigDict:
+    """The training schedule every stage config ends with.
+
+    Pairs are (tiny, larger variants): the tiny (CPU) variants log and checkpoint often. Warm-up
+    is a tenth of the run, at most `warmup_cap` steps. Larger variants compute in bfloat16
+    unless `bf16` says otherwise; `remat` is the policy (fica_jax/models/remat.py REMAT_NAMES).
+    """
+    pick = 0 if tiny else 1
+    c.data.batch_size = batch
+    c.optim.lr = lr
+    c.optim.warmup_steps = min(warmup_cap, steps // 10)
+    c.train.steps = steps
+    c.train.log_every = log_every[pick]
+    c.train.ckpt_every = ckpt_every[pick]
+    c.train.eval_every = eval_every[pick]
+    if (not tiny) if bf16 is None else bf16:
+        c.train.compute_dtype = "bfloat16"
+    c.train.remat = remat
+    return c

@@ -7,7 +7,7 @@ fica train dense --config configs/dense.py:tiny --workdir runs/dense --config.da
 fica train dense --config configs/dense.py:paper --workdir gs://BUCKET/dense --config.data.dir=...
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 VARIANTS = {
     # name: (ViT variant, image size, global batch, steps, lr)
@@ -41,14 +41,7 @@ def get_config(arg: str = "tiny"):
     c.data.image_size = size  # square crops; the Sapiens paper size is 1024x768
     c.data.landmarks = 68
     c.data.expression_dim = 18  # the synthetic template's blendshapes (metadata expression_dims)
-    c.data.batch_size = batch
-    c.optim.lr = lr
     c.optim.weight_decay = 0.05 if arg != "tiny" else 1e-4
-    c.optim.warmup_steps = min(500, steps // 10)
-    c.train.steps = steps
-    c.train.log_every = 25 if arg == "tiny" else 100
-    c.train.ckpt_every = 100 if arg == "tiny" else 1000
-    if arg != "tiny":
-        c.train.compute_dtype = "bfloat16"
-        c.train.remat = "full"
-    return c
+    tiny = arg == "tiny"
+    return apply_schedule(c, tiny=tiny, batch=batch, steps=steps, lr=lr, warmup_cap=500,
+                          remat="none" if tiny else "full")  # fmt: skip

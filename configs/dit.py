@@ -10,7 +10,7 @@ fica plan --config configs/dit.py:paper --mesh data=2,fsdp=32 --topology v5p:4x4
 fica train dit --config configs/dit.py:paper --workdir gs://BUCKET/dit
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 VARIANTS = {
     # name: (model variant, latent grid side G, latent channels C, embedding dim, batch, steps, lr)
@@ -70,24 +70,18 @@ def get_config(arg: str = "tiny"):
     if ablation:
         m.control_maps, m.use_image_emb = ABLATIONS[ablation]
 
-    c.data.batch_size = batch
-    c.optim.lr = lr
     c.optim.schedule = "constant"  # DiT: AdamW, constant lr 1e-4, no weight decay
     c.optim.weight_decay = 0.0
-    c.optim.warmup_steps = min(1000, steps // 10)
-    c.train.steps = steps
-    c.train.log_every = 20 if arg == "tiny" else 100
-    c.train.ckpt_every = 100 if arg == "tiny" else 1000
     c.optim.ema_decay = 0.99 if arg == "tiny" else 0.9999
-    if arg != "tiny":
-        c.train.compute_dtype = "bfloat16"
-        # Chosen by `fica plan`'s memory and hardware/model FLOP figures (docs/architecture.md
-        # §9, benchmarks/results/plan_dit_paper*.json): paper keeps every matmul output (no
-        # recompute, 3.7 GB/chip on v5p-64 at 2x32 in the TPU compiler's memory analysis);
-        # paper1024's attention logits are 16x larger, so it keeps the weight matmuls' outputs
-        # and recomputes attention.
-        remat = {"paper": "dots_saveable", "paper1024": "dots_with_no_batch_dims_saveable"}
-        c.train.remat = remat.get(arg, "full")
+    # Chosen by `fica plan`'s memory and hardware/model FLOP figures (docs/architecture.md §9,
+    # benchmarks/results/plan_dit_paper*.json): paper keeps every matmul output (no recompute,
+    # 3.7 GB/chip on v5p-64 at 2x32 in the TPU compiler's memory analysis); paper1024's
+    # attention logits are 16x larger, so it keeps the weight matmuls' outputs and recomputes
+    # attention.
+    remat = {"tiny": "none", "paper": "dots_saveable",
+             "paper1024": "dots_with_no_batch_dims_saveable"}.get(arg, "full")  # fmt: skip
+    apply_schedule(c, tiny=arg == "tiny", batch=batch, steps=steps, lr=lr, warmup_cap=1000,
+                   log_every=(20, 100), remat=remat)  # fmt: skip
     if arg == "paper":  # optimizer + EMA sharded 32 ways; fsdp=64 doubles the collective bytes
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 32, 1
     if arg == "paper1024":  # 16 chips; two microbatches of 64 keep activations < 28 GB/chip

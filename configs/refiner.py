@@ -11,7 +11,7 @@ fica train refiner --config configs/refiner.py:paper --workdir gs://BUCKET/ref \
     --config.data.dir=...
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 VARIANTS = {
     # name: (refiner variant, uv res, image size, global batch, steps, lr)
@@ -70,13 +70,5 @@ def get_config(arg: str = "tiny"):
     c.data.uv_resolution = res
     c.data.image_size = size
     c.data.landmarks = 68
-    c.data.batch_size = batch
-    c.optim.lr = lr
-    c.optim.warmup_steps = min(500, steps // 10)
-    c.train.steps = steps
-    c.train.log_every = 25 if arg == "tiny" else 100
-    c.train.eval_every = 100 if arg == "tiny" else 5000
-    c.train.ckpt_every = 100 if arg == "tiny" else 5000
-    if arg != "tiny":
-        c.train.compute_dtype = "bfloat16"
-    return c
+    return apply_schedule(c, tiny=tiny, batch=batch, steps=steps, lr=lr, warmup_cap=500,
+                          ckpt_every=(100, 5000), eval_every=(100, 5000))  # fmt: skip

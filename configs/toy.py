@@ -5,7 +5,7 @@ fica train toy --config configs/toy.py:wide --workdir /tmp/toy_wide --config.mes
 fica plan --config configs/toy.py --mesh data=2,fsdp=4
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 
 def get_config(arg: str = "tiny"):
@@ -22,12 +22,7 @@ def get_config(arg: str = "tiny"):
     c.model.num_eval_records = 64
     c.model.nan_at_step = -1  # >= 1: make that step's inputs NaN (tests the NaN guard)
 
-    c.data.batch_size = 16
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 5
     c.optim.weight_decay = 1e-4
-    c.train.steps = 200
-    c.train.log_every = 10
-    c.train.ckpt_every = 50
-    c.train.eval_every = 0
-    return c
+    # both toy sizes are CPU sizes: the tiny schedule, in float32
+    return apply_schedule(c, tiny=True, batch=16, steps=200, lr=3e-3, warmup_cap=5,
+                          log_every=(10, 10), ckpt_every=(50, 50))  # fmt: skip

@@ -6,7 +6,7 @@ fica train upm --config configs/upm.py:tiny --workdir runs/upm --config.data.dir
 fica train upm --config configs/upm.py:paper --workdir gs://BUCKET/upm --config.data.dir=...
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 VARIANTS = {
     # name: (UPM variant, uv res, image size, cameras, global batch, steps, lr)
@@ -56,12 +56,5 @@ def get_config(arg: str = "tiny"):
     c.data.image_size = size
     c.data.expression_dim = 18  # the synthetic template's blendshapes
     c.data.landmarks = 68
-    c.data.batch_size = batch
-    c.optim.lr = lr
-    c.optim.warmup_steps = min(500, steps // 10)
-    c.train.steps = steps
-    c.train.log_every = 25 if arg == "tiny" else 100
-    c.train.ckpt_every = 100 if arg == "tiny" else 5000
-    if arg != "tiny":
-        c.train.compute_dtype = "bfloat16"
-    return c
+    return apply_schedule(c, tiny=arg == "tiny", batch=batch, steps=steps, lr=lr, warmup_cap=500,
+                          ckpt_every=(100, 5000))  # fmt: skip

@@ -7,7 +7,7 @@ fica train vae --config configs/vae.py:tiny --workdir runs/vae --config.data.dir
 fica train vae --config configs/vae.py:paper --workdir gs://BUCKET/vae --config.data.dir=...
 """
 
-from configs.common import base_config
+from configs.common import apply_schedule, base_config
 
 VARIANTS = {
     # name: (vae variant, block widths, layers per block, norm groups, uv res, batch, steps, lr)
@@ -43,15 +43,9 @@ def get_config(arg: str = "tiny"):
     c.model.position_extent = (half, half, half)
 
     c.data.uv_resolution = res
-    c.data.batch_size = batch
-    c.optim.lr = lr
-    c.optim.warmup_steps = min(100, steps // 10)
-    c.train.steps = steps
-    c.train.log_every = 25 if arg == "tiny" else 100
-    c.train.ckpt_every = 100 if arg == "tiny" else 1000
-    c.train.eval_every = 0
-    if arg == "paper":
-        c.train.compute_dtype = "bfloat16"
-        c.train.remat = "full"
+    paper = arg == "paper"
+    apply_schedule(c, tiny=arg == "tiny", batch=batch, steps=steps, lr=lr, warmup_cap=100,
+                   bf16=paper, remat="full" if paper else "none")  # fmt: skip
+    if paper:
         c.mesh.data, c.mesh.fsdp = 8, -1
     return c
