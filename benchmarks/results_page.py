@@ -105,7 +105,7 @@ def label(metric: str) -> str:
 
 def eval_table(rows: list[dict], delta_from: str) -> list[str]:
     """The `fica eval` table: each metric as mean ± s.e. over identities, and its paired change
-    (Δ ± s.e.) from `delta_from`; resolved = |Δ| over two standard errors (docs/evaluation.md)."""
+    (Δ ± s.e.) from `delta_from`; resolved: |Δ| over two standard errors (docs/evaluation.md)."""
     metrics = [m for m in DECIMALS if any(isinstance(r.get(m), int | float) for r in rows)]
     header = ["method", "identities"]
     for m in metrics:
@@ -272,7 +272,8 @@ def plan_rows(plans: list[tuple[str, dict, str]]) -> list[str]:
             hbm = CHIPS[chip].hbm_bytes if chip in CHIPS else None
             speed.append([where, mesh, chip, f"{gb(b.get('peak_estimate'))} / {gb(hbm)}",
                           num(r.get("fits_hbm")), ms(r.get("compute_s")),
-                          ms(r.get("op_roofline_s")), ms(r.get("collective_s")), ms(r.get("step_s")),
+                          ms(r.get("op_roofline_s")), ms(r.get("async_copy_s")),
+                          ms(r.get("collective_s")), ms(r.get("step_s")),
                           num(r.get("mfu"), 3), num(r.get("mfu_no_overlap"), 3),
                           num(ratio, 3)])  # fmt: skip
     out += ["Memory per chip (the compiler's memory analysis):", ""]
@@ -281,7 +282,7 @@ def plan_rows(plans: list[tuple[str, dict, str]]) -> list[str]:
     out += ["Predicted step per chip (peak memory against the chip's HBM from "
             "`fica_jax/perf/chips.py`):", ""]  # fmt: skip
     out += table(["file", "mesh", "chip", "peak / HBM", "fits", "compute", "op roofline",
-                  "collectives", "step (overlap)", "MFU", "MFU, no overlap",
+                  "async DMA", "collectives", "step (overlap)", "MFU", "MFU, no overlap",
                   "hardware / model FLOPs"], speed)  # fmt: skip
     return out
 
