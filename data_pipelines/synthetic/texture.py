@@ -82,15 +82,39 @@ def paint_texture(
     part_map: np.ndarray,  # [R, R] int part id per texel (-1 off the atlas)
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, dict]:
-    """Returns (albedo [R, R, 3] float32 in [0, 1], dict of the sampled appearance traits)."""
+    """Returns (albedo [R, R, 3] float32 in [0, 1], dict of the sampled appearance traits).
+
+    The features are painted in a fixed order, each drawing from `rng` in turn, so a seed gives
+    the same texture whatever the template resolution asks of each painter."""
     p = rest_map.astype(np.float64)
-    x, y, z = p[..., 0], p[..., 1], p[..., 2]
-    xy = p[..., :2]
     lm = template.verts[template.landmark_ids].astype(np.float64)
     skin_px = part_map == PART_SKIN
-    front = z > 0.02
+    tex, tone = _paint_skin(p, lm, rng)
+    traits = {"skin_tone": tone}
+    tex = _paint_lips(tex, p, lm, tone, rng)
+    hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.85, 1.15, 3)
+    tex = _paint_brows(tex, p, lm, hair, rng)
+    tex, traits["headwear"] = _paint_headwear(tex, p, lm, skin_px, hair, rng)
+    if rng.random() < 0.3:
+        freckled = _paint_freckles(tex, p, lm, template, skin_px, rng)
+        if freckled is not None:
+            tex, traits["freckles"] = freckled, True
+    if rng.random() < 0.2:
+        tex, traits["glasses"] = _paint_glasses(tex, p, lm, skin_px, rng), True
+    _paint_eyes(tex, p, part_map, template.eye_centres, rng)
+    _paint_mouth(tex, p, part_map)
+    tex = np.where((part_map >= 0)[..., None], tex, 0.0)
+    return np.clip(tex, 0.0, 1.0).astype(np.float32), traits
 
-    # --- skin: tone, low-frequency blotches, rosy cheeks, slight darkening on the neck
+
+def _blend(tex: np.ndarray, a: np.ndarray, colour) -> np.ndarray:
+    """tex [R, R, 3] over-painted with colour where a [R, R] (coverage in [0, 1]) says."""
+    return tex * (1 - a[..., None]) + a[..., None] * colour
+
+
+def _paint_skin(p: np.ndarray, lm: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Skin tone, low-frequency blotches, rosy cheeks, slight darkening on the neck.
+    -> (texture [R, R, 3], tone [3])."""
     w = rng.uniform(0, len(SKIN_TONES) - 1)
     i = int(w)
     tone = SKIN_TONES[i] * (1 - (w - i)) + SKIN_TONES[min(i + 1, len(SKIN_TONES) - 1)] * (w - i)
@@ -101,36 +125,41 @@ def paint_texture(
     cheek_c = [lm[[1, 31, 48]].mean(0), lm[[15, 35, 54]].mean(0)]
     rosy = sum(np.exp(-np.sum((p - c) ** 2, -1) / (2 * 0.015**2)) for c in cheek_c)
     tex = tex * (1 - 0.15 * rosy[..., None]) + 0.15 * rosy[..., None] * tone * [1.1, 0.75, 0.75]
-    tex *= (1 - 0.12 * _smooth(-0.09, -0.14, y))[..., None]
+    tex *= (1 - 0.12 * _smooth(-0.09, -0.14, p[..., 1]))[..., None]
+    return tex, tone
 
-    traits = {"skin_tone": tone}
-    # --- lips: ellipse spanning the mouth landmarks
+
+def _paint_lips(tex, p, lm, tone, rng) -> np.ndarray:
+    """Lips: an ellipse spanning the mouth landmarks, on the front of the head."""
     mouth = lm[48:60]
     mc = mouth.mean(0)
     half_w = 0.5 * (mouth[:, 0].max() - mouth[:, 0].min())
     half_h = 0.5 * (mouth[:, 1].max() - mouth[:, 1].min())
-    lip_d = ((x - mc[0]) / half_w) ** 2 + ((y - mc[1]) / half_h) ** 2
+    lip_d = ((p[..., 0] - mc[0]) / half_w) ** 2 + ((p[..., 1] - mc[1]) / half_h) ** 2
     lip_col = tone * rng.uniform(0.6, 0.8) * np.array([1.15, 0.7, 0.72])
-    lip_a = (1 - _smooth(0.8, 1.0, lip_d)) * front
-    tex = tex * (1 - lip_a[..., None]) + lip_a[..., None] * lip_col
+    return _blend(tex, (1 - _smooth(0.8, 1.0, lip_d)) * (p[..., 2] > 0.02), lip_col)
 
-    # --- eyebrows: thick polylines just above the brow landmarks
-    hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.85, 1.15, 3)
+
+def _paint_brows(tex, p, lm, hair, rng) -> np.ndarray:
+    """Eyebrows: thick polylines just above the brow landmarks, in a shade of the hair."""
     brow_w = rng.uniform(0.003, 0.006)
     brow_col = hair * rng.uniform(0.6, 0.9)
     for idx in (slice(17, 22), slice(22, 27)):
         pts = lm[idx, :2] + [0, 0.002]
-        d = _polyline_dist(xy, pts)
-        a = (1 - _smooth(brow_w * 0.6, brow_w, d)) * (z > lm[idx, 2].min() - 0.02)
+        d = _polyline_dist(p[..., :2], pts)
+        a = (1 - _smooth(brow_w * 0.6, brow_w, d)) * (p[..., 2] > lm[idx, 2].min() - 0.02)
         tex = tex * (1 - 0.9 * a[..., None]) + 0.9 * a[..., None] * brow_col
+    return tex
 
-    # --- hair / cap / hood
+
+def _paint_headwear(tex, p, lm, skin_px, hair, rng) -> tuple[np.ndarray, str]:
+    """Hair, a cap, a hood or nothing (bald). -> (texture, the style drawn)."""
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
     brow_y = lm[17:27, 1].max()
     phi = np.arctan2(x, z)
     style = rng.choice(
         ["hair", "hair", "hair", "bald", "cap", "hood"], p=[0.3, 0.2, 0.15, 0.1, 0.12, 0.13]
     )
-    traits["headwear"] = str(style)
     if style in ("hair", "cap"):
         front_h = brow_y + rng.uniform(0.03, 0.055)
         back_h = rng.uniform(-0.09, 0.0) if style == "hair" else brow_y + 0.02
@@ -142,7 +171,7 @@ def paint_texture(
         if style == "hair":
             strands = 1 + 0.12 * np.sin(phi * 180 + 30 * y) + 0.05 * _noise3(p, rng, 4, (200, 400))
             col = col * strands[..., None]
-        tex = tex * (1 - a[..., None]) + a[..., None] * col
+        tex = _blend(tex, a, col)
     elif style == "hood":
         face_c = lm[[27, 33, 8]].mean(0)
         oval = (x / rng.uniform(0.066, 0.076)) ** 2 + ((y - face_c[1] - 0.01) / 0.105) ** 2
@@ -150,37 +179,42 @@ def paint_texture(
         cloth = rng.uniform(0.05, 0.8, 3)
         fold = 1 + 0.08 * _noise3(p, rng, 5, (40, 120))
         tex = tex * (1 - a[..., None]) + a[..., None] * cloth * fold[..., None]
+    return tex, str(style)
 
-    # --- freckles on nose and cheeks
-    if rng.random() < 0.3:
-        verts = template.verts[(template.part_ids == PART_SKIN)]
-        near = verts[np.linalg.norm(verts[:, :2] - lm[30, :2], axis=-1) < 0.045]
-        near = near[near[:, 2] > lm[30, 2] - 0.04]
-        if len(near):
-            pick = near[rng.integers(len(near), size=int(rng.integers(20, 60)))]
-            pick = pick + rng.normal(0, 0.002, pick.shape)
-            d = np.min(np.linalg.norm(p[..., None, :] - pick, axis=-1), -1)
-            a = (1 - _smooth(0.0006, 0.0012, d)) * skin_px
-            tex = tex * (1 - 0.45 * a[..., None])
-            traits["freckles"] = True
 
-    # --- painted glasses: two rims around the eye landmarks and a bridge
-    if rng.random() < 0.2:
-        rim_r = rng.uniform(0.016, 0.02)
-        frame = rng.uniform(0.0, 0.35, 3)
-        eyes = [lm[36:42].mean(0), lm[42:48].mean(0)]
-        d = np.min([np.abs(np.linalg.norm(xy - e[:2], axis=-1) - rim_r) for e in eyes], axis=0)
-        d = np.minimum(d, _seg_dist(xy, eyes[0][:2] + [rim_r, 0], eyes[1][:2] - [rim_r, 0]))
-        a = (1 - _smooth(0.0007, 0.0013, d)) * skin_px * (z > eyes[0][2] - 0.025)
-        tex = tex * (1 - a[..., None]) + a[..., None] * frame
-        traits["glasses"] = True
+def _paint_freckles(tex, p, lm, template: HeadTemplate, skin_px, rng) -> np.ndarray | None:
+    """Freckles on the nose and cheeks; None where the template has no skin there."""
+    verts = template.verts[(template.part_ids == PART_SKIN)]
+    near = verts[np.linalg.norm(verts[:, :2] - lm[30, :2], axis=-1) < 0.045]
+    near = near[near[:, 2] > lm[30, 2] - 0.04]
+    if not len(near):
+        return None
+    pick = near[rng.integers(len(near), size=int(rng.integers(20, 60)))]
+    pick = pick + rng.normal(0, 0.002, pick.shape)
+    d = np.min(np.linalg.norm(p[..., None, :] - pick, axis=-1), -1)
+    a = (1 - _smooth(0.0006, 0.0012, d)) * skin_px
+    return tex * (1 - 0.45 * a[..., None])
 
-    # --- eyeballs: sclera, iris with radial streaks and limbal ring, pupil
+
+def _paint_glasses(tex, p, lm, skin_px, rng) -> np.ndarray:
+    """Painted glasses: two rims around the eye landmarks and a bridge."""
+    xy = p[..., :2]
+    rim_r = rng.uniform(0.016, 0.02)
+    frame = rng.uniform(0.0, 0.35, 3)
+    eyes = [lm[36:42].mean(0), lm[42:48].mean(0)]
+    d = np.min([np.abs(np.linalg.norm(xy - e[:2], axis=-1) - rim_r) for e in eyes], axis=0)
+    d = np.minimum(d, _seg_dist(xy, eyes[0][:2] + [rim_r, 0], eyes[1][:2] - [rim_r, 0]))
+    a = (1 - _smooth(0.0007, 0.0013, d)) * skin_px * (p[..., 2] > eyes[0][2] - 0.025)
+    return _blend(tex, a, frame)
+
+
+def _paint_eyes(tex, p, part_map, eye_centres, rng) -> None:
+    """Eyeballs, in place: sclera, iris with radial streaks and limbal ring, pupil."""
     iris = IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))] * rng.uniform(0.8, 1.2, 3)
     iris_ang = rng.uniform(0.5, 0.58)
     for k, part in enumerate((PART_EYE_L, PART_EYE_R)):
         sel = part_map == part
-        d = p[sel] - template.eye_centres[k]
+        d = p[sel] - eye_centres[k]
         d /= np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-9)
         ang = np.arccos(np.clip(d[:, 2], -1, 1))
         rad_angle = np.arctan2(d[:, 1], d[:, 0])
@@ -194,18 +228,18 @@ def paint_texture(
         col = col * (1 - pa[:, None]) + pa[:, None] * 0.03
         tex[sel] = col
 
-    # --- mouth interior: dark red bag, teeth band at the front, tongue below
-    sel = part_map == PART_MOUTH
-    if sel.any():
-        q = p[sel]
-        cy, cz = q[:, 1].mean(), q[:, 2].mean()
-        col = np.broadcast_to([0.32, 0.08, 0.09], q.shape).copy()
-        frontal = q[:, 2] > cz + 0.008
-        teeth = frontal & (np.abs(q[:, 1] - cy) < 0.008) & (np.abs(q[:, 1] - cy) > 0.0008)
-        tongue = (~frontal) & (q[:, 1] < cy - 0.004)
-        col[tongue] = [0.62, 0.28, 0.3]
-        col[teeth] = [0.92, 0.9, 0.82]
-        tex[sel] = col
 
-    tex = np.where((part_map >= 0)[..., None], tex, 0.0)
-    return np.clip(tex, 0.0, 1.0).astype(np.float32), traits
+def _paint_mouth(tex, p, part_map) -> None:
+    """Mouth interior, in place: dark red bag, teeth band at the front, tongue below."""
+    sel = part_map == PART_MOUTH
+    if not sel.any():
+        return
+    q = p[sel]
+    cy, cz = q[:, 1].mean(), q[:, 2].mean()
+    col = np.broadcast_to([0.32, 0.08, 0.09], q.shape).copy()
+    frontal = q[:, 2] > cz + 0.008
+    teeth = frontal & (np.abs(q[:, 1] - cy) < 0.008) & (np.abs(q[:, 1] - cy) > 0.0008)
+    tongue = (~frontal) & (q[:, 1] < cy - 0.004)
+    col[tongue] = [0.62, 0.28, 0.3]
+    col[teeth] = [0.92, 0.9, 0.82]
+    tex[sel] = col

@@ -193,12 +193,29 @@ def build(rows: int = 48, eye_rows: int = 10, mouth_rows: int = 8):
     b = Builder()
     theta, phi, head_rows = skin_grid(rows, cols)
     mouth_row = int(np.argmin(np.abs(theta - MOUTH_THETA)))
-    mouth_theta = theta[mouth_row]
-    c0 = int(np.argmin(np.abs(phi + MOUTH_PHI)))
-    c1 = int(np.argmin(np.abs(phi - MOUTH_PHI)))
+    corners = (int(np.argmin(np.abs(phi + MOUTH_PHI))), int(np.argmin(np.abs(phi - MOUTH_PHI))))
+    p, skin_pid, lip_pid = _add_skin(b, theta, phi, mouth_row, corners)
+    eye_centres = _add_eyes(b, eye_rows)
+    mouth_centre = _add_mouth_bag(b, mouth_rows, p[mouth_row - 1, cols // 2], theta[mouth_row])
+    layout = Layout(
+        rows,
+        cols,
+        theta,
+        phi,
+        head_rows,
+        mouth_row,
+        corners,
+        skin_pid,
+        lip_pid,
+        eye_centres,
+        mouth_centre,
+    )
+    return b, layout
 
-    # --- skin positions: one per key (pole, then rows 1.. x cols)
-    tt, pp = np.meshgrid(theta[1:], phi[:-1], indexing="ij")
+
+def _skin_surface(tt: np.ndarray, pp: np.ndarray, mouth_theta: float) -> np.ndarray:
+    """Skin positions at polar angles tt, azimuths pp [rows, cols]: the skull blending into the
+    neck cylinder past THETA_MAX, with the face relief along the normal on the skull part."""
     p_head, n_head = skull_point(np.minimum(tt, THETA_MAX), pp)
     u = np.clip((tt - THETA_MAX) / 0.5, 0, 1)[..., None]
     neck = np.stack(
@@ -209,7 +226,17 @@ def build(rows: int = 48, eye_rows: int = 10, mouth_rows: int = 8):
     p = (1 - w) * p_head + w * neck
     n = (1 - w) * n_head + w * np.stack([np.sin(pp), 0 * pp, np.cos(pp)], -1)
     n /= np.linalg.norm(n, axis=-1, keepdims=True)
-    p = p + face_relief(tt, pp, mouth_theta)[..., None] * n * (1 - w)
+    return p + face_relief(tt, pp, mouth_theta)[..., None] * n * (1 - w)
+
+
+def _add_skin(b: Builder, theta, phi, mouth_row: int, corners: tuple[int, int]):
+    """Skin positions (one per key: the pole, then rows 1.. x cols) and triangles, cut open
+    between the lips. -> (positions [rows, cols, 3], pos id of each node, lower-lip pos ids)."""
+    rows, cols = len(theta) - 1, len(phi) - 1
+    c0, c1 = corners
+    mouth_theta = theta[mouth_row]
+    tt, pp = np.meshgrid(theta[1:], phi[:-1], indexing="ij")
+    p = _skin_surface(tt, pp, mouth_theta)
     top = np.array([[0.0, SKULL[1], SKULL_Z]])
     pole_id = b.add_pos(top, PART_SKIN, 0.0, 0.0)[0]
     grid_ids = b.add_pos(p.reshape(-1, 3), PART_SKIN, tt.reshape(-1), pp.reshape(-1))
@@ -218,12 +245,8 @@ def build(rows: int = 48, eye_rows: int = 10, mouth_rows: int = 8):
     lip_ids = b.add_pos(p[mouth_row - 1, lip_cols], PART_SKIN, mouth_theta + 1e-3, phi[lip_cols])
     lip_pid = dict(zip(lip_cols, lip_ids, strict=True))
 
-    def skin_pos(key):
-        out = np.where(key == -1, pole_id, grid_ids[0] + np.maximum(key - cols, 0))
-        return out.reshape(-1)
-
     tris, key = grid_topology(rows, cols, bottom_pole=False)
-    skin_pid = skin_pos(key)
+    skin_pid = np.where(key == -1, pole_id, grid_ids[0] + np.maximum(key - cols, 0)).reshape(-1)
     tri_pid = skin_pid[tris]
     # faces just below the mouth row use the lower-lip copies: this is the cut between the lips
     node_r, node_c = np.divmod(tris, cols + 1)
@@ -236,54 +259,30 @@ def build(rows: int = 48, eye_rows: int = 10, mouth_rows: int = 8):
     uvid = b.add_uv(chart_uv(rows, cols, CHART_SKIN, s_nodes, t_nodes))
     b.tri_pos.append(tri_pid)
     b.tri_uv.append(uvid[tris])
+    return p, skin_pid, lip_pid
 
-    # --- eyeballs: spheres with poles on the y axis, azimuth 0 looking down +z
+
+def _add_eyes(b: Builder, eye_rows: int) -> np.ndarray:
+    """Eyeballs: spheres with poles on the y axis, azimuth 0 looking down +z. -> centres [2, 3]
+    (left = +x first)."""
     eye_centres = []
     for part, sign, chart in ((PART_EYE_L, 1, CHART_EYE_L), (PART_EYE_R, -1, CHART_EYE_R)):
         p0, n0 = skull_point(np.array(EYE_THETA), np.array(sign * EYE_PHI))
         centre = p0 - n0 * (EYE_R - 0.005)
         eye_centres.append(centre)
-        _sphere(
-            b,
-            eye_rows,
-            2 * eye_rows,
-            chart,
-            centre,
-            np.full(3, EYE_R),
-            part,
-            EYE_THETA,
-            sign * EYE_PHI,
-        )
+        radii = np.full(3, EYE_R)
+        _sphere(b, eye_rows, 2 * eye_rows, chart, centre, radii, part, EYE_THETA, sign * EYE_PHI)
+    return np.stack(eye_centres)
 
-    # --- mouth bag: ellipsoid right behind the lips, visible only when the lips part
-    lip_front = p[mouth_row - 1, cols // 2]
+
+def _add_mouth_bag(b: Builder, mouth_rows: int, lip_front: np.ndarray, mouth_theta) -> np.ndarray:
+    """Mouth bag: an ellipsoid right behind the lips, visible only when the lips part. -> its
+    centre [3]."""
     mouth_centre = np.array([0.0, lip_front[1] - 0.002, lip_front[2] - 0.026])
-    _sphere(
-        b,
-        mouth_rows,
-        2 * mouth_rows,
-        CHART_MOUTH,
-        mouth_centre,
-        np.array([0.022, 0.013, 0.02]),
-        PART_MOUTH,
-        mouth_theta,
-        0.0,
-    )
-
-    layout = Layout(
-        rows,
-        cols,
-        theta,
-        phi,
-        head_rows,
-        mouth_row,
-        (c0, c1),
-        skin_pid,
-        lip_pid,
-        np.stack(eye_centres),
-        mouth_centre,
-    )
-    return b, layout
+    radii = np.array([0.022, 0.013, 0.02])
+    rows, cols = mouth_rows, 2 * mouth_rows
+    _sphere(b, rows, cols, CHART_MOUTH, mouth_centre, radii, PART_MOUTH, mouth_theta, 0.0)
+    return mouth_centre
 
 
 def _sphere(b: Builder, rows, cols, chart, centre, radii, part, theta_anchor, phi_anchor):
