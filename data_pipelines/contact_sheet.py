@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw
 
 from data_pipelines.source import CaptureSource
 from fica_jax.errors import UserError
+from fica_jax.preview import tile_image, write_sheet
 
 TILE = 192
-LABEL_H = 18
 MAX_FRAMES = 5
 
 
@@ -41,26 +41,17 @@ def _normals(n: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return out * (mask[..., None] > 0) if mask is not None else out
 
 
-def _tile(img: np.ndarray, label: str) -> Image.Image:
-    """uint8 [h, w] or [h, w, 3] -> labelled TILE x (TILE + LABEL_H) image."""
-    im = Image.fromarray(img if img.ndim == 3 else np.repeat(img[..., None], 3, -1))
-    im = im.resize((TILE, TILE), Image.NEAREST if min(img.shape[:2]) < TILE else Image.BILINEAR)
-    out = Image.new("RGB", (TILE, TILE + LABEL_H), (32, 32, 32))
-    out.paste(im, (0, LABEL_H))
-    ImageDraw.Draw(out).text((3, 3), label, fill=(255, 255, 255))
-    return out
-
-
-def _frame_tile(rec: dict, v: int, label: str) -> Image.Image:
+def _frame_tile(rec: dict, v: int, label: str) -> tuple[str, Image.Image]:
+    """(label, frame v at TILE px with its 2D keypoints drawn on)."""
     img = rec["view_image"][v]
-    t = _tile(img, label)
+    t = tile_image(img, TILE)
     d = ImageDraw.Draw(t)
     sx, sy = TILE / img.shape[1], TILE / img.shape[0]
     for (x, y), vis in zip(rec["view_kpts"][v], rec["view_kpts_visible"][v], strict=True):
-        px, py = x * sx, y * sy + LABEL_H
+        px, py = x * sx, y * sy
         color = (0, 255, 0) if vis else (255, 64, 64)
         d.ellipse((px - 3, py - 3, px + 3, py + 3), outline=color, fill=color)
-    return t
+    return label, t
 
 
 def select_record(src: CaptureSource, identity: str | None) -> dict:
@@ -78,48 +69,40 @@ def select_record(src: CaptureSource, identity: str | None) -> dict:
     )
 
 
-def contact_sheet(rec: dict, title: str) -> Image.Image:
+def contact_rows(rec: dict) -> list[list[tuple[str, np.ndarray | Image.Image]]]:
+    """The sheet's three rows of (label, image) (module doc)."""
     uv_mask = rec["uv_mask"].astype(np.float32)
     p = np.asarray(rec["partial_uv"], np.float32)
     pmask = p[..., 3]
     row1 = [
-        _tile(rec["view_image"][0], "portrait (view 0)"),
-        _tile(_u8(p[..., 0:3]), "partial UV rgb"),
-        _tile(_u8(pmask), "partial UV mask"),
-        _tile(_u8(_normals(p[..., 4:7], pmask)), "partial UV normal"),
-        _tile(_u8(_normalise(p[..., 7:10], pmask)), "partial UV vertex"),
+        ("portrait (view 0)", rec["view_image"][0]),
+        ("partial UV rgb", _u8(p[..., 0:3])),
+        ("partial UV mask", _u8(pmask)),
+        ("partial UV normal", _u8(_normals(p[..., 4:7], pmask))),
+        ("partial UV vertex", _u8(_normalise(p[..., 7:10], pmask))),
     ]
     m0 = rec["view_mask"][0].astype(np.float32)
     uv0 = np.asarray(rec["view_uv"][0], np.float32)
     row2 = [
-        _tile(rec["uv_texture"], "GT UV texture"),
-        _tile(_u8(_normalise(rec["uv_geometry"], uv_mask)), "GT UV geometry (xyz)"),
-        _tile(_u8(_normals(rec["uv_normal"], uv_mask)), "GT UV normal"),
-        _tile(_u8(uv_mask), "UV mask"),
-        _tile(
-            _u8(np.concatenate([uv0, np.zeros_like(uv0[..., :1])], -1) * m0[..., None]),
+        ("GT UV texture", rec["uv_texture"]),
+        ("GT UV geometry (xyz)", _u8(_normalise(rec["uv_geometry"], uv_mask))),
+        ("GT UV normal", _u8(_normals(rec["uv_normal"], uv_mask))),
+        ("UV mask", _u8(uv_mask)),
+        (
             "portrait per-pixel uv",
+            _u8(np.concatenate([uv0, np.zeros_like(uv0[..., :1])], -1) * m0[..., None]),
         ),
     ]
     n_views = rec["view_image"].shape[0]
     row3 = [_frame_tile(rec, 0, "portrait + keypoints")]
     row3 += [_frame_tile(rec, v, f"frame {v} + keypoints") for v in range(1, n_views)]
-    row3 = row3[:MAX_FRAMES]
-    rows = [row1, row2, row3]
-    cols = max(len(r) for r in rows)
-    th, title_h = TILE + LABEL_H, 22
-    sheet = Image.new("RGB", (cols * TILE, title_h + len(rows) * th), (0, 0, 0))
-    ImageDraw.Draw(sheet).text((4, 5), title, fill=(255, 255, 0))
-    for r, row in enumerate(rows):
-        for c, t in enumerate(row):
-            sheet.paste(t, (c * TILE, title_h + r * th))
-    return sheet
+    return [row1, row2, row3[:MAX_FRAMES]]
 
 
 def write_contact_sheet(
     data_dir: str | os.PathLike, png: str | os.PathLike, identity: str | None, split: str | None
 ) -> Path:
-    """Renders one identity of `data_dir` to `png` (written to a temp name, then renamed)."""
+    """Renders one identity of `data_dir` to `png` (`fica_jax.preview.write_sheet`)."""
     from data_pipelines.shards import read_metadata
 
     meta = read_metadata(data_dir)
@@ -134,14 +117,8 @@ def write_contact_sheet(
         f"R={rec['uv_texture'].shape[0]}  image={rec['view_image'].shape[1]}  "
         f"views={rec['view_image'].shape[0]}"
     )
-    sheet = contact_sheet(rec, title)
     png = Path(png)
     if not png.parent.is_dir():
         raise UserError(f"{png.parent}: output directory does not exist")
-    tmp = png.with_name(f".{png.name}.tmp")
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, png)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_sheet(contact_rows(rec), png, TILE, title)
     return png

@@ -137,85 +137,16 @@ def depth_from_vtx(vtx: np.ndarray, viewmat: np.ndarray, mask: np.ndarray) -> np
 # ----------------------------------------------------------------------------- one identity
 def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
     """Reads `d` (one identity folder) into a schema record."""
-    for name in ("portrait.png", "uv_texture.png", "cameras.json"):
-        if not (d / name).is_file():
-            raise UserError(f"{d / name}: required file is missing")
-    if not (d / "uv_geometry.npy").is_file():
-        if (d / "uv_geometry.exr").is_file():
-            raise UserError(
-                f"{d / 'uv_geometry.exr'}: EXR is not supported (no OpenEXR dependency); "
-                "save the position map as uv_geometry.npy (float32 [R, R, 3])"
-            )
-        raise UserError(f"{d / 'uv_geometry.npy'}: required file is missing")
-
+    _check_required(d)
     portrait, alpha = read_rgb(d / "portrait.png")
     H, W = portrait.shape[:2]
-    tex, _ = read_rgb(d / "uv_texture.png")
+    tex, geom, uv_mask, uv_normal = _read_uv_maps(d)
     R = tex.shape[0]
-    _check_shape(d / "uv_texture.png", tex, (R, R, 3))
-    geom = read_npy(d / "uv_geometry.npy", (R, R, 3))
-    uv_mask = (
-        read_mask(d / "uv_mask.png", (R, R))
-        if (d / "uv_mask.png").is_file()
-        else np.any(geom != 0, -1).astype(np.uint8)
-    )
-    uv_normal = (
-        read_npy(d / "uv_normal.npy", (R, R, 3))
-        if (d / "uv_normal.npy").is_file()
-        else normals_from_geometry(geom, uv_mask)
-    )
-
-    # views: 0 = portrait, 1.. = frames/NNN.png in name order
-    frames = sorted((d / "frames").glob("[0-9][0-9][0-9].png")) if (d / "frames").is_dir() else []
-    images, masks = [portrait], []
-    if (d / "portrait_mask.png").is_file():
-        masks.append(read_mask(d / "portrait_mask.png", (H, W)))
-    else:
-        masks.append(alpha if alpha is not None else np.ones((H, W), np.uint8))
-    for f in frames:
-        img, a = read_rgb(f)
-        _check_shape(f, img, (H, W, 3))
-        images.append(img)
-        m = f.with_name(f"{f.stem}_mask.png")
-        masks.append(
-            read_mask(m, (H, W))
-            if m.is_file()
-            else (a if a is not None else np.ones((H, W), np.uint8))
-        )
+    images, masks = _read_views(d, portrait, alpha)
     V = len(images)
-
-    cams_path = d / "cameras.json"
-    cams = read_json(cams_path)
-    views = cams.get("views") if isinstance(cams, dict) else None
-    if not isinstance(views, list) or len(views) != V:
-        raise UserError(
-            f"{cams_path}: expected {{'views': [...]}} with {V} entries "
-            f"(portrait + {V - 1} frames), got {len(views) if isinstance(views, list) else views!r}"
-        )
-    Ks, vms = [], []
-    for i, v in enumerate(views):
-        if not isinstance(v, dict) or "K" not in v or "viewmat" not in v:
-            raise UserError(f"{cams_path}: views[{i}] needs 'K' (3x3) and 'viewmat' (4x4)")
-        Ks.append(_array(cams_path, f"views[{i}].K", v["K"], (3, 3)))
-        vms.append(_array(cams_path, f"views[{i}].viewmat", v["viewmat"], (4, 4)))
-
-    ann_path = d / "annotations.json"
-    ann = read_json(ann_path) if ann_path.is_file() else {}
-    if not isinstance(ann, dict):
-        raise UserError(f"{ann_path}: expected a JSON object")
-    expr = _array(ann_path, "expression", ann.get("expression", np.zeros((V, 0))), (V, None))
-    gaze = _array(ann_path, "gaze", ann.get("gaze", np.zeros((V, 2))), (V, 2))
-    kpts = _array(ann_path, "kpts", ann.get("kpts", np.zeros((V, 0, 2))), (V, None, 2))
-    L = kpts.shape[1]
-    vis = _array(ann_path, "kpts_visible", ann.get("kpts_visible", np.ones((V, L))), (V, L))
-
-    dense = {"uv": 2, "vtx": 3, "nrm": 3}
-    maps = {k: np.zeros((V, H, W, c), np.float32) for k, c in dense.items()}
-    for v in range(V):
-        for k, c in dense.items():
-            p = d / "dense" / f"{v:03d}_{k}.npy"
-            if p.is_file():
-                maps[k][v] = read_npy(p, (H, W, c)) * (masks[v][..., None] > 0)
+    Ks, vms = _read_cameras(d / "cameras.json", V)
+    expr, gaze, kpts, vis = _read_annotations(d / "annotations.json", V)
+    maps = _read_dense(d, masks, (H, W))
     posed = np.repeat(geom[None], V, 0)
     for v in range(V):
         p = d / "uv_geometry_posed" / f"{v:03d}.npy"
@@ -255,6 +186,109 @@ def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
     }
     schema.validate(rec, where=str(d))
     return rec
+
+
+def _check_required(d: Path) -> None:
+    for name in ("portrait.png", "uv_texture.png", "cameras.json"):
+        if not (d / name).is_file():
+            raise UserError(f"{d / name}: required file is missing")
+    if not (d / "uv_geometry.npy").is_file():
+        if (d / "uv_geometry.exr").is_file():
+            raise UserError(
+                f"{d / 'uv_geometry.exr'}: EXR is not supported (no OpenEXR dependency); "
+                "save the position map as uv_geometry.npy (float32 [R, R, 3])"
+            )
+        raise UserError(f"{d / 'uv_geometry.npy'}: required file is missing")
+
+
+def _read_uv_maps(d: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(texture [R, R, 3] uint8, geometry [R, R, 3], mask [R, R], normals [R, R, 3]); the
+    optional mask and normals derived from the geometry where their files are absent."""
+    tex, _ = read_rgb(d / "uv_texture.png")
+    R = tex.shape[0]
+    _check_shape(d / "uv_texture.png", tex, (R, R, 3))
+    geom = read_npy(d / "uv_geometry.npy", (R, R, 3))
+    uv_mask = (
+        read_mask(d / "uv_mask.png", (R, R))
+        if (d / "uv_mask.png").is_file()
+        else np.any(geom != 0, -1).astype(np.uint8)
+    )
+    uv_normal = (
+        read_npy(d / "uv_normal.npy", (R, R, 3))
+        if (d / "uv_normal.npy").is_file()
+        else normals_from_geometry(geom, uv_mask)
+    )
+    return tex, geom, uv_mask, uv_normal
+
+
+def _read_views(
+    d: Path, portrait: np.ndarray, alpha: np.ndarray | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images [H, W, 3] and masks [H, W] of view 0 = the portrait, then frames/NNN.png in name
+    order; a mask is its own file, else the image's alpha, else all ones."""
+    H, W = portrait.shape[:2]
+    frames = sorted((d / "frames").glob("[0-9][0-9][0-9].png")) if (d / "frames").is_dir() else []
+    images, masks = [portrait], []
+    if (d / "portrait_mask.png").is_file():
+        masks.append(read_mask(d / "portrait_mask.png", (H, W)))
+    else:
+        masks.append(alpha if alpha is not None else np.ones((H, W), np.uint8))
+    for f in frames:
+        img, a = read_rgb(f)
+        _check_shape(f, img, (H, W, 3))
+        images.append(img)
+        m = f.with_name(f"{f.stem}_mask.png")
+        masks.append(
+            read_mask(m, (H, W))
+            if m.is_file()
+            else (a if a is not None else np.ones((H, W), np.uint8))
+        )
+    return images, masks
+
+
+def _read_cameras(cams_path: Path, V: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """K [3, 3] and viewmat [4, 4] of each of the V views."""
+    cams = read_json(cams_path)
+    views = cams.get("views") if isinstance(cams, dict) else None
+    if not isinstance(views, list) or len(views) != V:
+        raise UserError(
+            f"{cams_path}: expected {{'views': [...]}} with {V} entries "
+            f"(portrait + {V - 1} frames), got {len(views) if isinstance(views, list) else views!r}"
+        )
+    Ks, vms = [], []
+    for i, v in enumerate(views):
+        if not isinstance(v, dict) or "K" not in v or "viewmat" not in v:
+            raise UserError(f"{cams_path}: views[{i}] needs 'K' (3x3) and 'viewmat' (4x4)")
+        Ks.append(_array(cams_path, f"views[{i}].K", v["K"], (3, 3)))
+        vms.append(_array(cams_path, f"views[{i}].viewmat", v["viewmat"], (4, 4)))
+    return Ks, vms
+
+
+def _read_annotations(ann_path: Path, V: int) -> tuple[np.ndarray, ...]:
+    """(expression [V, E], gaze [V, 2], kpts [V, L, 2], kpts_visible [V, L]); zeros (visible:
+    ones) for what the optional file leaves out."""
+    ann = read_json(ann_path) if ann_path.is_file() else {}
+    if not isinstance(ann, dict):
+        raise UserError(f"{ann_path}: expected a JSON object")
+    expr = _array(ann_path, "expression", ann.get("expression", np.zeros((V, 0))), (V, None))
+    gaze = _array(ann_path, "gaze", ann.get("gaze", np.zeros((V, 2))), (V, 2))
+    kpts = _array(ann_path, "kpts", ann.get("kpts", np.zeros((V, 0, 2))), (V, None, 2))
+    L = kpts.shape[1]
+    vis = _array(ann_path, "kpts_visible", ann.get("kpts_visible", np.ones((V, L))), (V, L))
+    return expr, gaze, kpts, vis
+
+
+def _read_dense(d: Path, masks: list[np.ndarray], hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """{"uv": [V, H, W, 2], "vtx", "nrm": [V, H, W, 3]} from dense/NNN_KEY.npy, masked by each
+    view's mask; zeros where a file is absent."""
+    dense = {"uv": 2, "vtx": 3, "nrm": 3}
+    maps = {k: np.zeros((len(masks), *hw, c), np.float32) for k, c in dense.items()}
+    for v in range(len(masks)):
+        for k, c in dense.items():
+            p = d / "dense" / f"{v:03d}_{k}.npy"
+            if p.is_file():
+                maps[k][v] = read_npy(p, (*hw, c)) * (masks[v][..., None] > 0)
+    return maps
 
 
 def read_split(src: Path, identities: list[str]) -> dict[str, str]:

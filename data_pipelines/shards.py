@@ -24,6 +24,7 @@ import numpy as np
 
 from data_pipelines import schema
 from fica_jax.errors import UserError
+from fica_jax.files import check_writable
 
 METADATA_FILE = "metadata.json"
 SHARD_SUFFIX = ".array_record"
@@ -106,6 +107,7 @@ class DatasetWriter:
             )
         if records_per_shard < 1:
             raise UserError(f"records_per_shard must be >= 1, got {records_per_shard}")
+        check_writable(self.out_dir)  # a location that cannot be written: one UserError, now
         self.records_per_shard = records_per_shard
         self.generator = dict(generator or {})
         self.template = dict(template or {})
@@ -273,4 +275,7 @@ def template_stats(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict]:
         template = read_metadata(data_dir).get("template", {})
     except (UserError, OSError):
         template = {}
-    return {"template": template, "expression_names": list(template.get("expression_names", []))}, {}
+    return {
+        "template": template,
+        "expression_names": list(template.get("expression_names", [])),
+    }, {}

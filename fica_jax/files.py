@@ -4,7 +4,8 @@ Every writer in fica-jax goes through here:
 - `atomic_file(path)` yields a temporary path beside `path` (same suffix, so PIL / imageio pick
   the format from it) and renames it onto `path` only when the block ends without an error;
 - `atomic_dir(path)` does the same for a folder: the old folder, if any, is replaced at the end;
-- `write_text` / `write_json` are the one-line cases.
+- `write_text` / `write_json` are the one-line cases;
+- `check_writable(path)` raises the same error up front, creating nothing.
 
 A location that cannot be written (a read-only or missing parent, a file where a folder should
 be) raises `UserError` naming it, which the CLI prints as one `error: ...` line with exit code 2;
@@ -41,11 +42,28 @@ def ensure_dir(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def check_writable(path: str | os.PathLike) -> pathlib.Path:
+    """`path` as a Path when a file or folder could be written there (missing parents
+    included), else the `UserError` writing it would raise; creates nothing. Commands call it
+    on their output paths before any slow work."""
+    path = pathlib.Path(path)
+    probe = path.parent  # the nearest existing folder above `path` must be writable
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write {path}: {probe} is not a folder; expected a writable "
+                        "output location")  # fmt: skip
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {probe} is not writable; expected a writable "
+                        "output location")  # fmt: skip
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """with atomic_file(p) as tmp: write tmp  ->  renamed onto p at the end (mode 0644)."""
     path = pathlib.Path(path)
-    parent = ensure_dir(path.parent)
+    parent = ensure_dir(check_writable(path).parent)  # an error names `path`, not its folder
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     except OSError as e:
@@ -66,7 +84,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """with atomic_dir(d) as tmp: fill folder tmp  ->  it replaces d at the end."""
     path = pathlib.Path(path)
-    ensure_dir(path.parent)
+    ensure_dir(check_writable(path).parent)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

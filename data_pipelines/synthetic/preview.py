@@ -2,8 +2,8 @@
 
     python -m data_pipelines.synthetic.preview out.png --count 3 --seed 0
 
-One row per identity: portrait with landmarks (green visible, red hidden), the portrait's partial
-UV RGB, the ground-truth UV texture, then the dome frames.
+One labelled row per identity (`fica_jax.preview`): portrait with landmarks (green visible, red
+hidden), the portrait's partial UV RGB, the ground-truth UV texture, then the dome frames.
 """
 
 from __future__ import annotations
@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from PIL import Image
 
 from data_pipelines.synthetic.generator import SynthConfig, make_identity
+from fica_jax.preview import write_sheet
 
 
-def _fit(img: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST))
-
-
-def contact_sheet(records: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """[N * S, (3 + K) * S, 3] uint8 preview rows, S = image size."""
+def contact_rows(records: list[dict[str, np.ndarray]]) -> list[list[tuple[str, np.ndarray]]]:
+    """One row of (label, image) per identity (module doc), for `fica_jax.preview`."""
     rows = []
     for r in records:
         size = r["view_image"].shape[1]
@@ -33,10 +29,11 @@ def contact_sheet(records: list[dict[str, np.ndarray]]) -> np.ndarray:
                     [0, 255, 0] if vis else [255, 0, 0]
                 )
         partial = np.clip(r["partial_uv"][..., :3].astype(np.float32) * 255, 0, 255)
-        tiles = [portrait, _fit(partial.astype(np.uint8), size), _fit(r["uv_texture"], size)]
-        tiles += list(r["view_image"][1:])
-        rows.append(np.concatenate(tiles, 1))
-    return np.concatenate(rows, 0)
+        row = [("portrait", portrait), ("partial UV", partial.astype(np.uint8)),
+               ("UV texture", r["uv_texture"])]  # fmt: skip
+        row += [(f"frame {v}", im) for v, im in enumerate(r["view_image"][1:], 1)]
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = SynthConfig(unwrap_supersample=args.supersample)
     records = [make_identity(i, cfg, args.seed) for i in range(args.count)]
-    Image.fromarray(contact_sheet(records)).save(args.out)
+    write_sheet(contact_rows(records), args.out, records[0]["view_image"].shape[1])
 
 
 if __name__ == "__main__":

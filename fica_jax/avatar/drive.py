@@ -20,13 +20,13 @@ image); `orbit_camera` gives the same cameras to tests and other tools.
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import time
 
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_dir, atomic_file, check_writable
 
 TARGET = (0.0, -0.02, 0.01)  # head centre the synthetic cameras look at (data_pipelines/synthetic)
 SWEEP_FRAMES = 8  # frames per blendshape ramp 0 -> 1 -> 0
@@ -69,6 +69,15 @@ def sweep(expression_names: list[str], e_dim: int) -> list[dict]:
     return frames
 
 
+def render_frame(avatar, viewmat, K, width: int, height: int, **render_kw) -> np.ndarray:
+    """One frame of a JAX `Avatar` or a PyTorch `TorchAvatar` (`avatar.render`'s arguments:
+    viewmat [4, 4], K [3, 3], expression, gaze, background, backend) -> [H, W, 3] float in
+    [0, 1] on the host."""
+    img, _, _ = avatar.render(viewmat, K, width, height, **render_kw)
+    img = img.cpu().numpy() if hasattr(img, "cpu") else np.asarray(img)
+    return np.clip(img, 0.0, 1.0)
+
+
 def render_frames(
     avatar, frames: list[dict], size: int, progress: bool = True, **render_kw
 ) -> list[np.ndarray]:
@@ -80,18 +89,9 @@ def render_frames(
     bar, out = Progress(len(frames), 0, progress, "render", log_every=12), []
     for f in frames:
         viewmat, K = orbit_camera(f.get("yaw", 0.0), f.get("pitch", 0.0), size)
-        img, _, _ = avatar.render(
-            viewmat,
-            K,
-            size,
-            size,
-            expression=f.get("expression"),
-            gaze=f.get("gaze"),
-            background=(0.5, 0.5, 0.5),
-            **render_kw,
-        )
-        img = img.cpu().numpy() if hasattr(img, "cpu") else np.asarray(img)
-        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        img = render_frame(avatar, viewmat, K, size, size, expression=f.get("expression"),
+                           gaze=f.get("gaze"), background=(0.5, 0.5, 0.5), **render_kw)  # fmt: skip
+        out.append((img * 255).round().astype(np.uint8))
         bar.update()
     bar.close()
     return out
@@ -112,33 +112,34 @@ def write_frames(path: pathlib.Path, frames: list[np.ndarray], labels: list[str]
     if path.suffix.lower() == ".mp4":  # H.264 through imageio's ffmpeg plugin
         import imageio.v3 as iio
 
-        tmp = path.with_name(f".{path.name}.tmp.mp4")
-        try:
+        with atomic_file(path) as tmp:
             iio.imwrite(tmp, np.stack(frames), fps=fps, codec="libx264", macro_block_size=1)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return
     ims = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(f".{path.name}.tmp.gif")
-    try:
-        ims[0].save(tmp, save_all=True, append_images=ims[1:], duration=1000 / fps, loop=0)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:],
+                    duration=1000 / fps, loop=0)  # fmt: skip
+
+
+def write_preview(avatar, path: pathlib.Path, lead=(), size: int = 256) -> None:
+    """An avatar bundle's `preview.png`: the `lead` tiles ((label, [size, size, 3] u8), e.g.
+    the portrait), then the neutral avatar from the front, side and back."""
+    views = [{"yaw": y, "label": lab} for y, lab in ((0, "front"), (60, "side"), (180, "back"))]
+    imgs = render_frames(avatar, views, size, progress=False)
+    labels = [lab for lab, _ in lead] + [v["label"] for v in views]
+    write_frames(path, [im for _, im in lead] + imgs, labels, 1)
 
 
 # ----------------------------------------------------------------------------- commands
 def make_avatar(run, data, out, *, split: str = "test", identity: str | None = None) -> dict:
     """`fica avatar`: the trained UPM of `run` on one identity of `data` -> the bundle in `out`."""
-    import shutil
-
     from data_pipelines.contact_sheet import select_record
     from data_pipelines.pipeline import open_source
     from data_pipelines.shards import read_metadata
     from fica_jax.avatar.bundle import Avatar
     from fica_jax.train.checkpoint import load_model, load_run_config
 
+    out = check_writable(out)
     cfg = load_run_config(run)
     if cfg.get("stage") != "upm":
         raise UserError(f"{run}/config.json: stage {cfg.get('stage')!r}, expected a `upm` run")
@@ -155,16 +156,9 @@ def make_avatar(run, data, out, *, split: str = "test", identity: str | None = N
     av = Avatar.create(
         model, rec["uv_texture"] / 255.0, rec["uv_geometry"], rec["uv_mask"], info=info
     )
-    out = pathlib.Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    av.save(tmp)
-    views = [{"yaw": y, "label": lab} for y, lab in ((0, "front"), (60, "side"), (180, "back"))]
-    imgs = render_frames(av, views, 256, progress=False)
-    write_frames(tmp / "preview.png", imgs, [v["label"] for v in views], 1)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        av.save(tmp)
+        write_preview(av, tmp / "preview.png")
     return info
 
 
@@ -195,6 +189,7 @@ def render_avatar(
     out = pathlib.Path(out)
     if out.suffix.lower() not in (".gif", ".png", ".mp4"):
         raise UserError(f"--out {out}: expected a .gif, .mp4 or .png file")
+    check_writable(out)  # before the slow part
     av, render_kw = load_for_backend(avatar_dir, backend, device)
     e_dim = int(av.cfg["expression_dim"] if isinstance(av.cfg, dict) else av.cfg.expression_dim)
     if mode == "turntable":
@@ -225,7 +220,6 @@ def render_avatar(
     t0 = time.perf_counter()
     imgs = render_frames(av, frames, size, **render_kw)
     dt = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_frames(out, imgs, [f["label"] for f in frames], fps)
     return {"out": str(out), "frames": len(imgs), "size": size, "seconds": round(dt, 2),
             "backend": backend}  # fmt: skip

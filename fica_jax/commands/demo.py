@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.files import ensure_dir, write_json
 
 _TRAINED = ("vae", "dense", "dit", "dit-rgb", "dit-maps", "refiner", "upm")
 SIZES = {
@@ -252,7 +253,7 @@ def run_demo(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> dict
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; expected a folder (new, or an earlier demo's)")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     if (out / "data" / "metadata.json").is_file():
         ds.check_data(out / "data", identities, seed, sizes)
     path = out / "report.json"
@@ -265,9 +266,7 @@ def run_demo(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> dict
                "loadavg_start": list(os.getloadavg())}  # fmt: skip
 
     def save(rep):
-        tmp = path.with_name(".report.json.tmp")
-        tmp.write_text(json.dumps(rep, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json(path, rep, default=str)
 
     t0 = time.time()
     # The plan lists the avatars' portraits once the captures exist: plan again after them

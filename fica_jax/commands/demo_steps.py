@@ -4,13 +4,13 @@ final checkpoint exists), held-out figures vs baselines, exports, avatars and th
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import numpy as np
 
 from fica_jax.config import load_config
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_file, ensure_dir, write_text
 
 # The exports `fica generate` / `fica eval` read (`--models DIR/<name>`) and the runs behind them.
 RUNS = {"vae": "vae:tiny", "dense": "dense:tiny", "dit": "dit:tiny", "dit-rgb": "dit:tiny-rgb",
@@ -114,7 +114,7 @@ def portraits(
     from data_pipelines.pipeline import open_source
 
     src = open_source(data_dir, "test")
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     got = []
     for i in range(min(n, len(src))):
         rec = src[i]
@@ -125,12 +125,9 @@ def portraits(
             pose = {"image_size": list(img.shape[:2]), "K": rec["view_K"][0].tolist(),
                     "viewmat": rec["view_viewmat"][0].tolist(),
                     "expression": rec["view_expression"][0].tolist()}  # fmt: skip
-            tmp = png.with_name(f".{png.name}.tmp.png")
-            Image.fromarray(img).save(tmp)
-            os.replace(tmp, png)
-            tmp = js.with_name(f".{js.name}.tmp")
-            tmp.write_text(json.dumps(pose))
-            os.replace(tmp, js)
+            with atomic_file(png) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+            write_text(js, json.dumps(pose))
         got.append((name, png, js))
     return got
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 
 from fica_jax import __version__
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_dir, check_writable, write_json
 from fica_jax.infer.generate import Exported, Timer, generate_maps, load_models, read_portrait
 
 
@@ -37,8 +37,9 @@ def generate_avatar(
 ) -> dict:
     """Writes the avatar bundle to `out`; returns its info (with per-stage seconds)."""
     from fica_jax.avatar.bundle import Avatar
-    from fica_jax.avatar.drive import render_frames, write_frames
+    from fica_jax.avatar.drive import write_preview
 
+    out = check_writable(out)  # before loading the models
     timer = Timer()
     models = models or load_models(models_dir)
     timer.lap("load")
@@ -61,29 +62,17 @@ def generate_avatar(
     }  # fmt: skip
     avatar = Avatar.create(upm.model, maps["texture"], maps["geometry"], maps["mask"], info=info)
     timer.lap("upm")
-    out = pathlib.Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         avatar.save(tmp)
         avatar.save_ply(tmp / "avatar.ply")
         np.savez(tmp / "maps.npz", **maps)
-        views = [{"yaw": y, "label": lab} for y, lab in ((0, "front"), (60, "side"), (180, "back"))]
-        size = 256
-        imgs = render_frames(avatar, views, size, progress=False)
-        tile = np.asarray(jax.image.resize(jnp.asarray(portrait), (size, size, 3), "bilinear"))
-        imgs = [(np.clip(tile, 0, 1) * 255).round().astype(np.uint8), *imgs]
-        write_frames(tmp / "preview.png", imgs, ["portrait"] + [v["label"] for v in views], 1)
+        tile = np.asarray(jax.image.resize(jnp.asarray(portrait), (256, 256, 3), "bilinear"))
+        tile = (np.clip(tile, 0, 1) * 255).round().astype(np.uint8)
+        write_preview(avatar, tmp / "preview.png", [("portrait", tile)])
         timer.lap("bundle")
         info["seconds"] = timer.seconds
         meta = json.loads((tmp / "avatar.json").read_text())
-        meta["info"] = info
-        (tmp / "avatar.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "avatar.json", meta | {"info": info})
     return info
 
 
@@ -95,7 +84,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50, help="Euler steps of the DiT (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the DiT's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pose", default=None, help="JSON with K, viewmat, expression (fica_jax.infer.pose)")
+    p.add_argument(
+        "--pose", default=None, help="JSON with K, viewmat, expression (fica_jax.infer.pose)"
+    )
     p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
 
     def run_cmd(args, extra) -> int:

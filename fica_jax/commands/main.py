@@ -2,7 +2,8 @@
 
 Each command group is a module of `fica_jax/commands/` exposing `add_commands(subparsers)`;
 a handler is stored as `func` on its parser and receives `(args, extra)` where `extra` holds the
-unparsed `--config.key=value` overrides. A `UserError` becomes one `error: ...` line, exit code 2.
+unparsed `--config.key=value` overrides. A `UserError` becomes one `error: ...` line, exit code 2;
+an output path (`OUTPUT_ARGS`) that cannot be written is one before the handler starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pathlib
 import sys
 
 from fica_jax.errors import UserError
+from fica_jax.files import check_writable
 
 # Modules contributing sub-commands (each defines add_commands(subparsers)).
 COMMAND_MODULES = (
@@ -26,6 +28,9 @@ COMMAND_MODULES = (
     "fica_jax.commands.eval",  # fica eval
     "fica_jax.commands.demo",  # fica demo
 )
+
+# Every verb's output-path flags (dest names): `--out` (a file or folder) and `inspect --png`.
+OUTPUT_ARGS = ("out", "png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +78,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)}")
     try:
+        for dest in OUTPUT_ARGS:  # before any slow work: loading models, training, rendering
+            if getattr(args, dest, None):
+                check_writable(getattr(args, dest))
         return int(args.func(args, extra) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

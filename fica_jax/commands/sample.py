@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fica_jax.files import atomic_file, check_writable, ensure_dir, write_json
 from fica_jax.infer.latents import decoding_context, held_out_batches
 from fica_jax.infer.sample import preview_rows, sample_maps, uv_metrics
 from fica_jax.preview import write_sheet
@@ -32,17 +32,15 @@ def sample_run(
     from data_pipelines.latents import cache_metadata
     from fica_jax.train.checkpoint import load_model, load_run_config
 
+    out = check_writable(out)  # before loading the run
     cfg = load_run_config(run)
     with cfg.unlocked():
         cfg.data.dir = str(cache)
         cfg.data.batch_size = max(1, int(cfg.data.batch_size))
     _, model = load_model(cfg, run, ema=ema)
-    ctx = decoding_context(
-        cfg, cache_metadata(cache), where=f"fica sample --data {cache}"
-    )
+    ctx = decoding_context(cfg, cache_metadata(cache), where=f"fica sample --data {cache}")
     scale = float(cfg.model.cfg_scale if cfg_scale is None else cfg_scale)
-    out = pathlib.Path(out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
+    ensure_dir(out / "maps")
     rows, totals, n, rng = [], {}, 0, jax.random.PRNGKey(seed)
     names = [str(r) for r in ctx.identities(split)]
     for k, batch in enumerate(held_out_batches(cfg, split)):
@@ -55,17 +53,16 @@ def sample_run(
             totals[key] = totals.get(key, 0.0) + float(v) * b
         for j in range(b):
             name = names[n + j] if n + j < len(names) else f"id{n + j}"
-            np.save(out / "maps" / f"{name}_texture.npy", np.asarray(texture[j]))
-            np.save(out / "maps" / f"{name}_geometry.npy", np.asarray(geometry[j]))
+            for kind, maps in (("texture", texture), ("geometry", geometry)):
+                with atomic_file(out / "maps" / f"{name}_{kind}.npy") as tmp:
+                    np.save(tmp, np.asarray(maps[j]))
         n += b
         rows += preview_rows(batch, texture, geometry, n=b)
     for i in range(0, len(rows), 8):
         write_sheet(rows[i : i + 8], out / f"sample_{i // 8:03d}.png")
     result = {k: v / max(n, 1) for k, v in totals.items()}
     result.update(identities=n, steps=steps, cfg_scale=scale, seed=seed, split=split)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", result)
     return result
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from fica_jax.errors import UserError
+from fica_jax.files import write_text
 
 
 def _profile_steps(text: str | None) -> tuple[int, int] | None:
@@ -59,8 +60,7 @@ def cmd_plan(args, extra) -> int:
     )
     text = plan.dumps(report)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text + "\n")
     print(text)
     return 0
 

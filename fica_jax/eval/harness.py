@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fica_jax.avatar.drive import render_frame
 from fica_jax.errors import UserError
 from fica_jax.eval.protocol import ABLATION_DIT, BACKGROUND, METRICS
+from fica_jax.files import atomic_file, ensure_dir
 
 
 # ----------------------------------------------------------------------------- metric kit
@@ -118,9 +120,7 @@ def _upm_render(avatar, frame, backend: str) -> np.ndarray:
     kw = dict(expression=frame["expression"], gaze=frame["gaze"], background=BACKGROUND)
     if backend == "torch":
         kw["backend"] = "cpu"
-    img, _, _ = avatar.render(frame["viewmat"], frame["K"], w, h, **kw)
-    img = img.cpu().numpy() if hasattr(img, "cpu") else np.asarray(img)
-    return np.clip(img, 0.0, 1.0)
+    return render_frame(avatar, frame["viewmat"], frame["K"], w, h, **kw)
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -237,8 +237,7 @@ def evaluate(
         raise UserError(f"--pose {pose!r}: expected 'gt' (the capture's camera) or 'regressor'")
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     t0 = time.time()
     models = load_models(models_dir)
     name = read_metadata(data_dir).get("template", {}).get("template", "")
@@ -283,11 +282,9 @@ def evaluate(
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(
             f, fieldnames=["identity", "frame", "sample", "method", *METRICS], restval=""
         )
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)

@@ -8,14 +8,13 @@ table) or from the row above (ablation), so a reader can see what the held-out s
 from __future__ import annotations
 
 import csv
-import json
-import os
 import pathlib
 import time
 
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_file, write_json, write_text
 
 ARROWS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_csim": "ID-CSIM ↑"}
 
@@ -125,9 +124,8 @@ def _bar_chart(ids: dict, methods, path: pathlib.Path) -> None:
         y = h + 44 + 16 * b
         d.rectangle((left, y, left + 10, y + 10), fill=colours[b % 6])
         d.text((left + 16, y - 1), lab, fill="black")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    im.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        im.save(tmp, format="PNG")
 
 
 def _frames_sheet(rows: list[dict], sheets: dict, path: pathlib.Path) -> None:
@@ -179,12 +177,11 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
         "ablation": table(rows, ABLATION, notes, paired="above"),
     }
     ids = per_identity(rows)
-    with open(out / ".per_identity.csv.tmp", "w", newline="") as f:
+    with atomic_file(out / "per_identity.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["identity", "method", *METRICS])
         for (i, m), v in sorted(ids.items()):
             w.writerow([i, m, *("" if v[k] is None else f"{v[k]:.6f}" for k in METRICS)])
-    os.replace(out / ".per_identity.csv.tmp", out / "per_identity.csv")
     _bar_chart(ids, MAIN, out / "per_identity.png")
     if sheets:
         first = [r for r in rows if isinstance(r["psnr"], float) and int(r.get("sample") or 0) == 0]
@@ -202,11 +199,7 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
         + "\n"
         + _markdown("Ablation (paper Table 2 order)", tables["ablation"])
     )
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "report.md")
+    write_text(out / "report.md", text)
     rep = {"info": info, "tables": tables}
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(rep, indent=2))
-    os.replace(tmp, out / "report.json")
+    write_json(out / "report.json", rep)
     return rep

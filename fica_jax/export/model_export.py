@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 from fica_jax import __version__
 from fica_jax.errors import UserError
 from fica_jax.export.manifest import read_arrays, read_manifest
+from fica_jax.files import atomic_dir, check_writable, write_json
 
 FORMAT, VERSION = "fica-export", 1
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", None)}
@@ -199,7 +199,7 @@ def export_run(
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {sorted(DTYPES)}")
-    run, out = pathlib.Path(run), pathlib.Path(out)
+    run, out = pathlib.Path(run), check_writable(out)
     cfg = load_run_config(run)
     stage = get_stage(cfg.stage)
     model = nnx.eval_shape(lambda: stage.make_model(cfg, nnx.Rngs(0)))
@@ -238,17 +238,9 @@ def export_run(
         "tensors": [n for n, _, _ in specs],
         "run_config": cfg.to_dict(),
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         write_safetensors(tmp / "model.safetensors", specs, tensors(), {"format": FORMAT})
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "model.json", meta, default=str)
     return meta
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_file, write_text
 from fica_jax.geometry.procedural import PART_EYE_L, PART_EYE_R, PART_MOUTH, PART_NAMES, PART_SKIN
 from fica_jax.geometry.template import N_LANDMARKS, HeadTemplate
 
@@ -207,10 +208,8 @@ def write_obj_template(
         lines.append(f"g {PART_NAMES[part]}")
         for f in template.faces[sel]:
             lines.append("f " + " ".join(f"{template.weld[i] + 1}/{i + 1}" for i in f))
-    Path(obj_path).write_text("\n".join(lines) + "\n")
-    Path(landmarks_path).write_text(
-        json.dumps([int(template.weld[i]) for i in template.landmark_ids])
-    )
+    write_text(obj_path, "\n".join(lines) + "\n")
+    write_text(landmarks_path, json.dumps([int(template.weld[i]) for i in template.landmark_ids]))
     if bases_path is not None:
 
         def to_pos(b):
@@ -218,10 +217,11 @@ def write_obj_template(
             out[:, template.weld] = b
             return out
 
-        np.savez(
-            bases_path,
-            shape_basis=to_pos(template.shape_basis),
-            expr_basis=to_pos(template.expr_basis),
-            shape_names=np.asarray(template.shape_names),
-            expr_names=np.asarray(template.expr_names),
-        )
+        with atomic_file(bases_path) as tmp:
+            np.savez(
+                tmp,
+                shape_basis=to_pos(template.shape_basis),
+                expr_basis=to_pos(template.expr_basis),
+                shape_names=np.asarray(template.shape_names),
+                expr_names=np.asarray(template.expr_names),
+            )

@@ -43,6 +43,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from fica_jax.errors import UserError
+from fica_jax.files import write_text
 from fica_jax.perf import hlo_stats as hs
 from fica_jax.perf.chips import CHIPS, roofline, top_ops
 
@@ -461,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
+        write_text(args.out, text + "\n")
     print(text)
     return 0
 

@@ -9,12 +9,12 @@ other tools are accepted on import and ignored. Writes are atomic (temp file + r
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.files import atomic_file
 
 SH_C0 = 0.28209479177387814
 
@@ -56,19 +56,9 @@ def save_ply(
         "ply\nformat binary_little_endian 1.0\n"
         f"element vertex {n}\n" + "".join(f"property float {p}\n" for p in PROPS) + "end_header\n"
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(data.tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared .ply from viewers/users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(data.tobytes())
 
 
 _TYPES = {

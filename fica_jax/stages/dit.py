@@ -27,8 +27,6 @@ the conditioning adds); `make_sample` writes the preview sheet and a TensorBoard
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,7 +39,7 @@ from fica_jax.errors import UserError
 from fica_jax.infer.latents import decoding_context, latent_pipeline
 from fica_jax.infer.sample import decode, preview_rows, sample_maps, uv_metrics
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
-from fica_jax.preview import write_sheet
+from fica_jax.preview import write_step_sheet
 from fica_jax.train.stage import Stage
 
 
@@ -173,7 +171,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
 
 
 def make_sample(cfg: ml_collections.ConfigDict):
-    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` (+ TensorBoard image) of the eval batch."""
+    """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`: PNG + TensorBoard)."""
     if not cfg.data.dir:
         return None
     ctx = decoding_context(cfg, cache_metadata(cfg.data.dir), "config model.vae")
@@ -196,15 +194,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
     def sample_fn(model: DiT, batch, rng, workdir, step: int) -> None:
         texture, geometry = maps(model, batch, rng)
         batch, texture, geometry = jax.device_get((batch, texture, geometry))
-        sheet = write_sheet(
-            preview_rows(batch, texture, geometry),
-            pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png",
-        )
-        if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
-            with SummaryWriter(str(pathlib.Path(workdir) / "tb")) as tb:
-                tb.add_image("samples", sheet, step, dataformats="HWC")
+        write_step_sheet(preview_rows(batch, texture, geometry), workdir, step)
 
     return sample_fn
 

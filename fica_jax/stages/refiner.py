@@ -40,8 +40,6 @@ refined vs the unrefined input (`baseline_*`), and novel-view PSNR against dome 
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,7 +54,7 @@ from fica_jax.errors import UserError
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.refine import refine, render_view
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
-from fica_jax.preview import write_sheet
+from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
 from fica_jax.render.surfels import safe_norm, tangent
 from fica_jax.train.stage import Stage
@@ -185,7 +183,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
 
 
 def make_sample(cfg: ml_collections.ConfigDict):
-    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` of the eval batch, one row per
+    """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`), one row per
     identity: portrait | render before | render after | 4x |before - portrait| | 4x |after - .|."""
     tol = float(cfg.model.visibility_tolerance)
     renders = nnx.jit(lambda model, batch: held_out(model, batch, tol))
@@ -199,8 +197,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
              ("4x err after", 4 * np.abs(r["after"][i] - gt[i]))]
             for i in range(min(len(gt), 8))
         ]  # fmt: skip
-        if jax.process_index() == 0:
-            write_sheet(rows, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+        write_step_sheet(rows, workdir, step)
 
     return sample_fn
 

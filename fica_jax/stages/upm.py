@@ -33,7 +33,6 @@ writes the same renders as a preview sheet every `sample_every` steps.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ from data_pipelines.pipeline import CaptureData, open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
-from fica_jax.preview import write_sheet
+from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
 from fica_jax.render.surfels import render_surfels
 from fica_jax.train.stage import Stage
@@ -94,7 +93,9 @@ def forward(model: UPM, batch, rng, *, zero_identity: bool = False):
     )
 
 
-def render_frames(model: UPM | None, g, batch, isect_capacity: int = 0) -> dict[str, jax.Array]:
+def render_dome_frames(
+    model: UPM | None, g, batch, isect_capacity: int = 0
+) -> dict[str, jax.Array]:
     """Renders Gaussians g from each frame's camera over the frame's background -> image
     [B, H, W, 3], alpha [B, H, W], n_isects / isect_overflow [B]. Colours get the model's
     per-camera correction of `frame_view` when it has one. `isect_capacity` 0: the
@@ -136,7 +137,7 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
     def loss_fn(model: UPM, batch, rng: jax.Array):
         g, kl = forward(model, batch, rng)
-        out = render_frames(model, g, batch, cap)
+        out = render_dome_frames(model, g, batch, cap)
         terms = upm_losses(g, kl, out, batch, geometry_unit=unit, scale_bound=bound)
         loss = sum(w[k] * v for k, v in terms.items())
         fm = batch["frame_mask"]
@@ -168,11 +169,11 @@ def held_out_renders(model: UPM, batch, isect_capacity: int = 0) -> dict[str, ja
     """The UPM's frames (expression posterior mean) and both baselines' -> {name: [B, H, W, 3]},
     plus the UPM render's isect_overflow [B]."""
     g, _ = forward(model, batch, None)
-    r = render_frames(model, g, batch, isect_capacity)
+    r = render_dome_frames(model, g, batch, isect_capacity)
     g0, _ = forward(model, batch, None, zero_identity=True)
     return {
         "upm": r["image"],
-        "zero_identity": render_frames(model, g0, batch, isect_capacity)["image"],
+        "zero_identity": render_dome_frames(model, g0, batch, isect_capacity)["image"],
         "surfels": surfel_frames(batch),
         "isect_overflow": r["isect_overflow"],
     }
@@ -239,7 +240,7 @@ def held_out_report(cfg: ml_collections.ConfigDict, model: UPM, split: str = "te
 
 
 def make_sample(cfg: ml_collections.ConfigDict):
-    """Preview sheet `WORKDIR/samples/step_XXXXXXX.png` of the eval batch, one row per frame:
+    """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`), one row per frame:
     GT frame | UPM render | zero-identity | surfel proxy | 4x |UPM - GT|."""
     cap = int(cfg.model.get("isect_capacity", 0))
     renders = nnx.jit(lambda model, batch: held_out_renders(model, batch, cap))
@@ -252,8 +253,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
              ("surfels", r["surfels"][i]), ("4x err", 4 * np.abs(r["upm"][i] - gt[i]))]
             for i in range(min(len(gt), 8))
         ]  # fmt: skip
-        if jax.process_index() == 0:
-            write_sheet(rows, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+        write_step_sheet(rows, workdir, step)
 
     return sample_fn
 

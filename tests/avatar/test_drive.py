@@ -13,6 +13,7 @@ from fica_jax.avatar import drive
 from fica_jax.avatar.bundle import Avatar
 from fica_jax.commands.main import main
 from fica_jax.config import load_config
+from fica_jax.errors import UserError
 from fica_jax.models.upm import view_direction
 from fica_jax.stages import upm as upm_stage
 
@@ -70,6 +71,13 @@ def test_render_turntable_gif_and_codes_sheet(avatar_dir, tmp_path, capsys):
     assert Image.open(sheet).size == (3 * 32, 32 + 14)
     assert "3 frames at 32 px" in capsys.readouterr().out
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_render_avatar_checks_its_output_before_rendering(avatar_dir, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(drive, "render_frames", lambda *a, **k: pytest.fail("rendered"))
+    with pytest.raises(UserError, match="cannot write .*afile/x.gif: .*afile is not a folder"):
+        drive.render_avatar(avatar_dir, tmp_path / "afile" / "x.gif", mode="turntable")
 
 
 @pytest.mark.parametrize(

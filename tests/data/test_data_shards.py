@@ -70,6 +70,14 @@ def test_existing_output_needs_overwrite_and_failure_leaves_nothing(data_dir, tm
     assert not fresh.exists()
 
 
+def test_unwritable_output_is_a_user_error_before_writing(tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "ds"
+    with pytest.raises(UserError, match=f"cannot write {out}: .*afile is not a folder"):
+        DatasetWriter(out)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def _shard(data_dir):
     return data_dir / read_metadata(data_dir)["splits"]["train"]["shards"][1]["file"]
 
