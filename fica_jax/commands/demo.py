@@ -32,6 +32,7 @@ from fica_jax.errors import UserError
 from fica_jax.files import ensure_dir, write_json
 
 _TRAINED = ("vae", "dense", "dit", "dit-rgb", "dit-maps", "refiner", "upm")
+_DITS = ("dit", "dit-rgb", "dit-maps")  # the full DiT and its two ablations
 SIZES = {
     # Full default: <= 15 min on 2 idle cores (benchmarks/results/demo_report_cpu.json). 64^2
     # UV maps: at 32^2 the VAE's 4x4 latents lose to the 8x-downsample baseline (17.2 vs 17.4 dB
@@ -43,9 +44,7 @@ SIZES = {
         test_every=4,
         uv=64,
         image=64,
-        refiner_image=32,
         frames=3,
-        dit_patch=2,
         sample_steps=50,
         avatars=3,
         gif_size=128,
@@ -63,6 +62,13 @@ SIZES = {
             "refiner": 200,
             "upm": 300,
         },
+        # per run, beside what the data fix (each stage's `fit_data`): the refiner's portrait
+        # size, the DiTs' patch and held-out sampling steps (= sample_steps); learning rates
+        # would go here too ("optim.lr")
+        config={
+            "refiner": {"data.image_size": 32},
+            **dict.fromkeys(_DITS, {"model.patch": 2, "model.eval_steps": 50}),
+        },
     ),  # fmt: skip
     # CI: the fewest identities / steps that still run every stage and every output.
     "quick": dict(
@@ -70,15 +76,17 @@ SIZES = {
         test_every=8,
         uv=32,
         image=64,
-        refiner_image=32,
         frames=1,
-        dit_patch=1,
         sample_steps=4,
         avatars=1,
         gif_size=48,
         eval_frames=1,
         eval_samples=1,
         steps={name: 8 for name in _TRAINED},
+        config={
+            "refiner": {"data.image_size": 32},
+            **dict.fromkeys(_DITS, {"model.patch": 1, "model.eval_steps": 4}),
+        },
     ),  # fmt: skip
 }
 
@@ -122,19 +130,31 @@ def run_steps(steps: list[Step], report: dict, save: Callable[[dict], None]) -> 
     return report
 
 
+def portrait_example(record, rng, opts) -> dict:
+    """What the conditioning sheet shows of a capture record: the portrait (view 0, resized
+    only: its partial UV maps were unwrapped from it), the partial UV maps and the UV maps."""
+    from data_pipelines import transforms as T
+
+    ex, _ = T.warp_view(record, 0, rng, opts, geometric=False)
+    return {
+        "image": ex["image"],
+        "partial_uv": T.float32(record["partial_uv"]),
+        **T.uv_maps(record),
+    }
+
+
 def _conditioning_rows(data_dir, dense_model, vae_model, vae_cfg, image_size: int) -> tuple:
     """Held-out portraits -> dense predictions -> partial UV maps, beside the ground truth and
     the VAE's reconstructions (one sheet row per portrait) and a summary."""
     import jax.numpy as jnp
 
-    from data_pipelines import transforms
     from data_pipelines.pipeline import CaptureData, first_batch, open_source
     from fica_jax.infer import conditioning
     from fica_jax.infer.latents import map_stats, model_inputs
 
     # Through the training pipeline itself (un-augmented eval pass): what the stages see.
     names = [str(r["identity"]) for r in open_source(data_dir, "test")][:3]
-    read = CaptureData(transforms.dit_example)
+    read = CaptureData(portrait_example)
     kw = dict(global_batch_size=len(names), num_epochs=1, image_size=image_size)
     batch = {k: jnp.asarray(v) for k, v in first_batch(read(vae_cfg, "eval", 0, 1, **kw)).items()}
     images, n, uv = batch["image"], len(names), int(vae_cfg.data.uv_resolution)
@@ -200,13 +220,8 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
 
     def train_step(name):
         def run():
-            meta = None
-            if name.startswith("dit"):
-                from data_pipelines.latents import cache_metadata
-
-                meta = cache_metadata(cache)
-            src = cache if name.startswith("dit") else data
-            cfg = ds.stage_cfg(name, src, sizes["steps"][name], sizes, meta)
+            src = out / ds.RUNS[name][1]  # the captures or the latent cache
+            cfg = ds.stage_cfg(name, src, sizes["steps"][name], sizes, ds.data_meta(src))
             ds.train(cfg, runs / name)
             return {"run": str(runs / name), "steps": int(cfg.train.steps)}
 
@@ -216,12 +231,11 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
     steps = [Step("synthesise captures", data / "metadata.json", synth)]
     steps += [train_step("vae"), train_step("dense")]
     steps.append(Step("latent cache", cache / "metadata.json", latent_cache))
-    steps += [train_step(n) for n in ("dit", "dit-rgb", "dit-maps", "refiner", "upm")]
+    steps += [train_step(n) for n in (*_DITS, "refiner", "upm")]
     steps.append(Step("conditioning sheet", out / "conditioning.png",
                       lambda: _conditioning_sheet(out, data, sizes)))  # fmt: skip
-    for name in _TRAINED:  # the DiTs' EMA is the model they sample with
-        ema = name.startswith("dit")
-        run = lambda n=name, e=ema: ds.export(runs / n, models / n, e)
+    for name in _TRAINED:
+        run = lambda n=name: ds.export(runs / n, models / n)
         steps.append(Step(f"export {name}", models / name / "model.json", run))
 
     held = ds.portraits(data, out / "portraits", sizes["avatars"]) if data.exists() else []

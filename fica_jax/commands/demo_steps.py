@@ -12,40 +12,34 @@ from fica_jax.config import load_config
 from fica_jax.errors import UserError
 from fica_jax.files import atomic_file, ensure_dir, write_text
 
-# The exports `fica generate` / `fica eval` read (`--models DIR/<name>`) and the runs behind them.
-RUNS = {"vae": "vae:tiny", "dense": "dense:tiny", "dit": "dit:tiny", "dit-rgb": "dit:tiny-rgb",
-        "dit-maps": "dit:tiny-maps", "refiner": "refiner:tiny", "upm": "upm:tiny"}  # fmt: skip
-HIGHER_IS_BETTER = ("psnr", "ssim", "iou")
+# The exports `fica generate` / `fica eval` read (`--models DIR/<name>`), the runs behind them:
+# name -> (config, the folder of OUT it trains on: the captures or the latent cache).
+RUNS = {"vae": ("vae:tiny", "data"), "dense": ("dense:tiny", "data"), "dit": ("dit:tiny", "cache"),
+        "dit-rgb": ("dit:tiny-rgb", "cache"), "dit-maps": ("dit:tiny-maps", "cache"),
+        "refiner": ("refiner:tiny", "data"), "upm": ("upm:tiny", "data")}  # fmt: skip
 
 
-def stage_cfg(name: str, data_dir: pathlib.Path, steps: int, sizes: dict, meta: dict | None = None):
-    """`RUNS[name]`'s tiny config at the demo's sizes: all devices on fsdp, `steps` steps, held-out
-    metrics once, at the end."""
-    uv, image = sizes["uv"], sizes["image"]
+def data_meta(data_dir: pathlib.Path) -> dict:
+    """The `metadata.json` of a folder a run trains on (the captures; the one-part latent cache)."""
+    from data_pipelines.shards import METADATA_FILE, read_metadata_file
+
+    return read_metadata_file(pathlib.Path(data_dir) / METADATA_FILE)
+
+
+def stage_cfg(name: str, data_dir: pathlib.Path, steps: int, sizes: dict, meta: dict):
+    """`RUNS[name]`'s tiny config fitted to the data it trains on (its stage's `fit_data` of the
+    data's `metadata.json`, `meta`), with the demo's overrides for the run (`sizes["config"]`):
+    all devices on fsdp, `steps` steps, held-out metrics once, at the end."""
+    from fica_jax.train.stage import get_stage
+
+    spec = RUNS[name][0]
     o = [f"--config.data.dir={data_dir}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
          f"--config.train.steps={steps}", f"--config.optim.warmup_steps={max(1, steps // 10)}",
          f"--config.train.eval_every={steps}", f"--config.train.ckpt_every={steps}"]  # fmt: skip
-    stage = name.split("-")[0]
-    if stage in ("vae", "refiner", "upm"):
-        o.append(f"--config.data.uv_resolution={uv}")
-    if stage == "dense":
-        o.append(f"--config.data.image_size={image}")
-    if stage == "refiner":
-        o.append(f"--config.data.image_size={sizes['refiner_image']}")
-    if stage == "upm":
-        o += [
-            f"--config.data.image_size={image}",
-            f"--config.model.n_cameras={sizes['frames'] + 1}",
-        ]
-    if stage == "dit":
-        o += [f"--config.model.latent_size={meta['grid']}",
-              f"--config.model.latent_channels={meta['token_channels']}",
-              f"--config.model.image_emb_dim={meta['image_emb_dim']}",
-              f"--config.model.patch={sizes['dit_patch']}",
-              f"--config.model.eval_steps={sizes['sample_steps']}"]  # fmt: skip
-    for key, value in sizes.get("lr", {}).get(stage, {}).items():
-        o.append(f"--config.{key}={value}")
-    return load_config(RUNS[name], o)
+    stage = get_stage(load_config(spec, o).stage)
+    fit = stage.fit_data(meta) if stage.fit_data is not None else {}
+    o += [f"--config.{k}={v}" for k, v in {**fit, **sizes["config"].get(name, {})}.items()]
+    return load_config(spec, o)
 
 
 def final_step(run: pathlib.Path) -> int | None:
@@ -64,40 +58,32 @@ def train(cfg, run: pathlib.Path) -> None:
 
 
 def held_out(run: pathlib.Path) -> dict:
-    """The run's last logged `eval/...` figures, and each one's baseline with which is better:
-    {"eval/x": v, ..., "vs_baseline": {x: {"value", "baseline", "better"}}}."""
+    """The run's last logged `eval/...` figures, and each baseline beside its metric, better or
+    not in the direction the run's stage declares (`Stage.metrics`; an undeclared metric with a
+    baseline is a `UserError`): {"eval/x": v, ..., "vs_baseline": {x: {"value", "baseline",
+    "better"}}}."""
+    from fica_jax.train.checkpoint import load_run_config
     from fica_jax.train.metrics import read_metrics
+    from fica_jax.train.stage import get_stage, vs_baselines
 
     final: dict = {}
     for _, row in sorted(read_metrics(run).items()):
         final.update(row)
     evals = {k[5:]: v for k, v in final.items() if k.startswith("eval/")}
-    vs = {}
-    for key, base in evals.items():
-        if not key.startswith("baseline_"):
-            continue
-        rest = key[len("baseline_") :]
-        # baseline_X compares with X; baseline_<name>_X (several baselines of X) too
-        metric = rest if rest in evals else next((k for k in evals if rest.endswith("_" + k)), "")
-        if not metric:
-            continue
-        value = evals[metric]
-        up = any(t in metric for t in HIGHER_IS_BETTER)
-        vs[rest] = {
-            "value": value,
-            "baseline": base,
-            "better": bool(value > base if up else value < base),
-        }
+    stage = get_stage(load_run_config(run).stage)
     return {
         "step": final.get("step"),
         **{f"eval/{k}": v for k, v in evals.items()},
-        "vs_baseline": vs,
+        "vs_baseline": vs_baselines(stage, evals),
     }
 
 
-def export(run: pathlib.Path, out: pathlib.Path, ema: bool) -> dict:
+def export(run: pathlib.Path, out: pathlib.Path) -> dict:
+    """`fica export` of a run: its EMA params where it keeps them (the DiTs sample with theirs)."""
     from fica_jax.export.model_export import export_run
+    from fica_jax.train.checkpoint import load_run_config
 
+    ema = float(load_run_config(run).optim.get("ema_decay", 0.0)) > 0
     meta = export_run(run, out, ema=ema)
     return {"dir": str(out), "step": meta["source"]["step"], "ema": ema,
             "parameters": meta["parameters"]}  # fmt: skip

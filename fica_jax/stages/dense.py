@@ -26,10 +26,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from data_pipelines import transforms
-from data_pipelines.pipeline import CaptureData
+from data_pipelines import transforms as T
 from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.infer.pose import camera_params, pose_stats, translation_from_params
@@ -220,7 +220,28 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
-make_data = CaptureData(transforms.dense_example)
+def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
+    """One random view of a capture record with its per-pixel targets and the pose regressor's:
+    the crop's K (the crop changes K, never the camera's rotation or position), the view's
+    viewmat and expression code. Crop / scale and photometric distortion when augmenting."""
+    v = int(rng.integers(record["view_image"].shape[0]))
+    ex, aff = T.warp_view(record, v, rng, opts, geometric=True)
+    hw = ex["mask"].shape
+    for key in ("uv", "vtx", "nrm"):
+        ex[key] = T.float32(T.warp_nearest(record[f"view_{key}"][v], aff, hw))
+    ex["K"] = T.warp_intrinsics(T.float32(record["view_K"][v]), aff)
+    ex["viewmat"] = T.float32(record["view_viewmat"][v])
+    ex["expression"] = T.float32(record["view_expression"][v])
+    if opts.augment:
+        ex["image"] = T.photometric(ex["image"], rng, opts.aug)
+    ex["view"] = np.int32(v)
+    return ex
+
+
+def fit_data(meta) -> dict:
+    """Train at the captures' image size."""
+    return {"data.image_size": int(np.ravel(meta["image_size"])[0])}
+
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
 STAGE = Stage(
@@ -228,7 +249,19 @@ STAGE = Stage(
     rules="vit",
     make_model=make_model,
     make_loss=make_loss,
-    make_data=make_data,
+    example=example,  # over capture shards (make_data: CaptureData(example))
     batch_spec=batch_spec,
     make_eval=make_eval,
+    metrics={
+        "uv_l1": False,
+        "vtx_l1_mm": False,
+        "nrm_deg": False,
+        "mask_iou": True,
+        "rot_deg": False,
+        "trans_mm": False,
+        "expr_l1": False,
+        "expr_mse": False,
+        "kpt_px": False,
+    },
+    fit_data=fit_data,
 )

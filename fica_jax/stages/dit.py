@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines.latents import LatentSource, cache_metadata, load_baselines
+from data_pipelines.latents import LatentSource, cache_metadata, latent_example, load_baselines
 from fica_jax import config, flow
 from fica_jax.errors import UserError
 from fica_jax.infer.latents import decoding_context, latent_pipeline
@@ -140,7 +140,12 @@ def make_eval(cfg: ml_collections.ConfigDict):
             jnp.zeros((b,), bool),
             **time_kw,
         )
-        out = {"loss": loss, **out}
+        # the flow loss and its terms; not `s_mean`, the mean flow time drawn (no figure of merit)
+        out = {
+            "loss": loss,
+            "loss_texture": out["loss_texture"],
+            "loss_geometry": out["loss_geometry"],
+        }
         if ctx is not None:
             vae = nnx.merge(vae_def, vae_state)
             kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
@@ -248,14 +253,36 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.nda
     return json_part, {k: v.astype(np.float32) for k, v in arrays.items()}
 
 
+def fit_data(meta) -> dict:
+    """The latent cache's grid, token channels and embedding width (its `metadata.json`)."""
+    return {
+        "model.latent_size": int(meta["grid"]),
+        "model.latent_channels": int(meta["token_channels"]),
+        "model.image_emb_dim": int(meta["image_emb_dim"]),
+    }
+
+
 STAGE = Stage(
     name="dit",
     rules="dit",
     make_model=make_model,
     make_loss=make_loss,
+    # over latent cache rows; it lives with the cache format, which `fica sample` reads too
+    example=latent_example,
     make_data=make_data,
     batch_spec=batch_spec,
     make_eval=make_eval,
+    metrics={
+        "loss": False,
+        "loss_texture": False,
+        "loss_geometry": False,
+        "texture_psnr": True,
+        "texture_ssim": True,
+        "geometry_l1_mm": False,
+        "vae_texture_psnr": True,
+        "vae_geometry_l1_mm": False,
+    },
     make_sample=make_sample,
     export_stats=export_stats,
+    fit_data=fit_data,
 )

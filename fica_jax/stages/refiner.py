@@ -1,11 +1,11 @@
 """Stage `refiner`: the feed-forward UV refiner (FiCA Sec. 2.3) through the shared loop.
 
-Each example is one identity (`transforms.refiner_example`): its ground-truth UV maps, the
+Each example is one identity (`example`): its ground-truth UV maps, the
 refiner's *input* maps, the portrait (view 0) with camera, landmarks and their UV coordinates,
 and dome frame 1. The input maps are `cfg.model.input_source`:
 - "corrupt" (default, the curriculum): the ground truth with a generator's errors, masked blur,
   colour shift, a low-frequency geometry offset field and a whole-head shift / scale (the
-  misalignment with the portrait the refiner exists to fix; `transforms.corrupt_maps`,
+  misalignment with the portrait the refiner exists to fix; `corrupt_maps`,
   strengths `cfg.model.corruption`); deterministic per record on the eval split.
 - "samples": the DiT's maps cached by `fica sample --split SPLIT --out OUT`, read from
   `cfg.model.samples_dir` (= OUT/maps; `ID_texture.npy`, `ID_geometry.npy`); a missing file is a
@@ -40,13 +40,15 @@ refined vs the unrefined input (`baseline_*`), and novel-view PSNR against dome 
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines import transforms
+from data_pipelines import transforms as T
 from data_pipelines.pipeline import CaptureData
 from data_pipelines.shards import template_stats
 from fica_jax import config
@@ -216,8 +218,129 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     return out | {"portrait_kpts": spec(n_kpts, 2), "portrait_kpts_visible": spec(n_kpts)}
 
 
+def landmark_uvs(
+    uv_image: np.ndarray, mask: np.ndarray, kpts: np.ndarray, visible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """UV coordinates of a view's visible landmarks, read from its per-pixel UV map: uv_image
+    [H, W, 2] bilinearly sampled at kpts [L, 2] (pixels) over foreground pixels only ->
+    (uv [L, 2], found [L] bool: visible and with a foreground neighbour)."""
+    h, w = mask.shape
+    x, y = kpts[:, 0] - 0.5, kpts[:, 1] - 0.5  # pixel centres at +0.5
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    acc, wsum = np.zeros((len(kpts), 2), np.float64), np.zeros(len(kpts), np.float64)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            xi, yi = np.clip(xi, 0, w - 1), np.clip(yi, 0, h - 1)
+            wt = (1 - np.abs(x - xi)) * (1 - np.abs(y - yi)) * inside * (mask[yi, xi] > 0)
+            acc += wt[:, None] * uv_image[yi, xi]
+            wsum += wt
+    found = visible.astype(bool) & (wsum > 1e-6)
+    uv = np.where(found[:, None], acc / np.maximum(wsum, 1e-6)[:, None], 0.0)
+    return uv.astype(np.float32), found
+
+
+def _masked_blur(x: np.ndarray, m: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of x [R, R, C] over the texels of m [R, R] only (no bleed from outside)."""
+    from scipy.ndimage import gaussian_filter
+
+    s = (sigma, sigma, 0)
+    num = gaussian_filter(x * m[..., None], s, mode="nearest")
+    den = gaussian_filter(m[..., None].astype(np.float32), s, mode="nearest")
+    return np.where(m[..., None] > 0, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
+
+
+def corrupt_maps(
+    texture: np.ndarray, geometry: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+    blur: float, color: float, offset: float, shift: float = 0.0, scale: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The refiner's curriculum input (FiCA Sec. 2.3 refines imperfect generated maps): the
+    ground-truth UV maps with the errors a generator makes. Texture: masked Gaussian blur,
+    sigma ~ U(0, blur) texels, and a colour shift (per-channel gain 1 +- color, offset
+    +- color / 2). Geometry: a low-frequency offset field, a 4x4 grid of N(0, offset) m
+    vectors upsampled cubically over the map, then a similarity misalignment, the head as a
+    whole off its portrait (a generator's maps are plausible but not aligned, which is what
+    the refiner is for): scaled by 1 + N(0, scale) about its masked centroid and moved by
+    N(0, shift) m per axis. Texels outside the mask are left as they are."""
+    from scipy.ndimage import zoom
+
+    r = texture.shape[0]
+    tex = _masked_blur(texture, mask, rng.uniform(0.0, blur)) if blur > 0 else texture
+    gain = 1.0 + rng.uniform(-color, color, 3)
+    tex = np.clip(tex * gain + rng.uniform(-color, color, 3) / 2, 0.0, 1.0)
+    tex = np.where(mask[..., None] > 0, tex, texture)
+    coarse = rng.normal(0.0, offset, (4, 4, 3))
+    field = zoom(coarse, (r / 4, r / 4, 1), order=3, mode="nearest")[:r, :r]
+    geo = geometry + field
+    centre = (geometry * mask[..., None]).sum((0, 1)) / max(float(mask.sum()), 1.0)
+    geo = centre + (geo - centre) * (1.0 + rng.normal(0.0, scale)) + rng.normal(0.0, shift, 3)
+    geo = np.where(mask[..., None] > 0, geo, geometry)
+    return tex.astype(np.float32), geo.astype(np.float32)
+
+
+def _dit_samples(record: T.Record, directory: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The DiT's maps of this identity as `fica sample` writes them (`OUT/maps/ID_texture.npy`,
+    `ID_geometry.npy`, [R, R, 3], texture in [0, 1])."""
+    name, maps = str(record["identity"]), []
+    for kind in ("texture", "geometry"):
+        path = pathlib.Path(directory) / f"{name}_{kind}.npy"
+        if not path.is_file():
+            raise UserError(
+                f"config model.samples_dir: {path} not found; write the DiT's maps of this "
+                f"split with `fica sample --split SPLIT --out OUT` and pass OUT/maps"
+            )
+        arr = T.float32(np.load(path))
+        if arr.shape != (r, r, 3):
+            raise UserError(f"{path}: shape {arr.shape}, expected the data's UV maps {(r, r, 3)}")
+        maps.append(arr)
+    return maps[0], maps[1]
+
+
+def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
+    """One capture record: the identity's ground-truth UV maps, the refiner's input maps
+    (`input_texture`, `input_geometry`: the ground truth corrupted by `corrupt_maps`, or the DiT's
+    cached samples, `opts.extra` "input_source"), the portrait (view 0, resized only, as for the
+    DiT) with its camera, landmarks, their UV coordinates and the offset from neutral to the
+    portrait's posed UV geometry, and dome frame 1 (novel-view evaluation) likewise."""
+    extra = dict(opts.extra)
+    if record["view_image"].shape[0] < 2:
+        raise UserError(
+            f"record {str(record['identity'])!r} has no dome frames (1 view); the refiner's "
+            "novel-view evaluation needs view 1 (re-create the data with --frames >= 1)"
+        )
+    out = T.uv_maps(record)
+    m = out["uv_mask"]
+    for prefix, v in (("portrait", 0), ("frame", 1)):
+        ex, aff = T.warp_view(record, v, rng, opts, geometric=False)
+        out[f"{prefix}_image"], out[f"{prefix}_mask"] = ex["image"], ex["mask"]
+        out[f"{prefix}_kpts"] = ex["kpts"]
+        out[f"{prefix}_K"] = T.warp_intrinsics(T.float32(record["view_K"][v]), aff)
+        out[f"{prefix}_viewmat"] = T.float32(record["view_viewmat"][v])
+        posed = T.float32(record["view_uv_geometry"][v])
+        out[f"{prefix}_offset"] = (posed - out["uv_geometry"]) * m[..., None]
+    uv, found = landmark_uvs(
+        T.float32(record["view_uv"][0]), record["view_mask"][0], T.float32(record["view_kpts"][0]),
+        record["view_kpts_visible"][0],
+    )  # fmt: skip
+    out["landmark_uv"] = uv
+    hw = out["portrait_mask"].shape
+    out["portrait_kpts_visible"] = T.float32(found & T.points_inside(out["portrait_kpts"], hw))
+    del out["frame_kpts"]  # the novel view is scored by PSNR only
+    if extra.get("input_source", "corrupt") == "samples":
+        tex, geo = _dit_samples(record, extra.get("samples_dir", ""), m.shape[0])
+    else:
+        tex, geo = corrupt_maps(
+            out["uv_texture"], out["uv_geometry"], m, rng, float(extra.get("blur", 1.0)),
+            float(extra.get("color", 0.1)), float(extra.get("offset", 0.005)),
+            float(extra.get("shift", 0.0)), float(extra.get("scale", 0.0)),
+        )  # fmt: skip
+    out["input_texture"], out["input_geometry"] = tex, geo
+    return out
+
+
 def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int):
-    """Capture shards -> `transforms.refiner_example`, told the input source and corruption."""
+    """Capture shards -> `example`, told the input source and corruption."""
     source = cfg.model.input_source
     if source not in INPUT_SOURCES:
         raise UserError(
@@ -230,8 +353,14 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
         )
     extra = {"input_source": source, "samples_dir": str(cfg.model.samples_dir)}
     extra |= {k: float(v) for k, v in dict(cfg.model.corruption).items()}
-    read = CaptureData(transforms.refiner_example)
+    read = CaptureData(example)
     return read(cfg, split, process_index, process_count, extra=extra)
+
+
+def fit_data(meta) -> dict:
+    """The captures' UV resolution; the portraits are resized to `data.image_size`, the
+    refiner's own input size (the tiny config's 32 px keeps its renders cheap)."""
+    return {"data.uv_resolution": int(meta["uv_resolution"])}
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
@@ -240,9 +369,12 @@ STAGE = Stage(
     rules="refiner",
     make_model=make_model,
     make_loss=make_loss,
-    make_data=make_data,
+    example=example,
+    make_data=make_data,  # CaptureData(example) told the input source and corruption
     batch_spec=batch_spec,
     make_eval=make_eval,
+    metrics={"psnr": True, "kpt_err": False, "novel_psnr": True},
     make_sample=make_sample,
     export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
+    fit_data=fit_data,
 )

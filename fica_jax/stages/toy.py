@@ -152,4 +152,5 @@ STAGE = Stage(
     make_data=make_data,
     batch_spec=batch_spec,
     make_eval=lambda cfg: eval_fn,
+    metrics={"loss": False, "mae": False},
 )

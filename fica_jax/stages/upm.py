@@ -1,7 +1,7 @@
 """Stage `upm`: train the universal prior model on dome frames (FiCA Sec. 2.4).
 
 Each example is one identity (UV texture, neutral UV geometry, atlas mask) and one of its dome
-frames (image, mask, camera, expression code, gaze, posed UV geometry; `transforms.upm_example`).
+frames (image, mask, camera, expression code, gaze, posed UV geometry; `example`).
 The UPM decodes one Gaussian per texel for the frame's expression, view and gaze and
 `fica_jax.render.rasterization` renders it from the frame's camera.
 
@@ -40,10 +40,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines import transforms
-from data_pipelines.pipeline import CaptureData, open_source
+from data_pipelines import transforms as T
+from data_pipelines.pipeline import open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
+from fica_jax.errors import UserError
 from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
@@ -201,7 +202,7 @@ def held_out_report(cfg: ml_collections.ConfigDict, model: UPM, split: str = "te
     never sees them), per frame then averaged: {"frames", "identities", "<render>_psnr",
     "<render>_ssim" for upm / zero_identity / surfels, "per_identity": {id: {...}}}."""
     src = open_source(cfg.data.dir, split)
-    opts = transforms.TransformOptions(augment=False, image_size=cfg.data.image_size)
+    opts = T.TransformOptions(augment=False, image_size=cfg.data.image_size)
     rng = np.random.default_rng(0)  # unused without augmentation
     b, cap = int(cfg.data.batch_size), int(cfg.model.get("isect_capacity", 0))
 
@@ -219,7 +220,7 @@ def held_out_report(cfg: ml_collections.ConfigDict, model: UPM, split: str = "te
     for i in range(len(src)):
         rec = src[i]
         for v in range(1, rec["view_image"].shape[0]):
-            frames.append(transforms.upm_frame(rec, v, rng, opts))
+            frames.append(frame_example(rec, v, rng, opts))
             owners.append(str(rec["identity"]))
     rows: dict[str, list] = {}
     for start in range(0, len(frames), b):
@@ -280,7 +281,43 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
-make_data = CaptureData(transforms.upm_example)
+def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
+    """A capture record's UV maps + one random dome frame (views 1..) with its camera and codes.
+    Crop/scale is applied to the frame and folded into K; no photometric change because the
+    rendered Gaussians' colour must match the frame."""
+    n_views = record["view_image"].shape[0]
+    if n_views < 2:
+        raise UserError(
+            f"record {str(record['identity'])!r} has no dome frames (1 view); "
+            "the UPM stage needs views 1.. (re-create the data with --frames >= 1)"
+        )
+    return frame_example(record, int(rng.integers(1, n_views)), rng, opts)
+
+
+def frame_example(
+    record: T.Record, v: int, rng: np.random.Generator, opts: T.TransformOptions
+) -> T.Example:
+    """`example` for dome frame v (held-out reports walk every frame)."""
+    ex, aff = T.warp_view(record, v, rng, opts, geometric=True)
+    out = T.uv_maps(record)
+    out.update({f"frame_{k}": x for k, x in ex.items()})
+    out["frame_K"] = T.warp_intrinsics(T.float32(record["view_K"][v]), aff)
+    out["frame_viewmat"] = T.float32(record["view_viewmat"][v])
+    out["frame_expression"] = T.float32(record["view_expression"][v])
+    out["frame_gaze"] = T.float32(record["view_gaze"][v])
+    out["frame_uv_geometry"] = T.float32(record["view_uv_geometry"][v])
+    out["frame_view"] = np.int32(v)
+    return out
+
+
+def fit_data(meta) -> dict:
+    """The captures' UV resolution and image size, and one colour correction per camera."""
+    return {
+        "data.uv_resolution": int(meta["uv_resolution"]),
+        "data.image_size": int(np.ravel(meta["image_size"])[0]),
+        "model.n_cameras": int(meta["n_views"]),
+    }
+
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
 STAGE = Stage(
@@ -288,9 +325,11 @@ STAGE = Stage(
     rules="upm",
     make_model=make_model,
     make_loss=make_loss,
-    make_data=make_data,
+    example=example,  # over capture shards (make_data: CaptureData(example))
     batch_spec=batch_spec,
     make_eval=make_eval,
+    metrics={"psnr": True, "ssim": True, "isect_overflow": False},
     make_sample=make_sample,
     export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
+    fit_data=fit_data,
 )

@@ -26,8 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines import transforms
-from data_pipelines.pipeline import CaptureData
+from data_pipelines import transforms as T
 from fica_jax import config
 from fica_jax.infer.latents import map_stats, model_inputs, train_mean_geometry
 from fica_jax.models import uv_latent
@@ -132,9 +131,16 @@ def reference_metrics(batches, model, cfg) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-make_data = CaptureData(transforms.vae_example)
+def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
+    """A capture record's UV maps; no augmentation (UV atlas positions are meaningful)."""
+    return T.uv_maps(record)
 
-# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+
+def fit_data(meta) -> dict:
+    """The VAE encodes the captures' UV maps at their resolution."""
+    return {"data.uv_resolution": int(meta["uv_resolution"])}
+
+
 def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.ndarray]]:
     """The map normalisation the VAE was trained with (and its position reference map)."""
     s = map_stats(cfg)
@@ -142,13 +148,16 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.nda
     return {"map_stats": s.to_dict()}, {} if ref is None else {"stats.position_reference": ref}
 
 
+# name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
 STAGE = Stage(
     name="vae",
     rules="vae",
     make_model=make_model,
     make_loss=make_loss,
-    make_data=make_data,
+    example=example,  # over capture shards (make_data: CaptureData(example))
     batch_spec=batch_spec,
     make_eval=make_eval,
+    metrics={"texture_psnr": True, "geometry_l1_mm": False},
     export_stats=export_stats,
+    fit_data=fit_data,
 )

@@ -34,6 +34,7 @@ STAGES_PACKAGE = "fica_jax.stages"  # the registry: `fica train NAME` loads STAG
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
 EvalFn = Callable[[nnx.Module, Batch, jax.Array], Metrics]
 SampleFn = Callable[[nnx.Module, Batch, jax.Array, pathlib.Path, int], None]
+ExampleFn = Callable[[Mapping[str, np.ndarray], np.random.Generator, Any], dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,28 +48,86 @@ class Stage:
                  `eval_shape`, then jitted with sharded outputs: no host-side side effects).
     make_loss:   `(cfg) -> loss_fn`, `loss_fn(model, batch, rng) -> (scalar, {name: scalar})`;
                  runs inside jit in the compute dtype `cfg.train.compute_dtype`.
+    example:     optional `(record, rng, options) -> {name: np.ndarray}`: one training example
+                 from one record of the stage's data, a module-level function of the stage's own
+                 module (Grain workers import it by name). `None` for a stage whose `make_data`
+                 builds its examples otherwise (`toy`: from record indices).
     make_data:   `(cfg, split, process_index, process_count) -> iterable` of this host's batches
                  (dicts of numpy arrays), forever for "train", once for "eval"; the train
-                 iterator must be checkpointable (`get_state`/`set_state`). Stages that read
-                 capture shards use `data_pipelines.pipeline.CaptureData(transform)`.
+                 iterator must be checkpointable (`get_state`/`set_state`). Left out, it is
+                 `data_pipelines.pipeline.CaptureData(example)`: `example` over capture shards.
     batch_spec:  `(cfg) -> {name: jax.ShapeDtypeStruct}` of one *global* batch; lets `fica plan`
                  compile the step ahead of time without data.
     make_eval:   optional `(cfg) -> eval_fn(model, batch, rng) -> {name: scalar}` on the eval split.
+                 A baseline of figure X is named `baseline_X` (`baseline_<which>_X` for several).
+    metrics:     every figure `make_eval` returns, baselines aside: {name: True if higher is
+                 better}; what reports compare each baseline with (`vs_baselines`).
     make_sample: optional `(cfg) -> sample_fn(model, batch, rng, workdir, step)` writing previews.
     export_stats: optional `(cfg) -> (json dict, {name: np.ndarray})`: what the trained model
                  needs beside its parameters at inference (data normalisation, the template),
                  stored in its `fica export` (`model.json` "stats", `stats.*` tensors).
+    fit_data:    optional `(meta) -> {dotted config key: value}`: the config values the data fix,
+                 read from the `metadata.json` of the data the stage trains on (UV resolution,
+                 image size, cameras; the latent cache's grid): `--config.KEY=VALUE` overrides
+                 that make a config fit that data.
     """
 
     name: str
     rules: str
     make_model: Callable[[Config, nnx.Rngs], nnx.Module]
     make_loss: Callable[[Config], LossFn]
-    make_data: Callable[[Config, str, int, int], Iterable]
     batch_spec: Callable[[Config], dict[str, jax.ShapeDtypeStruct]]
+    example: ExampleFn | None = None
+    make_data: Callable[[Config, str, int, int], Iterable] | None = None
     make_eval: Callable[[Config], EvalFn] | None = None
+    metrics: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     make_sample: Callable[[Config], SampleFn] | None = None
     export_stats: Callable[[Config], tuple[dict, dict[str, np.ndarray]]] | None = None
+    fit_data: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+
+    def __post_init__(self):
+        if self.make_data is None:
+            if self.example is None:
+                raise UserError(f"stage {self.name!r}: give Stage(example=...) or make_data=...")
+            from data_pipelines.pipeline import CaptureData
+
+            object.__setattr__(self, "make_data", CaptureData(self.example))
+
+    def metric_of(self, figure: str) -> str:
+        """The declared metric an eval figure is, or is a baseline of: `X` and `baseline_X` ->
+        X; `baseline_<which>_X` -> the longest declared X it ends with. An undeclared one is a
+        `UserError` naming the stage and the figure."""
+        rest = figure.removeprefix("baseline_")
+        if rest in self.metrics:
+            return rest
+        ends = [m for m in self.metrics if rest != figure and rest.endswith("_" + m)]
+        if not ends:
+            raise UserError(
+                f"stage {self.name!r}: eval figure {figure!r} is not declared; add its metric to "
+                f"Stage(metrics={{name: higher_is_better}}) (declared: {sorted(self.metrics)})"
+            )
+        return max(ends, key=len)
+
+
+def vs_baselines(stage: Stage, figures: Mapping[str, float]) -> dict[str, dict]:
+    """Each baseline among eval `figures` (names without `eval/`) beside the metric it is a
+    baseline of, where that was logged too: {"X" or "<which>_X": {"value", "baseline",
+    "better"}}, `better` in the direction `stage.metrics` declares."""
+    out = {}
+    for key, base in figures.items():
+        if not key.startswith("baseline_"):
+            continue
+        metric = stage.metric_of(key)
+        if metric not in figures:  # e.g. the dense pose baseline without the pose head
+            continue
+        value = figures[metric]
+        up = stage.metrics[metric]
+        out[key.removeprefix("baseline_")] = {
+            "value": value,
+            "baseline": base,
+            "better": bool(value > base if up else value < base),
+        }
+    return out
 
 
 def stage_names() -> list[str]:

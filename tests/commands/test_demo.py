@@ -12,6 +12,8 @@ from data_pipelines.schema import SCHEMA_VERSION
 from fica_jax.commands import demo
 from fica_jax.commands import demo_steps as ds
 from fica_jax.commands.main import main
+from fica_jax.config import load_config
+from fica_jax.errors import UserError
 
 
 def test_steps_skip_existing_outputs_and_keep_their_entries(tmp_path):
@@ -40,29 +42,111 @@ def test_steps_skip_existing_outputs_and_keep_their_entries(tmp_path):
         demo.run_steps([lazy], {}, lambda r: None)
 
 
-def test_held_out_compares_every_figure_with_its_baseline(tmp_path):
-    rows = [
-        {"step": 5, "loss": 1.0},
-        {"step": 10, "loss": 0.5, "eval/texture_psnr": 21.0, "eval/baseline_texture_psnr": 19.0,
-         "eval/geometry_l1_mm": 3.0, "eval/baseline_geometry_l1_mm": 2.0, "eval/psnr": 18.0,
-         "eval/baseline_zero_identity_psnr": 17.0, "eval/baseline_surfels_psnr": 18.5,
-         "eval/mask_iou": 0.7},
-    ]  # fmt: skip
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    got = ds.held_out(tmp_path)
-    assert got["step"] == 10 and got["eval/mask_iou"] == 0.7
+def _run(path, stage, *rows):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"stage": stage}))
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_held_out_compares_every_figure_with_its_baseline_in_the_stages_direction(tmp_path):
+    vae = _run(tmp_path / "vae", "vae", {"step": 5, "loss": 1.0},
+               {"step": 10, "loss": 0.5, "eval/texture_psnr": 21.0, "eval/baseline_texture_psnr": 19.0,
+                "eval/geometry_l1_mm": 3.0, "eval/baseline_geometry_l1_mm": 2.0,
+                "eval/baseline_mean_shape_geometry_l1_mm": 4.0})  # fmt: skip
+    got = ds.held_out(vae)
+    assert got["step"] == 10 and got["eval/texture_psnr"] == 21.0
     vs = got["vs_baseline"]
     assert vs["texture_psnr"] == {"value": 21.0, "baseline": 19.0, "better": True}
     assert vs["geometry_l1_mm"] == {"value": 3.0, "baseline": 2.0, "better": False}  # lower wins
+    assert vs["mean_shape_geometry_l1_mm"]["better"]
+    upm = _run(tmp_path / "upm", "upm",
+               {"step": 3, "eval/psnr": 18.0, "eval/baseline_zero_identity_psnr": 17.0,
+                "eval/baseline_surfels_psnr": 18.5, "eval/ssim": 0.5,
+                "eval/baseline_surfels_ssim": 0.6})  # fmt: skip
+    vs = ds.held_out(upm)["vs_baseline"]
     assert vs["zero_identity_psnr"]["better"] and not vs["surfels_psnr"]["better"]
-    assert set(vs) == {"texture_psnr", "geometry_l1_mm", "zero_identity_psnr", "surfels_psnr"}
+    assert set(vs) == {"zero_identity_psnr", "surfels_psnr", "surfels_ssim"}
+    # the dense pose baseline without the pose head's own figure: nothing to compare
+    dense = _run(tmp_path / "dense", "dense", {"step": 1, "eval/mask_iou": 0.7,
+                                               "eval/baseline_rot_deg": 30.0})  # fmt: skip
+    assert ds.held_out(dense)["vs_baseline"] == {}
+
+
+def test_held_out_refuses_a_baseline_of_an_undeclared_metric(tmp_path):
+    run = _run(tmp_path / "run", "vae", {"step": 1, "eval/lpips": 0.3, "eval/baseline_lpips": 0.4})
+    with pytest.raises(
+        UserError, match="stage 'vae': eval figure 'baseline_lpips' is not declared"
+    ):
+        ds.held_out(run)
+
+
+CACHE_META = {"grid": 4, "token_channels": 4, "image_emb_dim": 64}
+
+
+def _meta(name, sizes):
+    """What the demo's captures (`metadata.json` dims) and latent cache say about themselves."""
+    if ds.RUNS[name][1] == "cache":
+        return CACHE_META
+    return {"uv_resolution": sizes["uv"], "image_size": [sizes["image"]] * 2,
+            "n_views": sizes["frames"] + 1}  # fmt: skip
+
+
+def test_capture_metadata_reads_as_the_test_writes_it(synth_dir):
+    # synth_dir: 32^2 UV maps, 32 px images, one dome frame
+    meta = ds.data_meta(synth_dir)
+    sizes = {"uv": 32, "image": 32, "frames": 1}
+    assert {k: meta[k] for k in ("uv_resolution", "image_size", "n_views")} == _meta("vae", sizes)
+
+
+# Each run's config overrides beside the common ones, as `stage_cfg` set them with a chain of
+# `if stage == ...` before the stages declared `fit_data` (CACHE_META for the DiTs): the demo's
+# configs must not change with the move.
+_DIT = {"model.latent_size": 4, "model.latent_channels": 4, "model.image_emb_dim": 64}
+EXPECTED = {
+    "default": {
+        "vae": {"data.uv_resolution": 64},
+        "dense": {"data.image_size": 64},
+        **{n: {**_DIT, "model.patch": 2, "model.eval_steps": 50} for n in demo._DITS},
+        "refiner": {"data.uv_resolution": 64, "data.image_size": 32},
+        "upm": {"data.uv_resolution": 64, "data.image_size": 64, "model.n_cameras": 4},
+    },
+    "quick": {
+        "vae": {"data.uv_resolution": 32},
+        "dense": {"data.image_size": 64},
+        **{n: {**_DIT, "model.patch": 1, "model.eval_steps": 4} for n in demo._DITS},
+        "refiner": {"data.uv_resolution": 32, "data.image_size": 32},
+        "upm": {"data.uv_resolution": 32, "data.image_size": 64, "model.n_cameras": 2},
+    },
+}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+@pytest.mark.parametrize("size", ["default", "quick"])
+def test_stage_configs_are_the_ones_the_demo_always_trained(tmp_path, size):
+    sizes = demo.SIZES[size]
+    for name, (spec, _) in ds.RUNS.items():
+        steps = sizes["steps"][name]
+        common = [f"--config.data.dir={tmp_path}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                  f"--config.train.steps={steps}", f"--config.optim.warmup_steps={max(1, steps // 10)}",
+                  f"--config.train.eval_every={steps}", f"--config.train.ckpt_every={steps}"]  # fmt: skip
+        extra = [f"--config.{k}={v}" for k, v in EXPECTED[size][name].items()]
+        got = ds.stage_cfg(name, tmp_path, steps, sizes, _meta(name, sizes))
+        assert _flat(got.to_dict()) == _flat(load_config(spec, common + extra).to_dict()), name
 
 
 @pytest.mark.parametrize("size", ["default", "quick"])
 def test_stage_configs_use_the_demo_sizes(tmp_path, size):
     sizes = demo.SIZES[size]
-    meta = {"grid": 4, "token_channels": 4, "image_emb_dim": 64}
-    cfgs = {n: ds.stage_cfg(n, tmp_path, sizes["steps"][n], sizes, meta) for n in ds.RUNS}
+    cfgs = {
+        n: ds.stage_cfg(n, tmp_path, sizes["steps"][n], sizes, _meta(n, sizes)) for n in ds.RUNS
+    }
     for name, cfg in cfgs.items():
         assert cfg.train.steps == cfg.train.eval_every == sizes["steps"][name], name
         assert cfg.data.dir == str(tmp_path) and cfg.data.batch_size % 8 == 0

@@ -1,4 +1,5 @@
-"""Grain stage pipelines: determinism, resumable state, host sharding, workers, augmentation."""
+"""Grain stage pipelines: determinism, resumable state, host sharding, workers, augmentation,
+over the example functions the stages declare (`Stage.example`)."""
 
 import dataclasses
 
@@ -10,8 +11,16 @@ from jax.sharding import PartitionSpec as P
 
 from data_pipelines import transforms as T
 from data_pipelines.pipeline import host_slice, make_pipeline
+from fica_jax.commands.demo import portrait_example
 from fica_jax.errors import UserError
 from fica_jax.sharding import make_mesh, put_batch
+from fica_jax.train.stage import get_stage
+
+# what each stage declares, and the demo's conditioning-sheet rows (the portrait, resized only)
+EXAMPLES = {n: get_stage(n).example for n in ("dense", "vae", "upm")} | {
+    "portrait": portrait_example
+}
+dense_example, vae_example = EXAMPLES["dense"], EXAMPLES["vae"]
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +41,18 @@ def _same(a, b):
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("stage", ["dense", "vae", "dit", "upm"])
+@pytest.mark.parametrize("stage", ["dense", "vae", "portrait", "upm"])
 def test_stage_shapes_and_determinism(data_dir, stage):
     kw = dict(global_batch_size=4, seed=3, image_size=12)
-    a = _batches(make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **kw), 2)
-    b = _batches(make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **kw), 2)
+    a = _batches(make_pipeline(data_dir, EXAMPLES[stage], "train", **kw), 2)
+    b = _batches(make_pipeline(data_dir, EXAMPLES[stage], "train", **kw), 2)
     for x, y in zip(a, b, strict=True):
         _same(x, y)
-    c = _batches(
-        make_pipeline(data_dir, getattr(T, f"{stage}_example"), "train", **{**kw, "seed": 4}), 2
-    )
+    c = _batches(make_pipeline(data_dir, EXAMPLES[stage], "train", **{**kw, "seed": 4}), 2)
     assert any(not np.array_equal(a[i][k], c[i][k]) for i in range(2) for k in a[i])
     first = a[0]
     assert all(isinstance(v, np.ndarray) and v.shape[0] == 4 for v in first.values())
-    if stage in ("dense", "dit"):
+    if stage in ("dense", "portrait"):
         assert first["image"].shape == (4, 12, 12, 3) and first["image"].dtype == np.float32
         assert 0 <= first["image"].min() and first["image"].max() <= 1
     # One value range for every stage (SCHEMA.md "Value ranges"): textures in [0, 1].
@@ -57,13 +64,13 @@ def test_stage_shapes_and_determinism(data_dir, stage):
 
 
 def test_resume_from_state(data_dir):
-    ds = make_pipeline(data_dir, T.dense_example, "train", global_batch_size=4, seed=0)
+    ds = make_pipeline(data_dir, dense_example, "train", global_batch_size=4, seed=0)
     it = iter(ds)
     for _ in range(5):  # crosses an epoch boundary (16 records / 4 per batch)
         next(it)
     state = it.get_state()
     want = [next(it) for _ in range(2)]
-    it2 = iter(make_pipeline(data_dir, T.dense_example, "train", global_batch_size=4, seed=0))
+    it2 = iter(make_pipeline(data_dir, dense_example, "train", global_batch_size=4, seed=0))
     it2.set_state(state)
     for w in want:
         _same(next(it2), w)
@@ -79,7 +86,7 @@ def test_host_sharding_disjoint_and_complete(data_dir):
     for host in range(3):
         ds = make_pipeline(
             data_dir,
-            T.vae_example,
+            vae_example,
             "train",
             global_batch_size=3,
             seed=0,
@@ -96,21 +103,19 @@ def test_host_sharding_disjoint_and_complete(data_dir):
     sl = [host_slice(10, i, 4) for i in range(4)]
     assert [(s.start, s.stop) for s in sl] == [(0, 2), (2, 5), (5, 7), (7, 10)]
     with pytest.raises(UserError, match="not divisible"):
-        make_pipeline(
-            data_dir, T.vae_example, "train", global_batch_size=4, seed=0, process_count=3
-        )
+        make_pipeline(data_dir, vae_example, "train", global_batch_size=4, seed=0, process_count=3)
 
 
 def test_epoch_reshuffle(data_dir):
-    ds = make_pipeline(data_dir, T.vae_example, "train", global_batch_size=16, seed=0, num_epochs=2)
+    ds = make_pipeline(data_dir, vae_example, "train", global_batch_size=16, seed=0, num_epochs=2)
     e1, e2 = (_marker(b) for b in ds)
     assert sorted(e1) == sorted(e2) and e1 != e2
 
 
 def test_workers_match_in_process(data_dir):
     kw = dict(global_batch_size=2, seed=1, num_epochs=1, image_size=8)
-    ref = list(make_pipeline(data_dir, T.dense_example, "test", **kw))
-    got = list(make_pipeline(data_dir, T.dense_example, "test", workers=2, **kw))
+    ref = list(make_pipeline(data_dir, dense_example, "test", **kw))
+    got = list(make_pipeline(data_dir, dense_example, "test", workers=2, **kw))
     assert len(ref) == len(got) == 2
     for a, b in zip(ref, got, strict=True):
         _same(a, b)
@@ -118,9 +123,7 @@ def test_workers_match_in_process(data_dir):
 
 def test_put_batch_on_data_fsdp_mesh(data_dir):
     mesh = make_mesh({"data": 2, "fsdp": 4})
-    batch = next(
-        iter(make_pipeline(data_dir, T.dense_example, "train", global_batch_size=8, seed=0))
-    )
+    batch = next(iter(make_pipeline(data_dir, dense_example, "train", global_batch_size=8, seed=0)))
     arrays = put_batch(batch, mesh)
     assert arrays["image"].sharding.spec == P(("data", "fsdp"), None, None, None)
     assert arrays["kpts"].sharding.spec == P(("data", "fsdp"), None, None)
@@ -147,9 +150,9 @@ def test_geometric_aug_is_consistent_across_targets():
     rec = _coded_record()
     opts = T.TransformOptions(augment=True, image_size=24, aug=T.AugmentConfig(p=0.0))
     moved = 0
-    plain = T.dense_example(rec, np.random.default_rng(0), dataclasses.replace(opts, augment=False))
+    plain = dense_example(rec, np.random.default_rng(0), dataclasses.replace(opts, augment=False))
     for s in range(8):
-        ex = T.dense_example(rec, np.random.default_rng(s), opts)
+        ex = dense_example(rec, np.random.default_rng(s), opts)
         inside = ex["mask"] > 0
         # image (bilinear) and uv/vtx (nearest) agree on where each output pixel came from
         img_pos = ex["image"][..., :2]
@@ -168,7 +171,7 @@ def test_geometric_aug_is_consistent_across_targets():
 
 def test_no_augment_is_plain_resize():
     rec = _coded_record()
-    ex = T.dense_example(rec, np.random.default_rng(0), T.TransformOptions(augment=False))
+    ex = dense_example(rec, np.random.default_rng(0), T.TransformOptions(augment=False))
     v = int(ex["view"])
     np.testing.assert_allclose(ex["image"], rec["view_image"][v] / 255.0, atol=1e-6)
     np.testing.assert_array_equal(ex["kpts"], rec["view_kpts"][v])
@@ -196,7 +199,7 @@ def test_photometric():
 def test_upm_needs_frames_and_unknown_stage(data_dir):
     rec = fake_record(0, views=1)
     with pytest.raises(UserError, match="no dome frames"):
-        T.upm_example(rec, np.random.default_rng(0), T.TransformOptions())
+        EXAMPLES["upm"](rec, np.random.default_rng(0), T.TransformOptions())
     with pytest.raises(UserError, match="not a function"):
         make_pipeline(data_dir, "nope", "train", global_batch_size=1, seed=0)
 
@@ -208,10 +211,10 @@ def test_capture_data_from_config(data_dir):
     cfg = base_config("vae")
     cfg.data.batch_size = 2
     with pytest.raises(UserError, match="data.dir"):
-        CaptureData(T.vae_example)(cfg, "train", 0, 1)
+        CaptureData(vae_example)(cfg, "train", 0, 1)
     cfg.data.dir = str(data_dir)
-    assert _marker(next(iter(CaptureData(T.vae_example)(cfg, "train", 0, 1))))  # repeats, shuffled
-    evals = list(CaptureData(T.vae_example)(cfg, "test", 0, 1))  # one ordered pass
+    assert _marker(next(iter(CaptureData(vae_example)(cfg, "train", 0, 1))))  # repeats, shuffled
+    evals = list(CaptureData(vae_example)(cfg, "test", 0, 1))  # one ordered pass
     assert [m for b in evals for m in _marker(b)] == [4, 9, 14, 19]
 
 
@@ -224,7 +227,7 @@ def test_corrupt_record_error_crosses_worker_processes(tmp_path):
         b[j] ^= 0xFF
     shard.write_bytes(bytes(b))
     ds = make_pipeline(
-        d, T.vae_example, "train", global_batch_size=1, seed=0, num_epochs=1, workers=1
+        d, vae_example, "train", global_batch_size=1, seed=0, num_epochs=1, workers=1
     )
     with pytest.raises(UserError, match=f"{shard} record 0: corrupt"):
         list(ds)

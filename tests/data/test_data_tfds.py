@@ -7,11 +7,11 @@ import tensorflow_datasets as tfds
 from fake_records import write_fake_dataset
 
 from data_pipelines import schema
-from data_pipelines import transforms as T
 from data_pipelines.pipeline import make_pipeline
 from data_pipelines.source import CaptureSource
 from data_pipelines.tfds_builder import TfdsRecordSource, build_tfds
 from fica_jax.commands.main import main
+from fica_jax.train.stage import get_stage
 
 
 def test_tfds_and_array_record_sources_are_identical(tmp_path):
@@ -35,7 +35,8 @@ def test_tfds_and_array_record_sources_are_identical(tmp_path):
     # the registered builder loads by name, and our stage pipelines take the tfds directory
     by_name = tfds.data_source("fica_capture", data_dir=str(tmp_path / "tfds"))
     assert {k: len(v) for k, v in by_name.items()} == {"train": 6, "test": 1}
-    batch = next(iter(make_pipeline(prepared, T.vae_example, "train", global_batch_size=2, seed=0)))
+    vae = get_stage("vae").example
+    batch = next(iter(make_pipeline(prepared, vae, "train", global_batch_size=2, seed=0)))
     assert batch["uv_texture"].shape == (2, 8, 8, 3)
     assert "tensorflow" not in sys.modules
 

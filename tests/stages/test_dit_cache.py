@@ -15,6 +15,7 @@ from fica_jax.commands.main import main
 from fica_jax.infer import sample
 from fica_jax.infer.latent_cache import build_cache
 from fica_jax.models import dit
+from fica_jax.train.stage import get_stage
 
 VAE_ARGS = [
     "--config.data.uv_resolution=32",
@@ -113,6 +114,9 @@ def test_train_then_sample_held_out(cache, tmp_path):
         "baseline_uncond_geometry_l1_mm",
     ):
         assert np.isfinite(last[f"eval/{k}"]), k
+    # every figure is a declared metric or a baseline of one, and every declared one is there
+    stage = get_stage("dit")
+    assert {stage.metric_of(k[5:]) for k in last if k.startswith("eval/")} == set(stage.metrics)
     assert (run / "samples" / "step_0000002.png").is_file()
     res_dir = tmp_path / "samples"
     assert (

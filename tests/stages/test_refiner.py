@@ -192,6 +192,8 @@ def test_eval_at_init_equals_its_baseline(synth_dir):
                                                                          "novel_psnr")}  # fmt: skip
     for k in ("psnr", "kpt_err", "novel_psnr"):
         assert out[k] == out[f"baseline_{k}"] and np.isfinite(out[k])
+    # every figure is a declared metric or a baseline of one, and every declared one is there
+    assert {ref_stage.STAGE.metric_of(k) for k in out} == set(ref_stage.STAGE.metrics)
     assert 5 < out["psnr"] < 40 and out["kpt_err"] < 5
 
 
@@ -203,7 +205,7 @@ def test_corruption_and_landmark_uvs(synth_dir):
     opts = transforms.TransformOptions(
         augment=False, extra=(("blur", 1.5), ("color", 0.15), ("offset", 0.01))
     )
-    ex = transforms.refiner_example(rec, np.random.default_rng(0), opts)
+    ex = ref_stage.example(rec, np.random.default_rng(0), opts)
     m = ex["uv_mask"][..., None] > 0
     dt, dg = ex["input_texture"] - ex["uv_texture"], ex["input_geometry"] - ex["uv_geometry"]
     assert np.abs(dt[m[..., 0]]).mean() > 0.01 and np.abs(dg[m[..., 0]]).mean() > 1e-3
@@ -214,8 +216,8 @@ def test_corruption_and_landmark_uvs(synth_dir):
     # the whole-head misalignment alone (no offset field) is a similarity about the masked
     # centroid: input = c + a (g - c) + t, fitted exactly, with a != 1 and t != 0
     g = ex["uv_geometry"]
-    _, geo = transforms.corrupt_maps(ex["uv_texture"], g, ex["uv_mask"],
-                                     np.random.default_rng(3), 0.0, 0.0, 0.0, 0.015, 0.05)  # fmt: skip
+    _, geo = ref_stage.corrupt_maps(ex["uv_texture"], g, ex["uv_mask"],
+                                    np.random.default_rng(3), 0.0, 0.0, 0.0, 0.015, 0.05)  # fmt: skip
     x, y = g[m[..., 0]], geo[m[..., 0]]
     c = x.mean(0)
     a = float(np.sum((x - c) * (y - y.mean(0))) / np.sum((x - c) ** 2))
@@ -238,9 +240,9 @@ def test_samples_source_reads_the_dit_maps(synth_dir, tmp_path):
     extra = (("input_source", "samples"), ("samples_dir", str(tmp_path)))
     opts = transforms.TransformOptions(augment=False, extra=extra)
     with pytest.raises(UserError, match="_geometry.npy not found"):
-        transforms.refiner_example(rec, np.random.default_rng(0), opts)
+        ref_stage.example(rec, np.random.default_rng(0), opts)
     np.save(tmp_path / f"{name}_geometry.npy", geo)
-    ex = transforms.refiner_example(rec, np.random.default_rng(0), opts)
+    ex = ref_stage.example(rec, np.random.default_rng(0), opts)
     np.testing.assert_allclose(ex["input_texture"], tex, rtol=1e-6)
     np.testing.assert_allclose(ex["input_geometry"], geo, rtol=1e-6)
     with pytest.raises(UserError, match="model.samples_dir"):

@@ -107,6 +107,9 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
                  "baseline_expr_mse", "trans_mm"}  # fmt: skip
     assert {f"eval/{k}" for k in pose_keys} <= set(last)
     assert all(np.isfinite(last[f"eval/{k}"]) for k in pose_keys)
+    # every figure is a declared metric or a baseline of one; all but the landmarks' are here
+    evals = {dense_stage.STAGE.metric_of(k[5:]) for k in last if k.startswith("eval/")}
+    assert evals == set(dense_stage.STAGE.metrics) - {"kpt_px"}
     assert {"rot_l2", "cam_l1", "expr_l2"} <= set(rows[0])
 
 
@@ -131,6 +134,9 @@ def test_landmark_branch_trains_alone_through_the_shared_loop(synth_dir, tmp_pat
     assert {"kpt_l1", "expr_l2"} <= set(rows[0]) and not {"uv_l1", "rot_l2"} & set(rows[0])
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert np.isfinite(last["eval/kpt_px"]) and np.isfinite(last["eval/expr_mse"])
+    assert {dense_stage.STAGE.metric_of(k[5:]) for k in last if k.startswith("eval/")} <= set(
+        dense_stage.STAGE.metrics
+    )
 
 
 def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir):

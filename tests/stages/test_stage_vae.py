@@ -72,6 +72,8 @@ def test_mean_shape_baseline_is_the_templates_error_against_the_clipped_ground_t
     want = 1000.0 * np.sum(np.abs(ref - gt) * m) / (3 * m.sum())
     np.testing.assert_allclose(float(out["baseline_mean_shape_geometry_l1_mm"]), want, rtol=1e-4)
     assert want > 0.5  # identities do differ from the template by millimetres
+    # every figure is a declared metric or a baseline of one, and every declared one is there
+    assert {vae_stage.STAGE.metric_of(k) for k in out} == set(vae_stage.STAGE.metrics)
 
 
 def test_vae_stage_trains_through_the_shared_loop(synth_dir, tmp_path):

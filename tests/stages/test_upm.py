@@ -227,6 +227,8 @@ def test_eval_reports_upm_and_both_baselines(synth_dir):
     want = {"psnr", "ssim", "isect_overflow"}
     want |= {f"baseline_{b}_{m}" for b in ("zero_identity", "surfels") for m in ("psnr", "ssim")}
     assert set(out) == want and all(np.isfinite(v) for v in out.values())
+    # every figure is a declared metric or a baseline of one, and every declared one is there
+    assert {upm_stage.STAGE.metric_of(k) for k in out} == set(upm_stage.STAGE.metrics)
     assert out["isect_overflow"] == 0 and 5 < out["psnr"] < 40 and 5 < out["baseline_surfels_psnr"]
 
 
