@@ -212,9 +212,11 @@ def latent_pipeline(
 
 def held_out_batches(cfg: ml_collections.ConfigDict, split: str = "test"):
     """Every identity of `split` once, in order, with ground truth (for `fica sample`): the
-    batch is the largest divisor of the split size up to the config's batch size."""
+    batch is the largest divisor of the split size up to the config's batch size (set on a
+    copy: the caller's `cfg` is left as it is)."""
     n = len(LatentSource(cfg.data.dir, split))
     b = max(d for d in range(1, min(int(cfg.data.batch_size), n) + 1) if n % d == 0)
+    cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.data.batch_size = b
     return latent_pipeline(
