@@ -1,3 +1,4 @@
 """What performance figures are computed from: the accelerator table (`chips.py`: peak FLOP/s,
-HBM, bandwidth) and the cost analysis of compiled HLO (`hlo_stats.py`: FLOPs, bytes and
-collectives per op). The train loop's MFU and `fica plan` both read them."""
+HBM, bandwidth) and two analysers of compiled HLO: `hlo_stats.py` (a step's FLOPs and
+collective bytes, loops unrolled) and `op_costs.py` (HBM bytes and FLOPs of every op, for the
+roofline). The train loop's MFU and `fica plan` both read them."""

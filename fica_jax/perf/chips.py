@@ -4,7 +4,7 @@ Peak dense bf16 FLOP/s, HBM bytes, HBM bandwidth and per-chip interconnect bytes
 vendors' published specifications (docs/architecture.md §9); interconnect figures are upper bounds.
 A100/H100 are the 80 GB SXM parts. `kinds` are substrings of `jax.Device.device_kind`.
 Also the roofline that `fica plan` puts over them: per-op time max(FLOPs / peak, bytes / HBM
-bandwidth) summed over the step's ops (`hlo_stats.op_costs`), against the collectives.
+bandwidth) summed over the step's ops (`op_costs.op_costs`), against the collectives.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import jax
 
-from fica_jax.perf.hlo_stats import OpCost
+from fica_jax.perf.op_costs import OpCost
 
 
 @dataclasses.dataclass(frozen=True)

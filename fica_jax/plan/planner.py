@@ -13,14 +13,15 @@ to XLA's own `cost_analysis()` figure (which counts a scanned body once, §10), 
 (MaxText's MFU numerator: 3 x the forward's matmul/conv/attention FLOPs, remat off,
 `model_flops`); collective bytes by kind, counted in the step as the SPMD partitioner left it
 (`collectives`); HBM bytes and FLOPs of every op of the compiled per-device step
-(`hlo_stats.op_costs`); and a roofline per chip (`chips.roofline`): op time = sum over ops of
+(`op_costs`); and a roofline per chip (`chips.roofline`): op time = sum over ops of
 max(FLOPs / peak, bytes / HBM bandwidth), async DMA and collective time beside it, step time =
 their max (perfect overlap) or their sum (none), MFU = model FLOPs / (peak x step time) for both.
 By default the op bytes and the memory analysis are the CPU compiler's: it fuses less than a
 TPU/GPU compiler, runs bf16 matmuls and elementwise ops in f32 and keeps f32 copies of some bf16
 tensors, so both are pessimistic. `--topology v5p:4x4x4` compiles the same step with the TPU
-compiler instead (libtpu on this CPU host, `topology_devices`): TPU fusion, collectives and
-memory analysis, roofline for that chip only.
+compiler instead (libtpu on this CPU host, `topology.py`): TPU fusion, collectives and
+memory analysis, roofline for that chip only. What each figure of the report means, and how it
+was counted, is said in its notes (`report.py`).
 
   python -m fica_jax.plan.planner --config configs/toy.py --mesh data=2,fsdp=4
   python -m fica_jax.plan.planner --config configs/dit.py:paper --mesh data=2,fsdp=32 \
@@ -46,6 +47,9 @@ from fica_jax.errors import UserError
 from fica_jax.files import write_text
 from fica_jax.perf import hlo_stats as hs
 from fica_jax.perf.chips import CHIPS, roofline, top_ops
+from fica_jax.perf.op_costs import op_costs
+from fica_jax.plan.report import COLLECTIVE_NOTE, flops_section, memory_section, roofline_note
+from fica_jax.plan.topology import TOPOLOGY_ENV, topology_chip, topology_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -72,68 +76,8 @@ def parse_chips(text: str) -> list[str]:
     return chips
 
 
-# `pip install --target` libtpu here (or name another folder in FICA_LIBTPU / `--libtpu`).
-LIBTPU_DIR = pathlib.Path(os.environ.get("FICA_LIBTPU", "~/.cache/fica/libtpu")).expanduser()
-TOPOLOGY_CHIPS = {"v5p": "v5p", "v6e": "v6e", "v5e": "v5e", "v5litepod": "v5e"}
-TOPOLOGY_ENV = {  # where the environment does not say otherwise
-    "JAX_PLATFORMS": "cpu",  # libtpu only compiles; JAX's own backend stays the CPU
-    "TPU_SKIP_MDS_QUERY": "1",  # do not look for a TPU VM's metadata server
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # no chip is touched, so plans may run side by side
-}
 # A plan reads what the compiler does (SPMD dumps, HLO): a cached executable would skip it.
 NO_CACHE_ENV = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-
-
-def topology_chip(topology: str) -> str:
-    """`v5p:4x4x4` -> "v5p": the `CHIPS` entry whose compiler the plan runs."""
-    name, sep, dims = topology.partition(":")
-    chip = TOPOLOGY_CHIPS.get(name.lower())
-    if not sep or chip is None or not all(d.isdigit() for d in dims.split("x")):
-        raise UserError(
-            f"--topology {topology!r}: expected CHIP:AxBxC with CHIP one of "
-            f"{sorted(TOPOLOGY_CHIPS)}, e.g. v5p:4x4x4 (64 chips) or v6e:8x8"
-        )
-    return chip
-
-
-def topology_devices(topology: str, libtpu: str | None = None) -> list:
-    """The devices of a TPU slice that need not exist: libtpu's topology description, so
-    `compile()` runs the TPU compiler on this (CPU) host (MaxText's `train_compile.py` way).
-    libtpu comes from `libtpu` (a folder made by `pip install --target`), `LIBTPU_DIR`, or the
-    environment; it never becomes JAX's backend here (the parent sets JAX_PLATFORMS=cpu)."""
-    topology_chip(topology)
-    for d in (libtpu, LIBTPU_DIR):
-        if d and pathlib.Path(d).is_dir() and str(d) not in sys.path:
-            sys.path.insert(0, str(d))
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        where = libtpu or LIBTPU_DIR
-        raise UserError(
-            f"--topology needs libtpu (the TPU compiler), not found in {where} or the "
-            f"environment: pip install --target {where} 'libtpu==0.0.42.*'"
-        ) from None
-    from jax.experimental import topologies
-
-    try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # libtpu's own message names what it refused
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--topology {topology!r}: libtpu refused it ({msg})") from None
-    return list(desc.devices)
-
-
-def _tree_bytes(tree) -> tuple[int, int]:
-    """(global elements, bytes held by one device) of an abstract tree with shardings."""
-    import jax
-    import numpy as np
-
-    count, per_device = 0, 0
-    for a in jax.tree.leaves(tree):
-        count += math.prod(a.shape)
-        shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
-        per_device += math.prod(shard) * np.dtype(a.dtype).itemsize
-    return count, per_device
 
 
 def model_flops(cfg, stage) -> float:
@@ -208,22 +152,6 @@ def collectives(compiled_text: str, spmd_text: str | None, topology: str | None 
     }
 
 
-_CPU_NOTE = (
-    "An estimate from the CPU-compiled step, whose fusion decisions differ from a TPU/GPU "
-    "compiler's: the CPU fuses less, runs bf16 matmuls and elementwise math in f32 (f32 matmul "
-    "operands, bf16<->f32 convert fusions, kind 'convert' in top_ops) and splits the optimizer "
-    "into several passes, so op_roofline_s is likely pessimistic (`fica plan --topology` reads "
-    "the TPU compiler's own program). Collectives are counted after SPMD partitioning (bf16 as "
-    "the program sends them, not the CPU's f32 upcast)"
-)
-_TPU_NOTE = (
-    "Read from the TPU compiler's own program for this slice (libtpu, compiled on this host "
-    "without a chip): its fusions, layouts, bf16 collectives and reduce-scatters, and its memory "
-    "analysis. What remains an estimate is the roofline itself (op time = max(FLOPs / peak, bytes "
-    "/ HBM bandwidth), collectives at the link bandwidth, no latency or scheduling term)"
-)
-
-
 def plan(
     cfg,
     mesh_shape: Mapping[str, int],
@@ -247,28 +175,13 @@ def plan(
     """
     import jax
 
-    from fica_jax import sharding as shd
     from fica_jax.train.metrics import compiled_flops
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
 
     stage = get_stage(cfg.stage)
-    devices = topology_devices(topology, libtpu) if topology else None
-    if devices is not None and len(devices) != math.prod(mesh_shape.values()):
-        raise UserError(
-            f"--mesh {dict(mesh_shape)} needs {math.prod(mesh_shape.values())} devices; "
-            f"--topology {topology} has {len(devices)}"
-        )
-    if topology:
-        chips = [topology_chip(topology)]
-    mesh = shd.make_mesh(dict(mesh_shape), devices)
+    mesh, chips = _plan_mesh(cfg, mesh_shape, chips, topology, libtpu)
     n_dev = mesh.size
-    batch = int(cfg.data.batch_size)
-    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise UserError(
-            f"config data.batch_size={batch} does not split over data x fsdp = "
-            f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
-        )
     t0 = time.perf_counter()
     setup = build(cfg, stage, mesh)
     lowered = setup.lower()
@@ -278,78 +191,56 @@ def plan(
     model_global = model_flops(cfg, stage)
     t3 = time.perf_counter()
 
-    s = setup.abstract_state
-    n_params, params_b = _tree_bytes(s["params"])
-    _, opt_b = _tree_bytes(s["opt"])
-    _, ema_b = _tree_bytes(s["ema"])
-    mem = compiled.memory_analysis()
-    peak_mem = mem.argument_size_in_bytes + mem.output_size_in_bytes
-    peak_mem += mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    n_params, per_device = memory_section(setup.abstract_state, compiled.memory_analysis())
     text = compiled.as_text()
     if hlo_out:
         pathlib.Path(hlo_out).write_text(text)
     hlo = hs.analyze(text)
-    ops = hs.op_costs(text)
+    ops = op_costs(text)
     coll = collectives(text, _spmd_hlo(spmd_dump_dir), topology)
-    flops = hlo.flops
-    model_dev = model_global / n_dev
+    flops = flops_section(
+        hlo.flops, hlo.while_trip_counts, model_global, n_dev, compiled_flops(compiled)
+    )
+    model_dev, peak_mem = flops["model_per_device_per_step"], per_device["peak_estimate"]
     return {
         "config": {"stage": cfg.stage, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()},
         "mesh": dict(mesh.shape),
         "devices": n_dev,
         "compiler": f"tpu ({topology}, libtpu)" if topology else "cpu (fake devices)",
-        "global_batch": batch,
+        "global_batch": int(cfg.data.batch_size),
         "param_count": n_params,
-        "per_device_bytes": {
-            "params": params_b,
-            "optimizer_state": opt_b,
-            "ema": ema_b,
-            "arguments": mem.argument_size_in_bytes,
-            "outputs": mem.output_size_in_bytes,
-            "aliased": mem.alias_size_in_bytes,
-            "temp_activations": mem.temp_size_in_bytes,
-            "peak_estimate": peak_mem,
-        },
-        "flops": {
-            "model_per_device_per_step": model_dev,
-            "model_global_per_step": model_global,
-            "hardware_per_device_per_step": flops,
-            "hardware_global_per_step": flops * n_dev,
-            "hardware_over_model": flops / model_dev if model_dev > 0 else None,
-            "per_device_per_step": flops,  # = hardware_per_device_per_step (older readers)
-            "xla_cost_analysis_per_device": compiled_flops(compiled),
-            "while_trip_counts": hlo.while_trip_counts,
-            "note": "model FLOPs (MaxText MFU convention, docs/architecture.md §9): 3 x the "
-            "dot+conv FLOPs of the stage loss's forward pass for the global batch, compiled with "
-            "remat off on one device; remat recomputation and partitioner duplication are not "
-            "counted, and per-device = global / devices. hardware FLOPs: dot+conv FLOPs of the "
-            "compiled, partitioned train step on one device with loop trip counts applied "
-            "(includes remat recomputation). XLA's cost_analysis counts loop bodies once",
-        },
-        "collective_bytes_per_device": {
-            **coll,
-            "note": "ring-algorithm bytes sent per device, loops unrolled: all-gather (n-1)/n x "
-            "result, reduce-scatter (n-1) x result, all-reduce 2 (n-1)/n x operand. Counted in "
-            "the step as partitioned (bf16 where the program moves bf16; an all-reduce feeding "
-            "only 1/n dynamic-slices is the reduce-scatter TPU/GPU compilers emit for it). "
-            "`cpu_compiled`: the same count on the CPU executable, where bf16 collectives are "
-            "upcast to f32 and reduce-scatters stay all-reduce + slice (an upper bound)",
-        },
-        "roofline": roofline(flops, model_dev, coll["total"], peak_mem, chips, ops),
-        "roofline_note": "per chip, per device: compute_s = hardware FLOPs / peak; hbm_s = HBM "
-        "bytes of all ops / HBM bandwidth; op_roofline_s = sum over the step's ops of max(op "
-        "FLOPs / peak, op bytes / HBM bandwidth); collective_s = collective bytes / interconnect; "
-        "step_s = max(op_roofline_s, collective_s) (perfect overlap), step_s_no_overlap = their "
-        "sum; mfu / mfu_no_overlap = model FLOPs / (peak x step_s / step_s_no_overlap) (MaxText "
-        "MFU); hfu = hardware FLOPs / (peak x step_s). Ops: top-level instructions of ENTRY and of "
-        "while bodies x trip count; a fusion moves its operands and outputs, a dynamic-slice reads "
-        "its slice, a dynamic-update-slice writes its update in place. Peak matmul throughput is "
-        "assumed for every dot (no efficiency factor); no latency term. "
-        + (_TPU_NOTE if topology else _CPU_NOTE),
+        "per_device_bytes": per_device,
+        "flops": flops,
+        "collective_bytes_per_device": {**coll, "note": COLLECTIVE_NOTE},
+        "roofline": roofline(hlo.flops, model_dev, coll["total"], peak_mem, chips, ops),
+        "roofline_note": roofline_note(topology),
         "top_ops": top_ops(ops, chips[0]) if chips else None,
         "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1, "model_flops": t3 - t2},
         "jax_version": jax.__version__,
     }
+
+
+def _plan_mesh(cfg, mesh_shape: Mapping[str, int], chips, topology, libtpu):
+    """-> (the mesh the step compiles for: fake CPU devices, or the `topology`'s TPU devices;
+    the chips its roofline is given for: the topology's own chip only)."""
+    from fica_jax import sharding as shd
+
+    devices = topology_devices(topology, libtpu) if topology else None
+    if devices is not None and len(devices) != math.prod(mesh_shape.values()):
+        raise UserError(
+            f"--mesh {dict(mesh_shape)} needs {math.prod(mesh_shape.values())} devices; "
+            f"--topology {topology} has {len(devices)}"
+        )
+    if topology:
+        chips = [topology_chip(topology)]
+    mesh = shd.make_mesh(dict(mesh_shape), devices)
+    batch = int(cfg.data.batch_size)
+    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise UserError(
+            f"config data.batch_size={batch} does not split over data x fsdp = "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
+        )
+    return mesh, chips
 
 
 def sharding_table(cfg, mesh_shape: Mapping[str, int]) -> dict[str, list]:

@@ -20,7 +20,9 @@ from fica_jax.config import load_config
 from fica_jax.errors import UserError
 from fica_jax.perf import hlo_stats as hs
 from fica_jax.perf.hlo_stats import analyze
+from fica_jax.perf.op_costs import op_costs
 from fica_jax.plan import planner as plan
+from fica_jax.plan import topology
 from fica_jax.train.stage import get_stage
 from fica_jax.train.step import build
 
@@ -143,7 +145,7 @@ def test_op_roofline_hand_counted():
 
     x = jax.ShapeDtypeStruct((b, d), jnp.float32)
     w = jax.ShapeDtypeStruct((n_layers, d, d), jnp.float32)
-    ops = {o.name: o for o in hs.op_costs(jax.jit(f).lower(x, w).compile().as_text())}
+    ops = {o.name: o for o in op_costs(jax.jit(f).lower(x, w).compile().as_text())}
     dot = next(o for o in ops.values() if o.kind == "matmul")
     assert dot.count == n_layers and dot.flops == 2 * b * d * d
     assert dot.bytes == f32 * (b * d + d * d + b * d)  # x and the weight slice in, x @ w out
@@ -192,7 +194,7 @@ ENTRY %main (a: bf16[8,16], i: s32[]) -> bf16[8,16] {
   ROOT %put = bf16[8,16]{1,0} fusion(%a, %row, %i), kind=kLoop, calls=%dus
 }
 """
-    ops = {o.name: o for o in hs.op_costs(hlo)}
+    ops = {o.name: o for o in op_costs(hlo)}
     assert set(ops) == {"row", "put"}
     assert ops["row"].bytes == 16 * 2 + 4 + 16 * 4  # bf16 slice + index in, f32 row out
     assert ops["put"].bytes == 16 * 4 + 4 + 16 * 2  # f32 row + index in, bf16 row written
@@ -235,7 +237,7 @@ ENTRY %main (a: f32[128,128], b: f32[128,128]) -> f32[32,128] {
 }
 """
     n = 128 * 128 * 4
-    ops = {o.name: o for o in hs.op_costs(hlo)}
+    ops = {o.name: o for o in op_costs(hlo)}
     assert ops["f"].kind == "elementwise" and ops["cs"].kind == "copy-start"
     assert set(ops) == {"cs", "f"}
     assert ops["cs"].bytes == n  # HBM -> VMEM: one read
@@ -267,7 +269,7 @@ ENTRY %main (g: bf16[64,128]) -> bf16[16,128] {
   ROOT %rs = bf16[16,128]{1,0:T(8,128)(2,1)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter
 }
 """
-    assert hs.op_costs(hlo) == []
+    assert op_costs(hlo) == []
     stats = hs.analyze(hlo, reduce_scatter=True)
     assert stats.collective_bytes == {"reduce-scatter": 16 * 128 * 2 * 3}  # (n - 1) x result
 
@@ -300,7 +302,7 @@ ENTRY %main (a: bf16[8,64], ws: bf16[28,64,128], k: s32[]) -> bf16[8,128] {
   ROOT %f = bf16[8,128]{1,0} fusion(%a, %ws, %k), kind=kOutput, calls=%mm
 }
 """
-    (op,) = hs.op_costs(hlo)
+    (op,) = op_costs(hlo)
     assert op.flops == 2 * 8 * 64 * 128
     assert op.bytes == 8 * 64 * 2 + 64 * 128 * 2 + 4 + 8 * 128 * 2  # x, ONE layer, index, out
 
@@ -423,8 +425,8 @@ def test_fica_plan_dit_tiny(tmp_path):
 def _libtpu_or_skip() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("libtpu") is None and not plan.LIBTPU_DIR.is_dir():
-        pytest.skip(f"libtpu not installed (.ci/run puts it in {plan.LIBTPU_DIR})")
+    if importlib.util.find_spec("libtpu") is None and not topology.LIBTPU_DIR.is_dir():
+        pytest.skip(f"libtpu not installed (.ci/run puts it in {topology.LIBTPU_DIR})")
 
 
 def test_fica_plan_with_the_tpu_compiler():
@@ -451,9 +453,10 @@ def test_fica_plan_with_the_tpu_compiler():
 
 
 def test_fica_plan_topology_errors_are_one_line(capsys):
+    chip = topology.topology_chip
     with pytest.raises(UserError, match=r"--topology 'v5x:4x4': expected CHIP:AxBxC"):
-        plan.topology_chip("v5x:4x4")
-    assert plan.topology_chip("v5p:4x4x4") == "v5p" and plan.topology_chip("v6e:8x8") == "v6e"
+        chip("v5x:4x4")
+    assert chip("v5p:4x4x4") == "v5p" and chip("v6e:8x8") == "v6e"
     _libtpu_or_skip()
     with pytest.raises(UserError, match=r"needs 8 devices; --topology v5p:2x2x1 has 4"):
         plan.plan_in_subprocess("configs/toy.py", "data=2,fsdp=4", "v5p", [], "v5p:2x2x1")
