@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tb_events import tb_images
 
 from fica_jax import files, preview
 from fica_jax.errors import UserError
@@ -87,27 +88,8 @@ def test_sheet_layout_with_title(tmp_path):
     assert preview.write_sheet(rows, tmp_path / "n.png", tile=16).shape[0] == 2 * (16 + lab)
 
 
-def _tb_images(logdir):
-    """(step, tag, height, width) of every image summary in a TensorBoard log (TFRecord events)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    got = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):
-            (n,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
-            at += 12 + n + 4  # length, its crc, the record, its crc
-            for v in event.summary.value:
-                if v.HasField("image"):
-                    got.append((event.step, v.tag, v.image.height, v.image.width))
-    return got
-
-
 def test_step_sheet_writes_the_png_and_a_tensorboard_image(tmp_path):
     sheet = preview.write_step_sheet([[("x", np.full((4, 4, 3), 0.5))]], tmp_path, 12)
     png = tmp_path / "samples" / "step_0000012.png"
     assert (np.asarray(Image.open(png)) == sheet).all()
-    assert _tb_images(tmp_path / "tb") == [(12, "samples", *sheet.shape[:2])]
+    assert tb_images(tmp_path / "tb") == [(12, "samples", *sheet.shape[:2])]
