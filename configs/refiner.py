@@ -36,7 +36,7 @@ def get_config(arg: str = "tiny"):
     c.model.vit_patch = 0
     # the tiny ViT starts random and must train; the paper's Sapiens backbone is frozen
     c.model.vit_trainable = arg == "tiny"
-    # input maps: "corrupt" (ground truth + transforms.corrupt_maps) or "samples" (DiT maps)
+    # input maps: "corrupt" (ground truth + stages/refiner.py corrupt_maps) or "samples" (DiT maps)
     c.model.input_source = "corrupt"
     c.model.samples_dir = ""
     # blur: max Gaussian sigma (texels); color: max per-channel gain change (offset half of

@@ -4,7 +4,7 @@ schema.py        one record per identity (npz dict of arrays), encode/decode/val
 shards.py        atomic ArrayRecord shard writer + metadata.json
 source.py        Grain random-access source over shards (clear errors for broken files)
 tfds_builder.py  the same data as a tensorflow_datasets builder (no TensorFlow needed)
-transforms.py    per-stage example functions and augmentations (named by each stage's STAGE)
+transforms.py    augmentations and the pieces of the stages' example functions (fica_jax/stages)
 pipeline.py      make_pipeline / CaptureData: host-sharded, shuffled, batched Grain pipelines
 synth.py         `fica data synth` driver over synthetic/generator.py
 convert.py       `fica data convert` for real-capture folders

@@ -377,8 +377,9 @@ def _dit_probe_stage(c, batch: int, side: int):
             "control": jax.ShapeDtypeStruct((batch, side, side, c.control_channels), f),
         }
 
+    # planned, never trained: no data
     return Stage(name="dit_probe", rules="dit", make_model=make_model, make_loss=make_loss,
-                 make_data=None, batch_spec=spec)  # fmt: skip
+                 make_data=lambda *args: (), batch_spec=spec)  # fmt: skip
 
 
 def test_plan_rejects_bad_mesh_and_chips():
