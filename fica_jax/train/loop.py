@@ -157,19 +157,7 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
 
     # ------------------------------------------------------------------ checkpoint / resume
     ckpt = Checkpointer(workdir, cfg)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, setup.abstract_state, data_iter)
-        print(f"resumed from step {start} in {ckpt.directory}", flush=True) if primary else None
-    else:
-        start = 0
-        state = setup.init()
-        if init_from:
-            src_step, params = load_params(init_from, setup.abstract_state["params"])
-            state["params"] = params
-            if state["ema"]:
-                state["ema"] = jax.tree.map(lambda p: p.copy(), params)
-            print(f"params from {init_from} (step {src_step})", flush=True) if primary else None
+    start, state = _resume(ckpt, setup, data_iter, init_from, primary)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(cfg.to_json(indent=2))
@@ -231,6 +219,24 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
         if profile.active:
             jax.profiler.stop_trace()
     return last
+
+
+def _resume(ckpt: Checkpointer, setup: Setup, data_iter, init_from, primary: bool):
+    """-> (first step, state): the run's last checkpoint, the data iterator's position restored
+    with it; else a fresh init, its params (and EMA) from `init_from` when given."""
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, setup.abstract_state, data_iter)
+        print(f"resumed from step {start} in {ckpt.directory}", flush=True) if primary else None
+        return start, state
+    state = setup.init()
+    if init_from:
+        src_step, params = load_params(init_from, setup.abstract_state["params"])
+        state["params"] = params
+        if state["ema"]:
+            state["ema"] = jax.tree.map(lambda p: p.copy(), params)
+        print(f"params from {init_from} (step {src_step})", flush=True) if primary else None
+    return 0, state
 
 
 def param_values(state: dict) -> dict[str, np.ndarray]:
