@@ -49,9 +49,10 @@ class Stage:
     make_loss:   `(cfg) -> loss_fn`, `loss_fn(model, batch, rng) -> (scalar, {name: scalar})`;
                  runs inside jit in the compute dtype `cfg.train.compute_dtype`.
     example:     optional `(record, rng, options) -> {name: np.ndarray}`: one training example
-                 from one record of the stage's data, a module-level function of the stage's own
-                 module (Grain workers import it by name). `None` for a stage whose `make_data`
-                 builds its examples otherwise (`toy`: from record indices).
+                 from one record of the stage's data; a module-level function (Grain workers
+                 import it by name) of the stage's own module (the DiT's lives with the latent
+                 cache format it reads). `None` for a stage whose `make_data` builds its
+                 examples otherwise (`toy`: from record indices).
     make_data:   `(cfg, split, process_index, process_count) -> iterable` of this host's batches
                  (dicts of numpy arrays), forever for "train", once for "eval"; the train
                  iterator must be checkpointable (`get_state`/`set_state`). Left out, it is
