@@ -219,55 +219,23 @@ def evaluate(
     many DiT samples per identity (seeds `seed`, `seed + 1`, ...) and every figure averages over
     them: one sample of a stochastic generator is a noisy estimate of its quality (on the demo's
     3 held-out identities single-seed rows move by more than 1 dB)."""
-    import shutil
-    import tempfile
-
     from data_pipelines.pipeline import host_slice, open_source
-    from data_pipelines.shards import read_metadata
     from fica_jax.eval import report as report_lib
-    from fica_jax.geometry.template import make_head_template
     from fica_jax.infer.generate import load_models
-    from fica_jax.train.metrics import Progress
 
-    if backend not in ("jax", "torch"):
-        raise UserError(f"--backend {backend!r}: expected 'jax' or 'torch'")
-    if samples < 1:
-        raise UserError(f"--samples {samples}: expected at least 1 DiT sample per identity")
-    if pose not in ("gt", "regressor"):
-        raise UserError(f"--pose {pose!r}: expected 'gt' (the capture's camera) or 'regressor'")
+    _check_options(backend, samples, pose)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     out = ensure_dir(out_dir)
     t0 = time.time()
     models = load_models(models_dir)
-    name = read_metadata(data_dir).get("template", {}).get("template", "")
-    prefix = "fica-procedural-head-r"
-    if not name.startswith(prefix):
-        raise UserError(f"--data {data_dir}: template {name!r}; the face-region masks need a "
-                        f"procedural template ({prefix}N)")  # fmt: skip
-    template = make_head_template(int(name[len(prefix) :]))
+    template = _face_template(data_dir)
     src = open_source(data_dir, split)
     ids = list(range(len(src)))[: limit or None]
     mine = ids[host_slice(len(ids), pi, pc)]
     scorer = Scorer(lpips_dir, arcface)
-    rows, sheets = [], {}
-    bar = Progress(len(mine) * samples, 0, progress, "eval", log_every=1)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fica-eval-"))
-    try:
-        for i in mine:
-            rec = src[i]
-            for k in range(samples):
-                r, renders = evaluate_identity(
-                    rec, models, scorer, template, backend=backend, steps=steps, seed=seed + k,
-                    pose=pose, cfg_scale=cfg_scale, frames=frames, tmp=tmp / f"{i}-{k}",
-                )  # fmt: skip
-                rows += [{**row, "sample": k} for row in r]
-                if k == 0:  # the frame sheet shows the first sample
-                    sheets[str(rec["identity"])] = renders
-                bar.update()
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    kw = dict(backend=backend, steps=steps, pose=pose, cfg_scale=cfg_scale, frames=frames)
+    rows, sheets = _evaluate_slice(src, mine, models, scorer, template, seed, samples, progress, kw)
     part = out / (f"metrics.part-{pi}.csv" if pc > 1 else "metrics.csv")
     write_csv(part, rows)
     if pc > 1:
@@ -279,6 +247,56 @@ def evaluate(
             "steps": steps, "pose": pose, "identities": len(ids), "seed": seed, "samples": samples,
             "weights": scorer.notes, "seconds": round(time.time() - t0, 1)}  # fmt: skip
     return report_lib.write_report(out, rows, sheets, info)
+
+
+def _check_options(backend: str, samples: int, pose: str) -> None:
+    if backend not in ("jax", "torch"):
+        raise UserError(f"--backend {backend!r}: expected 'jax' or 'torch'")
+    if samples < 1:
+        raise UserError(f"--samples {samples}: expected at least 1 DiT sample per identity")
+    if pose not in ("gt", "regressor"):
+        raise UserError(f"--pose {pose!r}: expected 'gt' (the capture's camera) or 'regressor'")
+
+
+def _face_template(data_dir):
+    """The procedural template the dataset was made with (the face-region masks need it)."""
+    from data_pipelines.shards import read_metadata
+    from fica_jax.geometry.template import make_head_template
+
+    name = read_metadata(data_dir).get("template", {}).get("template", "")
+    prefix = "fica-procedural-head-r"
+    if not name.startswith(prefix):
+        raise UserError(f"--data {data_dir}: template {name!r}; the face-region masks need a "
+                        f"procedural template ({prefix}N)")  # fmt: skip
+    return make_head_template(int(name[len(prefix) :]))
+
+
+def _evaluate_slice(src, mine, models, scorer, template, seed, samples, progress, kw):
+    """`evaluate_identity` for identities `mine` of `src`, `samples` seeds each -> (metric rows
+    with their sample index, {identity: renders of the first sample})."""
+    import shutil
+    import tempfile
+
+    from fica_jax.train.metrics import Progress
+
+    rows, sheets = [], {}
+    bar = Progress(len(mine) * samples, 0, progress, "eval", log_every=1)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fica-eval-"))
+    try:
+        for i in mine:
+            rec = src[i]
+            for k in range(samples):
+                r, renders = evaluate_identity(
+                    rec, models, scorer, template, seed=seed + k, tmp=tmp / f"{i}-{k}", **kw
+                )
+                rows += [{**row, "sample": k} for row in r]
+                if k == 0:  # the frame sheet shows the first sample
+                    sheets[str(rec["identity"])] = renders
+                bar.update()
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows, sheets
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
