@@ -236,7 +236,7 @@ class TorchAvatar:
         logit = math.log(cfg["opacity_init"] / (1 - cfg["opacity_init"]))
         opacities = torch.sigmoid(raw[..., 10] + logit) * (self.mask > 0.5)
         means = geo + cfg["offset_scale"] * raw[..., :3]
-        if self.eyes:  # `upm.turn_eyes`: each eyeball turns rigidly about its centre
+        if self.eyes:  # `upm_geometry.turn_eyes`: each eyeball turns rigidly about its centre
             rot = gaze_rotation(gaze.float())  # [B, 3, 3]
             q_rot = rotmat_to_quat(rot)[:, None, :].expand_as(quats)
             turned_q = quat_multiply(q_rot, quats)
@@ -332,33 +332,62 @@ def rasterize_cpu(means, quats, scales, opacities, colors, viewmat, K, width: in
     # culled entries may hold inf/nan (depth <= 0): zero them, they join no tile anyway
     means2d = torch.where(live[:, None], means2d, 0.0)
     conics = torch.where(live[:, None], conics, 0.0)
-    # tile boxes (`tiles.tile_boxes`): the 3.33-sigma radius tightened to where alpha >= 1/255
     tw, th = -(-width // TILE), -(-height // TILE)
+    boxes = _tile_boxes(means2d, radii, opacities, live, tw, th)
+    counts = _tile_counts(boxes, tw, th)
+    order = torch.argsort(torch.where(live, depths, torch.inf), stable=True)  # front to back
+    feats = torch.cat([means2d, conics, opacities[:, None], colors], -1)[order]
+    feats = F.pad(feats, (0, 0, 0, 1))  # row n: padding (opacity 0)
+    tiles = max(1, pixel_chunk // TILE**2)
+    acc, trans, caps = _composite_tiles(feats, boxes[:, order], counts, tiles, gaussian_chunk)
+    d = colors.shape[-1]
+    img = acc.reshape(th, tw, TILE, TILE, d).permute(0, 2, 1, 3, 4)
+    img = img.reshape(th * TILE, tw * TILE, d)[:height, :width]
+    trans = trans.reshape(th, tw, TILE, TILE).permute(0, 2, 1, 3)
+    trans = trans.reshape(th * TILE, tw * TILE)[:height, :width]
+    if background is not None:
+        img = img + trans[..., None] * background.to(img)
+    meta = {"means2d": means2d, "conics": conics, "depths": depths, "radii": radii,
+            "n_isects": int(counts.sum()), "max_tile_count": int(counts.max()),
+            "capacities": caps}  # fmt: skip
+    return img, 1.0 - trans, meta
+
+
+def _tile_boxes(means2d, radii, opacities, live, tw: int, th: int):
+    """The tiles each Gaussian reaches (`tiles.tile_boxes`): its 3.33-sigma radius tightened to
+    where alpha >= 1/255 -> [4, N] (x0, x1, y0, y1), half-open tile ranges, empty when culled."""
     ext = torch.sqrt(2.0 * torch.log(opacities.clamp_min(ALPHA_MIN) / ALPHA_MIN))
     r = radii.to(means2d.dtype) * torch.clamp(ext / EXTENT_SIGMA, max=1.0)[:, None]
     lo, hi = torch.floor((means2d - r) / TILE).long(), torch.ceil((means2d + r) / TILE).long()
     x0, x1 = lo[:, 0].clamp(0, tw), hi[:, 0].clamp(0, tw)
     y0, y1 = lo[:, 1].clamp(0, th), hi[:, 1].clamp(0, th)
     x1, y1 = torch.where(live, x1, x0), torch.where(live, y1, y0)  # culled: an empty box
-    # list lengths per tile: a 2D difference array over the boxes
-    diff = torch.zeros((th + 1) * (tw + 1), dtype=torch.long, device=means.device)
+    return torch.stack([x0, x1, y0, y1])
+
+
+def _tile_counts(boxes, tw: int, th: int):
+    """List length of every tile [th, tw]: a 2D difference array over the boxes [4, N]."""
+    x0, x1, y0, y1 = boxes
+    diff = torch.zeros((th + 1) * (tw + 1), dtype=torch.long, device=boxes.device)
     for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
         diff.index_add_(0, ys * (tw + 1) + xs, torch.full_like(xs, sign))
-    counts = diff.reshape(th + 1, tw + 1).cumsum(0).cumsum(1)[:th, :tw]
-    order = torch.argsort(torch.where(live, depths, torch.inf), stable=True)  # front to back
-    n, d = means.shape[0], colors.shape[-1]
-    feats = torch.cat([means2d, conics, opacities[:, None], colors], -1)[order]
-    feats = F.pad(feats, (0, 0, 0, 1))  # row n: padding (opacity 0)
-    bx = torch.stack([x0, x1, y0, y1])[:, order]  # [4, N] depth order
-    # tiles with similar list lengths share a step (longest first); each step's capacity is
-    # its longest list rounded up to a power of two, so few distinct shapes ever occur
-    tb, n_tiles = max(1, pixel_chunk // TILE**2), tw * th
+    return diff.reshape(th + 1, tw + 1).cumsum(0).cumsum(1)[:th, :tw]
+
+
+def _composite_tiles(feats, bx, counts, tb: int, gaussian_chunk: int):
+    """Every tile's list composited front to back: feats [N + 1, 6 + D] in depth order (row N
+    padding), bx [4, N] their tile boxes, counts [th, tw] -> (acc [tiles, 256, D], T [tiles,
+    256], the list capacity of each step). Tiles with similar list lengths share a step (longest
+    first), `tb` at a time; each step's capacity is its longest list rounded up to a power of
+    two, so few distinct shapes ever occur."""
+    n, d, dev = feats.shape[0] - 1, feats.shape[-1] - 6, feats.device
+    tw, n_tiles = counts.shape[1], counts.numel()
     by_len = torch.argsort(counts.reshape(-1), descending=True, stable=True)
     lens = counts.reshape(-1)[by_len].tolist()
     ly, lx = torch.meshgrid(torch.arange(TILE), torch.arange(TILE), indexing="ij")
-    local = torch.stack([lx.reshape(-1), ly.reshape(-1)], -1).to(means.device)  # row-major
-    acc = torch.zeros(n_tiles, TILE**2, d, dtype=feats.dtype, device=means.device)
-    trans = torch.ones(n_tiles, TILE**2, dtype=feats.dtype, device=means.device)
+    local = torch.stack([lx.reshape(-1), ly.reshape(-1)], -1).to(dev)  # row-major
+    acc = torch.zeros(n_tiles, TILE**2, d, dtype=feats.dtype, device=dev)
+    trans = torch.ones(n_tiles, TILE**2, dtype=feats.dtype, device=dev)
     caps = []
     for t0 in range(0, n_tiles, tb):
         if lens[t0] == 0:
@@ -371,8 +400,8 @@ def rasterize_cpu(means, quats, scales, opacities, colors, viewmat, K, width: in
         tx, ty = t % tw, t // tw
         hit = (bx[0] <= tx) & (tx < bx[1]) & (bx[2] <= ty) & (ty < bx[3])  # [tb, N]
         slot = torch.where(hit, hit.cumsum(1) - 1, cap)  # its place in the tile's list
-        ids = torch.arange(n, device=means.device).expand(t.shape[0], n)
-        lists = torch.full((t.shape[0], cap + 1), n, device=means.device).scatter_(1, slot, ids)
+        ids = torch.arange(n, device=dev).expand(t.shape[0], n)
+        lists = torch.full((t.shape[0], cap + 1), n, device=dev).scatter_(1, slot, ids)
         g = feats[lists[:, :cap]]  # [tb, cap, F] front to back
         centre = (torch.stack([tx, ty], -1) * TILE + local[None]).to(feats.dtype) + 0.5
         tr, ac = trans[t[:, 0]], acc[t[:, 0]]
@@ -380,16 +409,7 @@ def rasterize_cpu(means, quats, scales, opacities, colors, viewmat, K, width: in
         for j in range(0, cap, kg):
             tr, ac, done = _composite_chunk(tr, ac, done, centre, g[:, j : j + kg])
         trans[t[:, 0]], acc[t[:, 0]] = tr, ac
-    img = acc.reshape(th, tw, TILE, TILE, d).permute(0, 2, 1, 3, 4)
-    img = img.reshape(th * TILE, tw * TILE, d)[:height, :width]
-    trans = trans.reshape(th, tw, TILE, TILE).permute(0, 2, 1, 3)
-    trans = trans.reshape(th * TILE, tw * TILE)[:height, :width]
-    if background is not None:
-        img = img + trans[..., None] * background.to(img)
-    meta = {"means2d": means2d, "conics": conics, "depths": depths, "radii": radii,
-            "n_isects": int(counts.sum()), "max_tile_count": int(counts.max()),
-            "capacities": caps}  # fmt: skip
-    return img, 1.0 - trans, meta
+    return acc, trans, caps
 
 
 def _composite_chunk(trans, acc, done, centre, g):
