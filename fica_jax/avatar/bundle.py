@@ -3,7 +3,8 @@
 FiCA's UPM is a hypernetwork: the identity encoder runs once per avatar and its bias maps then
 condition a decoder shared by all identities (docs/architecture.md §5; the RGCA-style Gaussian
 decoder of facebookresearch/goliath). `Avatar` keeps exactly what driving needs:
-- the identity's bias maps (one per decoder level) and surfel frames (`upm.surface_frames`),
+- the identity's bias maps (one per decoder level) and surfel frames
+  (`upm_geometry.surface_frames`),
 - its template maps (UV texture, neutral UV geometry, atlas mask),
 - the decoder and expression-encoder params (the identity encoder is dropped),
 and drives it with `drive(expression, view, gaze)` (jitted once per batch shape) and renders it
@@ -37,7 +38,6 @@ from fica_jax.render import ply, rasterization
 
 FORMAT, VERSION = AVATAR_FORMAT, AVATAR_VERSION
 GAUSSIAN_KEYS = ("means", "quats", "scales", "opacities", "colors")
-
 
 
 def _param_names(pure: dict) -> tuple[list[str], Any]:

@@ -25,14 +25,15 @@ neutral UV geometry G into a drivable avatar of one Gaussian per UV texel:
     (a layout without known eyeballs) the gaze joins e as an input of both branches.
 
 Per texel: mean = G + offset; rotation and scale relative to the texel's surfel frame on the
-neutral surface G (`surface_frames`, the flat tangent-plane Gaussians of `render/surfels.py`, as
-RGCA keeps its Gaussians in the mesh's local frame): quaternion (w, x, y, z) = frame * normalise(1
-+ dq), scale = surfel std-dev * softplus (1 at init), soft-bounded by `max_scale`; opacity =
-sigmoid (0 outside the UV atlas); colour = T + colour offset. The head's outputs are scaled by 0.1,
-so an untrained decoder renders the surfel proxy of the neutral textured head, and training starts
-from the mesh proxy instead of from blurry spheres. `zero_identity=True` zeroes every bias map:
-the issue's ablation (a) "decoder without identity conditioning". `eps2d` is the rasteriser's
-screen-space dilation the Gaussians are trained (and must be rendered) with.
+neutral surface G (`upm_geometry.py`: the flat tangent-plane Gaussians of `render/surfels.py`, as
+RGCA keeps its Gaussians in the mesh's local frame; the eyeballs' centres and turning live there
+too): quaternion (w, x, y, z) = frame * normalise(1 + dq), scale = surfel std-dev * softplus
+(1 at init), soft-bounded by `max_scale`; opacity = sigmoid (0 outside the UV atlas); colour =
+T + colour offset. The head's outputs are scaled by 0.1, so an untrained decoder renders the
+surfel proxy of the neutral textured head, and training starts from the mesh proxy instead of
+from blurry spheres. `zero_identity=True` zeroes every bias map: the issue's ablation (a)
+"decoder without identity conditioning". `eps2d` is the rasteriser's screen-space dilation the
+Gaussians are trained (and must be rendered) with.
 
 Conv activations are pinned batch-sharded (`_conv`), as in `models/vae.py`: left free, jax
 0.10.2's CPU partitioner may pick a channel-sharded layout that computes wrong values.
@@ -49,15 +50,14 @@ import numpy as np
 from flax import nnx
 
 from fica_jax import sharding as shd
-from fica_jax.geometry.template import gaze_rotation, named_uv_regions
+from fica_jax.geometry.template import named_uv_regions
 from fica_jax.models import layers
+from fica_jax.models.upm_geometry import eye_centres, surface_frames, turn_eyes
 from fica_jax.render import rasterization
-from fica_jax.render.project import quat_multiply, rotmat_to_quat
-from fica_jax.render.surfels import tangent
+from fica_jax.render.project import quat_multiply
 
 Array = jax.Array
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(x) == 1
-_MAX_EYE_RADIUS = 0.05  # m; human eyeballs are ~12 mm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,78 +152,12 @@ def view_direction(viewmat: Array) -> Array:
     return centre / jnp.maximum(jnp.linalg.norm(centre, axis=-1, keepdims=True), 1e-9)
 
 
-def surface_frames(geometry: Array, mask: Array, footprint: float, thickness: float):
-    """The surfel frame of every texel of geometry maps [B, R, R, 3] (`render/surfels.py`) ->
-    (quaternion [B, R, R, 4] of the local frame (t_u / |t_u|, n x t_u, n = t_u x t_v / |.|),
-    std-devs [B, R, R, 3] along it: footprint |t_u|, footprint |t_v|, thickness (|t_u| + |t_v|) / 2,
-    in metres). Texels without a valid neighbour on both axes get the identity frame and the
-    map's median texel spacing. Gradient-free: the frame is a function of the input maps."""
-    geometry, valid = jax.lax.stop_gradient(geometry), mask > 0.5
-    tu = jax.vmap(lambda p, v: tangent(p, v, 1))(geometry, valid)
-    tv = jax.vmap(lambda p, v: tangent(p, v, 0))(geometry, valid)
-    lu, lv = jnp.linalg.norm(tu, axis=-1), jnp.linalg.norm(tv, axis=-1)
-    n = jnp.cross(tu, tv)
-    ln = jnp.linalg.norm(n, axis=-1)
-    ok = valid & (lu > 1e-9) & (lv > 1e-9) & (ln > 1e-6 * lu * lv)
-    e3 = n / jnp.maximum(ln, 1e-30)[..., None]
-    e1 = tu / jnp.maximum(lu, 1e-30)[..., None]
-    rot = jnp.stack([e1, jnp.cross(e3, e1), e3], -1)  # columns: the frame's axes
-    quat = jnp.where(ok[..., None], rotmat_to_quat(rot), jnp.asarray([1.0, 0.0, 0.0, 0.0]))
-    b = geometry.shape[0]
-    spacing = jnp.where(ok, 0.5 * (lu + lv), jnp.nan).reshape(b, -1)
-    med = jnp.nan_to_num(jnp.nanmedian(spacing, axis=1), nan=1e-3)[:, None, None]
-    lu, lv = jnp.where(ok, lu, med), jnp.where(ok, lv, med)
-    std = jnp.stack([footprint * lu, footprint * lv, thickness * 0.5 * (lu + lv)], -1)
-    return quat, std
-
-
 def eye_masks(cfg: UPMConfig) -> Array | None:
     """[2, R, R] float32 UV masks of the left and right eyeball, None without explicit eyes."""
     if not cfg.eye_template:
         return None
     regions = named_uv_regions(cfg.eye_template, cfg.uv_resolution)
     return jnp.asarray(np.stack([regions["eye_left"], regions["eye_right"]]), jnp.float32)
-
-
-def eye_centres(geometry: Array, mask: Array, eyes: Array) -> Array:
-    """Least-squares sphere centre of each eyeball's texels: [B, R, R, 3], [B, R, R], [2, R, R]
-    -> [B, 2, 3] (|p - c|^2 = r^2 is linear in (c, r^2 - |c|^2); points centred first). Where
-    the texels are no sphere (fit radius beyond `_MAX_EYE_RADIUS`), their mean."""
-    geometry = jax.lax.stop_gradient(geometry)
-
-    def one(p, valid, eye):
-        w = (eye * (valid > 0.5)).reshape(-1)
-        p = p.reshape(-1, 3)
-        mean = jnp.sum(w[:, None] * p, 0) / jnp.maximum(jnp.sum(w), 1.0)
-        q = p - mean
-        a = jnp.concatenate([2 * q, jnp.ones_like(q[:, :1])], -1)  # [N, 4]
-        lhs = jnp.einsum("n,ni,nj->ij", w, a, a) + 1e-12 * jnp.eye(4)
-        rhs = jnp.einsum("n,ni,n->i", w, a, jnp.sum(q * q, -1))
-        x = jnp.linalg.solve(lhs, rhs)
-        radius2 = x[3] + jnp.sum(x[:3] ** 2)
-        ok = jnp.all(jnp.isfinite(x)) & (radius2 < _MAX_EYE_RADIUS**2)
-        return mean + jnp.where(ok, x[:3], 0.0)
-
-    per_eye = jax.vmap(one, in_axes=(None, None, 0))
-    return jax.vmap(per_eye, in_axes=(0, 0, None))(geometry, mask, eyes)
-
-
-def turn_eyes(means, quats, eyes, centres, gaze):
-    """Rotates the eye texels of means [B, R, R, 3] / quats [B, R, R, 4] by the gaze rotation
-    (`geometry.template.gaze_rotation`, (yaw, pitch) [B, 2]) about their eyeball's centre
-    [B|1, 2, 3]; eyes [2, R, R] are the eyeballs' UV masks."""
-    b = means.shape[0]
-    rot = jax.vmap(gaze_rotation)(gaze.astype(jnp.float32))  # [B, 3, 3]
-    centres = jnp.broadcast_to(centres, (b, 2, 3))
-    q_rot = rotmat_to_quat(rot)[:, None, None, :]
-    turned_q = quat_multiply(jnp.broadcast_to(q_rot, quats.shape), quats)
-    for k in range(2):
-        c = centres[:, k, None, None, :]
-        turned = c + jnp.einsum("bij,bhwj->bhwi", rot, means - c)
-        inside = eyes[k][None, :, :, None] > 0.5
-        means = jnp.where(inside, turned, means)
-        quats = jnp.where(inside, turned_q, quats)
-    return means, quats
 
 
 class IdentityEncoder(nnx.Module):

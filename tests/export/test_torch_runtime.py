@@ -13,7 +13,7 @@ from flax import nnx
 
 from fica_jax.avatar import bundle as avatar_lib
 from fica_jax.errors import UserError
-from fica_jax.models import upm
+from fica_jax.models import upm, upm_geometry
 from fica_jax.quality.image import psnr
 from fica_jax.render import composite, project
 
@@ -31,7 +31,7 @@ CAM = np.array([[1, 0, 0, 0.01], [0, 1, 0, -0.02], [0, 0, 1, 0.5], [0, 0, 0, 1]]
 def bundle(tmp_path_factory):
     """(JAX Avatar, its saved folder): the tiny UPM (explicit eyes) with random parameters (its
     output heads scaled up, so offsets, rotations, scales, opacities and colours all vary), a
-    random identity's bias maps and a curved UV sheet's surfel frames (`upm.surface_frames`).
+    random identity's bias maps and a curved UV sheet's surfel frames (`upm_geometry.surface_frames`).
     Parameters come from numpy, not from an init compile (the tests' time budget)."""
     cfg, rs = upm.VARIANTS["tiny"], np.random.RandomState(0)
     model = nnx.eval_shape(lambda: upm.UPM(cfg, rngs=nnx.Rngs(0)))
@@ -52,8 +52,8 @@ def bundle(tmp_path_factory):
 
     @jax.jit
     def frames(g, m):
-        quat, std = upm.surface_frames(g, m, cfg.footprint, cfg.thickness)
-        return quat, std, upm.eye_centres(g, m, upm.eye_masks(cfg))
+        quat, std = upm_geometry.surface_frames(g, m, cfg.footprint, cfg.thickness)
+        return quat, std, upm_geometry.eye_centres(g, m, upm.eye_masks(cfg))
 
     quat, std, centres = frames(geo[None], mask[None])
     biases = [rs.normal(0, 0.5, (1, r >> (cfg.levels - 1 - i), r >> (cfg.levels - 1 - i),

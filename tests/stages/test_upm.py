@@ -14,7 +14,7 @@ from fica_jax import sharding as shd
 from fica_jax.avatar.bundle import Avatar
 from fica_jax.commands.main import main
 from fica_jax.config import load_config
-from fica_jax.models import upm
+from fica_jax.models import upm, upm_geometry
 from fica_jax.render import ply, tiles
 from fica_jax.render.project import covariance, project, quat_to_rotmat, rotmat_to_quat
 from fica_jax.render.surfels import render_surfels, surfel_gaussians
@@ -107,7 +107,7 @@ def test_surface_frames_are_the_surfel_proxy():
     yy, xx = np.mgrid[:8, :8].astype(np.float32)
     geo = (xx[..., None] * a + yy[..., None] * b).astype(np.float32)[None]
     mask = np.ones((1, 8, 8), np.float32)
-    quat, std = upm.surface_frames(jnp.asarray(geo), jnp.asarray(mask), 0.5, 0.1)
+    quat, std = upm_geometry.surface_frames(jnp.asarray(geo), jnp.asarray(mask), 0.5, 0.1)
     ours = covariance(quat, std)[0]
     ref = surfel_gaussians(jnp.zeros((8, 8, 3)), jnp.asarray(geo[0]), mask[0])["covars"]
     np.testing.assert_allclose(ours.reshape(-1, 3, 3), ref, rtol=1e-4, atol=1e-12)
@@ -145,10 +145,10 @@ def test_gaze_turns_only_the_eyeballs_as_the_capture_does(synth_dir):
     geo, mask = jnp.asarray(rec["uv_geometry"])[None], jnp.asarray(rec["uv_mask"])[None]
     eyes = upm.eye_masks(BASE)
     assert eyes.shape == (2, 32, 32) and float(eyes.sum()) > 20
-    centres = upm.eye_centres(geo, mask, eyes)
+    centres = upm_geometry.eye_centres(geo, mask, eyes)
     quats = jnp.broadcast_to(jnp.asarray([1.0, 0, 0, 0]), (1, 32, 32, 4))
     gaze = jnp.asarray(rec["view_gaze"][v])[None]
-    turned, _ = upm.turn_eyes(geo, quats, eyes, centres, gaze)
+    turned, _ = upm_geometry.turn_eyes(geo, quats, eyes, centres, gaze)
     posed = rec["view_uv_geometry"][v]
     inside = np.asarray((eyes.sum(0) > 0) & (mask[0] > 0.5))
     moved = np.linalg.norm(posed - rec["uv_geometry"], axis=-1)[inside]
