@@ -107,7 +107,7 @@ def write_frames(path: pathlib.Path, frames: list[np.ndarray], labels: list[str]
         cols = min(len(frames), 8)
         rows = [list(zip(labels[i : i + cols], frames[i : i + cols], strict=True))
                 for i in range(0, len(frames), cols)]  # fmt: skip
-        write_sheet([[(lab, f / 255.0) for lab, f in r] for r in rows], path, frames[0].shape[0])
+        write_sheet(rows, path, frames[0].shape[0])  # uint8 frames: written as they are
         return
     if path.suffix.lower() == ".mp4":  # H.264 through imageio's ffmpeg plugin
         import imageio.v3 as iio
