@@ -121,81 +121,25 @@ def build_cache(
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Writes the cache (this host's part when process_count > 1); returns its directory."""
-    from fica_jax.infer import conditioning
-    from fica_jax.train.checkpoint import load_model, load_run_config
     from fica_jax.train.metrics import Progress
 
-    control = control or ("dense" if dense_run else "gt")
-    if control not in ("gt", "dense") or (control == "dense" and not dense_run):
-        raise UserError(
-            f"--control {control!r}: expected 'gt', or 'dense' together with --dense RUN"
-        )
-    if train_views != 1 and control == "gt":
-        raise UserError(
-            f"--train-views {train_views}: the records' ground-truth partial maps unwrap the "
-            "portrait only; other views need --control dense"
-        )
-    if train_views < 0:
-        raise UserError(f"--train-views {train_views}: expected 0 (all views) or a count >= 1")
+    control = _check_options(control, dense_run, train_views)
     out = pathlib.Path(out)
     target = out if process_count == 1 else out / f"part-{process_index:05d}-of-{process_count:05d}"
     vae = load_vae(vae_path, unshuffle)
-    dense = None
-    if dense_run:
-        dcfg = load_run_config(dense_run)
-        step, model = load_model(dcfg, dense_run)
-        dense = (
-            dcfg,
-            model,
-            {
-                "path": str(pathlib.Path(dense_run).resolve()),
-                "step": step,
-                "fingerprint": fingerprint(model),
-            },
-        )
+    dense = _load_dense(dense_run)
     clip = None
     if clip_path:
         from fica_jax.models.clip import from_pretrained as clip_from_pretrained
 
         clip = clip_from_pretrained(clip_path)
     if (target / "metadata.json").is_file() and not overwrite:
-        meta = L.read_metadata(target)
-        check_vae(meta, vae, str(target))
-        views = meta.get("train_views", 1)
-        if (
-            meta.get("dense") != (dense[2] if dense else None)
-            or meta["control_source"] != control
-            or views != train_views
-        ):
-            raise UserError(
-                f"{target}: cache built from other conditioning (dense {meta.get('dense')}, control {meta['control_source']}, train views {views}); pass --overwrite to rebuild"
-            )
-        print(f"{target}: up to date (VAE fingerprint {meta['vae']['fingerprint']})")
+        _check_up_to_date(target, vae, dense, control, train_views)
         return target
 
-    train = open_source(data_dir, "train")
-    if vae.stats is None:  # SDXL weights: residual from the training mean shape, its range
-        ref = mean_maps(data_dir, "train")["mean_geometry"]
-        geo = np.stack([train[i]["uv_geometry"] for i in range(min(64, len(train)))])
-        msk = np.stack([train[i]["uv_mask"] for i in range(min(64, len(train)))])
-        half = 1.1 * float(np.abs(geo - ref)[np.asarray(msk) > 0.5].max(initial=1e-3))
-        vae.stats = uv_latent.MapStats(position_extent=(half,) * 3).with_reference(ref)
-    scale = (
-        vae.model.cfg.scaling_factor if latent_scale == "vae" else _scale_from_data(vae, train, 64)
-    )
-    vae = with_scale(vae, scale)
+    vae, scale = _fit_vae(vae, data_dir, latent_scale)
     sources = {split: open_source(data_dir, split) for split in ("train", "test")}
-    # Rows: each held-out identity once, from its portrait (view 0); each training identity once
-    # per view it lends as a portrait (`train_views`; 0 = all): any photo of a person is a
-    # portrait of them, and one target seen under several conditionings is harder to memorise.
-    n_views = int(sources["train"][0]["view_image"].shape[0]) if len(sources["train"]) else 1
-    per_split = {"train": n_views if train_views == 0 else min(train_views, n_views), "test": 1}
-    todo = [
-        (split, i, v)
-        for split, src in sources.items()
-        for i in range(len(src))[host_slice(len(src), process_index, process_count)]
-        for v in range(per_split[split])
-    ]
+    todo = _rows(sources, train_views, process_index, process_count)
     embedding = "clip" if clip is not None else ("dense-vit-pooled" if dense else "none")
     info = {
         "vae": vae.source,
@@ -216,56 +160,147 @@ def build_cache(
         for k in range(0, len(todo), BATCH):
             chunk = todo[k : k + BATCH]
             recs = [sources[s][i] for s, i, _ in chunk]
-            batch = _stack(recs)
-            # the photo each row is conditioned on [B, H, W, 3]
-            photo = np.stack([r["view_image"][v] for r, (*_, v) in zip(recs, chunk, strict=True)])
-            if control == "dense" or embedding != "none":
-                dcfg, dmodel, _ = dense if dense else (None, None, None)
-                size = int(dcfg.data.image_size) if dcfg else photo.shape[1]
-                img = jax.image.resize(
-                    jnp.asarray(photo, jnp.float32) / 255.0,
-                    (len(recs), size, size, 3),
-                    "bilinear",
-                )
-                if dense:
-                    cond = conditioning.condition(img, dmodel, batch["uv_texture"].shape[1], clip)
-                    emb = np.asarray(cond.image_emb, np.float32)
-                    if control == "dense":
-                        batch["partial_uv"] = np.asarray(cond.partial_uv, np.float32)
-                else:
-                    emb = np.asarray(conditioning.embed_clip(img, clip), np.float32)
-            else:
-                emb = np.zeros((len(recs), 1), np.float32)
-            enc = encode_maps(vae, batch)
-            for j, rec in enumerate(recs):
-                row = {k2: v[j] for k2, v in enc.items()}
-                row.update(
-                    identity=rec["identity"],
-                    split=rec["split"],
-                    image_emb=emb[j],
-                    uv_texture=rec["uv_texture"],
-                    uv_geometry=rec["uv_geometry"],
-                    uv_mask=rec["uv_mask"],
-                    partial_uv=batch["partial_uv"][j],
-                )
-                dims = {
-                    "grid": int(row["tex_mean"].shape[0]),
-                    "token_channels": int(row["tex_mean"].shape[-1]),
-                    "image_emb_dim": int(emb.shape[-1]),
-                    "uv_resolution": int(rec["uv_texture"].shape[0]),
-                }
-                w.add_encoded(
-                    str(rec["split"]),
-                    dims,
-                    L.encode(row),
-                    # the writer's key: one per row, so a view's row gets its own
-                    str(rec["identity"]) + (f"#view{chunk[j][2]}" if chunk[j][2] else ""),
-                    f"{data_dir} {rec['identity']}",
-                )
+            batch, emb = _condition(recs, chunk, control, embedding, dense, clip)
+            _write_rows(w, recs, chunk, encode_maps(vae, batch), batch, emb, data_dir)
             bar.update(len(recs))
         w.write_file(L.BASELINES_FILE, _baselines(data_dir, vae.stats))
     bar.close()
     return target
+
+
+def _check_options(control: str | None, dense_run, train_views: int) -> str:
+    """The control source (`dense` when a dense run is given, else `gt`), once the options agree."""
+    control = control or ("dense" if dense_run else "gt")
+    if control not in ("gt", "dense") or (control == "dense" and not dense_run):
+        raise UserError(
+            f"--control {control!r}: expected 'gt', or 'dense' together with --dense RUN"
+        )
+    if train_views != 1 and control == "gt":
+        raise UserError(
+            f"--train-views {train_views}: the records' ground-truth partial maps unwrap the "
+            "portrait only; other views need --control dense"
+        )
+    if train_views < 0:
+        raise UserError(f"--train-views {train_views}: expected 0 (all views) or a count >= 1")
+    return control
+
+
+def _load_dense(dense_run) -> tuple | None:
+    """(config, model, {path, step, fingerprint}) of the dense predictor run, or None."""
+    from fica_jax.train.checkpoint import load_model, load_run_config
+
+    if not dense_run:
+        return None
+    dcfg = load_run_config(dense_run)
+    step, model = load_model(dcfg, dense_run)
+    source = {
+        "path": str(pathlib.Path(dense_run).resolve()),
+        "step": step,
+        "fingerprint": fingerprint(model),
+    }
+    return dcfg, model, source
+
+
+def _check_up_to_date(target: pathlib.Path, vae: VAEBundle, dense, control, train_views) -> None:
+    """An existing cache is kept only if built from this VAE and this conditioning."""
+    meta = L.read_metadata(target)
+    check_vae(meta, vae, str(target))
+    views = meta.get("train_views", 1)
+    if (
+        meta.get("dense") != (dense[2] if dense else None)
+        or meta["control_source"] != control
+        or views != train_views
+    ):
+        raise UserError(
+            f"{target}: cache built from other conditioning (dense {meta.get('dense')}, control {meta['control_source']}, train views {views}); pass --overwrite to rebuild"
+        )
+    print(f"{target}: up to date (VAE fingerprint {meta['vae']['fingerprint']})")
+
+
+def _fit_vae(vae: VAEBundle, data_dir, latent_scale: str) -> tuple[VAEBundle, float]:
+    """-> (the VAE with map statistics and its latent scale applied, that scale): the scale of
+    the VAE's own config or, by default, fitted to the training split (module doc)."""
+    train = open_source(data_dir, "train")
+    if vae.stats is None:  # SDXL weights: residual from the training mean shape, its range
+        ref = mean_maps(data_dir, "train")["mean_geometry"]
+        geo = np.stack([train[i]["uv_geometry"] for i in range(min(64, len(train)))])
+        msk = np.stack([train[i]["uv_mask"] for i in range(min(64, len(train)))])
+        half = 1.1 * float(np.abs(geo - ref)[np.asarray(msk) > 0.5].max(initial=1e-3))
+        vae.stats = uv_latent.MapStats(position_extent=(half,) * 3).with_reference(ref)
+    scale = (
+        vae.model.cfg.scaling_factor if latent_scale == "vae" else _scale_from_data(vae, train, 64)
+    )
+    return with_scale(vae, scale), scale
+
+
+def _rows(sources: dict, train_views: int, process_index: int, process_count: int) -> list:
+    """(split, record index, view) of this host's rows: each held-out identity once, from its
+    portrait (view 0); each training identity once per view it lends as a portrait
+    (`train_views`; 0 = all): any photo of a person is a portrait of them, and one target seen
+    under several conditionings is harder to memorise."""
+    n_views = int(sources["train"][0]["view_image"].shape[0]) if len(sources["train"]) else 1
+    per_split = {"train": n_views if train_views == 0 else min(train_views, n_views), "test": 1}
+    return [
+        (split, i, v)
+        for split, src in sources.items()
+        for i in range(len(src))[host_slice(len(src), process_index, process_count)]
+        for v in range(per_split[split])
+    ]
+
+
+def _condition(recs: list[dict], chunk: list, control: str, embedding: str, dense, clip):
+    """-> (the records' UV maps, their partial maps the dense predictor's unwrap of the photo
+    when `control` is "dense"; image embeddings [B, D] of that photo, zeros [B, 1] without an
+    embedding). The photo of a row is view `v` of its record (`_rows`)."""
+    from fica_jax.infer import conditioning
+
+    batch = _stack(recs)
+    # the photo each row is conditioned on [B, H, W, 3]
+    photo = np.stack([r["view_image"][v] for r, (*_, v) in zip(recs, chunk, strict=True)])
+    if control != "dense" and embedding == "none":
+        return batch, np.zeros((len(recs), 1), np.float32)
+    dcfg, dmodel, _ = dense if dense else (None, None, None)
+    size = int(dcfg.data.image_size) if dcfg else photo.shape[1]
+    img = jax.image.resize(
+        jnp.asarray(photo, jnp.float32) / 255.0,
+        (len(recs), size, size, 3),
+        "bilinear",
+    )
+    if not dense:
+        return batch, np.asarray(conditioning.embed_clip(img, clip), np.float32)
+    cond = conditioning.condition(img, dmodel, batch["uv_texture"].shape[1], clip)
+    if control == "dense":
+        batch["partial_uv"] = np.asarray(cond.partial_uv, np.float32)
+    return batch, np.asarray(cond.image_emb, np.float32)
+
+
+def _write_rows(w: DatasetWriter, recs, chunk, enc: dict, batch: dict, emb, data_dir) -> None:
+    """One cache row per record of `chunk`: its encoded latents and what it was conditioned on."""
+    for j, rec in enumerate(recs):
+        row = {k2: v[j] for k2, v in enc.items()}
+        row.update(
+            identity=rec["identity"],
+            split=rec["split"],
+            image_emb=emb[j],
+            uv_texture=rec["uv_texture"],
+            uv_geometry=rec["uv_geometry"],
+            uv_mask=rec["uv_mask"],
+            partial_uv=batch["partial_uv"][j],
+        )
+        dims = {
+            "grid": int(row["tex_mean"].shape[0]),
+            "token_channels": int(row["tex_mean"].shape[-1]),
+            "image_emb_dim": int(emb.shape[-1]),
+            "uv_resolution": int(rec["uv_texture"].shape[0]),
+        }
+        w.add_encoded(
+            str(rec["split"]),
+            dims,
+            L.encode(row),
+            # the writer's key: one per row, so a view's row gets its own
+            str(rec["identity"]) + (f"#view{chunk[j][2]}" if chunk[j][2] else ""),
+            f"{data_dir} {rec['identity']}",
+        )
 
 
 def _baselines(data_dir, stats: uv_latent.MapStats) -> bytes:
