@@ -33,9 +33,9 @@ from benchmarks.results_io import write_result  # noqa: E402
 from benchmarks.upm_drive import model_for  # noqa: E402
 from data_pipelines.synthetic.generator import SynthConfig, make_identity  # noqa: E402
 from fica_jax.avatar.bundle import Avatar  # noqa: E402
-from fica_jax.quality.image import psnr  # noqa: E402
 from fica_jax.export.torch_runtime import TorchAvatar  # noqa: E402
 from fica_jax.models.upm import view_direction  # noqa: E402
+from fica_jax.quality.image import psnr  # noqa: E402
 
 
 def _timed(fn, frames: int) -> tuple[float, float, object]:

@@ -1,7 +1,6 @@
 """`fica data synth` driver and `fica data inspect`: worker-count invariance, atomic output,
 and (once the synthetic generator exists) the end-to-end CLI."""
 
-
 import numpy as np
 import pytest
 from fake_records import fake_make_identity
