@@ -47,3 +47,10 @@ def pipeline(synth_dir, tmp_path_factory):
     runs, _ = pipeline_runs(root, synth_dir)
     stdout = export_all(root, runs)
     return {"root": root, "runs": runs, "models": root / "models", "stdout": stdout}
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the `pipeline` fixture starts a process (the 1-device export): `multiprocess`."""
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.multiprocess)

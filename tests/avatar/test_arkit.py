@@ -73,6 +73,7 @@ def test_bad_tracks_are_one_clear_error(tmp_path):
         arkit.read_arkit_csv(p, NAMES)
 
 
+@pytest.mark.heavy
 def test_render_arkit_track_to_gif(synth_dir, tmp_path):
     rec = open_source(synth_dir, "test")[0]
     cfg = load_config("configs/upm.py:tiny", [f"--config.data.dir={synth_dir}"])

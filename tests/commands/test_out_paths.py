@@ -68,6 +68,7 @@ def test_unwritable_output_is_one_line(verb, kind, tmp_path, capsys):
     assert _tree(tmp_path) == before, "nothing written"
 
 
+@pytest.mark.multiprocess
 def test_render_to_unwritable_gif_exits_2_from_the_entry_point(tmp_path):
     """The reported case end to end: the `fica` process, not just `main()`."""
     (tmp_path / "afile").write_text("")

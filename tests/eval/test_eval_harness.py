@@ -49,6 +49,7 @@ def report(pipeline, synth_dir, lpips_dir, tmp_path_factory):
     return out, rep
 
 
+@pytest.mark.heavy
 def test_report_has_every_row_and_the_ablation_table(report):
     out, rep = report
     main_rows = {r["method"]: r for r in rep["tables"]["main"]}

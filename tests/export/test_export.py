@@ -106,6 +106,7 @@ def bundle(models_dir, portrait, tmp_path_factory):
     return out
 
 
+@pytest.mark.heavy
 def test_generate_writes_a_complete_bundle_whose_ply_reloads(bundle):
     from fica_jax.avatar.bundle import GAUSSIAN_KEYS, Avatar
     from fica_jax.render.ply import load_ply
@@ -135,6 +136,7 @@ def test_generate_then_render_turntable_gif(bundle, tmp_path):
         assert im.n_frames == 36
 
 
+@pytest.mark.heavy
 def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys, monkeypatch):
     from fica_jax.infer import generate
 
@@ -163,6 +165,7 @@ def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys
     assert not out.exists() and not list(tmp_path.glob(".av*")), "nothing half-written"
 
 
+@pytest.mark.heavy
 def test_torch_and_jax_backends_render_the_bundle_alike(bundle, tmp_path, capsys):
     import torch
 

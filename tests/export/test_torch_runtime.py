@@ -103,6 +103,7 @@ def test_drive_equals_jax_avatar(bundle):
     assert all(torch.equal(neutral[k], want[k][0]) for k in want)
 
 
+@pytest.mark.heavy
 def test_cpu_render_equals_jax_render(bundle):
     av, path = bundle
     tav = rt.TorchAvatar.load(path)
@@ -130,6 +131,7 @@ def test_cpu_render_equals_jax_render(bundle):
     np.testing.assert_allclose(small.numpy(), img.numpy(), atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_runtime_imports_no_jax_and_mirrors_the_jax_constants():
     code = (
         "import sys; import fica_jax.export.torch_runtime\n"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from fica_jax.commands import main as cli
 from fica_jax.plan import planner as plan
 
@@ -22,6 +24,7 @@ def _clean_env(monkeypatch):
     )
 
 
+@pytest.mark.multiprocess
 def test_default_folder_override_and_off(monkeypatch, tmp_path):
     _clean_env(monkeypatch)
     assert cli.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "a")
@@ -40,6 +43,7 @@ def test_default_folder_override_and_off(monkeypatch, tmp_path):
     assert cli.use_compilation_cache(str(tmp_path / "a")) == str(tmp_path / "mine")
 
 
+@pytest.mark.multiprocess
 def test_a_second_process_loads_the_first_ones_program(tmp_path):
     """Same program in two fresh processes: the first writes an entry, the second reads it (JAX
     logs the hit) and gets the same numbers; with the cache off nothing is written."""
@@ -73,6 +77,7 @@ def test_a_second_process_loads_the_first_ones_program(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.multiprocess
 def test_plans_compile_for_real(monkeypatch, tmp_path):
     """A plan reads the compiler's own output (SPMD dumps, HLO): a cache hit would skip the
     compile and lose the collectives. The planning subprocess writes no cache entry, and a

@@ -174,6 +174,7 @@ def test_each_pose_loss_term_gives_the_head_gradients():
     np.testing.assert_allclose(rot, 4 * (1 - np.cos(np.radians(30))), rtol=1e-4)
 
 
+@pytest.mark.heavy
 def test_predict_pose_dict_and_sharding_annotations():
     model = vit.DensePredictor(POSED, rngs=nnx.Rngs(0))  # the backbone gets the pose loss
     # through the stage's loss_fn, which calls the whole model (test_stage_dense)
@@ -243,6 +244,7 @@ def _pnp(vtx, mask, K):
     return pose._pnp_jit(f32(vtx), f32(mask), f32(K))  # one compile for every test's shapes
 
 
+@pytest.mark.heavy
 def test_pnp_recovers_known_cameras_exactly_from_noiseless_points():
     vtx, K, want = _pnp_scene()
     vm = np.asarray(_pnp(vtx, np.ones(vtx.shape[:3]), K))

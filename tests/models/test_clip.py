@@ -69,6 +69,7 @@ def test_tiny_variant_is_the_hf_tiny_config(torch_clip):
     assert big == clip.VARIANTS["vit-l/14"]
 
 
+@pytest.mark.heavy
 def test_parity_with_transformers(torch_clip):
     x = _pixels()
     ref = _torch_out(torch_clip, x)
@@ -171,6 +172,7 @@ def test_bf16_compute_close_to_f32(torch_clip):
     assert not np.allclose(bf16["image_embeds"], f32, atol=1e-6)  # bf16 really was used
 
 
+@pytest.mark.heavy
 def test_sharded_on_fake_mesh(torch_clip):
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shd.rules_for("clip")

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from fica_jax import sharding as shd
@@ -31,6 +32,7 @@ def test_landmark_features_ignore_shift_and_zoom_but_not_shape():
     assert float(jnp.abs(lm.normalize_landmarks(opened) - f).max()) > 1e-2
 
 
+@pytest.mark.heavy
 def test_the_readout_starts_neutral_and_each_loss_trains_only_its_part():
     """kpt loss -> U-Net, not the readout; expression loss -> readout only (gradient stop)."""
     net = lm.LandmarkNet(68, 18, rngs=nnx.Rngs(0))
@@ -50,6 +52,7 @@ def test_the_readout_starts_neutral_and_each_loss_trains_only_its_part():
     assert readout > 0.0 and rest == 0.0
 
 
+@pytest.mark.heavy
 def test_dense_predictor_with_landmarks_sharded_equals_unsharded():
     cfg = dataclasses.replace(
         vit.VARIANTS["tiny"], patch=8, image_size=(32, 32), final_upsample=1,

@@ -147,6 +147,7 @@ def test_position_reference_residual_round_trip_and_digest():
     )
 
 
+@pytest.mark.heavy
 def test_encode_decode_uv_maps_with_tiny_vae():
     vae = V.AutoencoderKL(V.VARIANTS["tiny"], rngs=nnx.Rngs(0))
     cfg = U.UVLatentConfig(uv_resolution=16, vae_factor=2)

@@ -101,6 +101,7 @@ def _check_parity(model, image, reference):
     np.testing.assert_allclose(recon, reference["forward"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.heavy
 def test_parity_with_diffusers_f32(torch_state, image, reference):
     model = _tiny()
     report = VI.load_torch_state_dict(model, torch_state)
@@ -245,6 +246,7 @@ def test_sdxl_shapes_params_and_key_map():
     assert report.ok and report.loaded == len(shapes), str(report)
 
 
+@pytest.mark.heavy
 def test_bf16_compute_close_to_f32(torch_state, image):
     x = jnp.asarray(image.transpose(0, 2, 3, 1))
     m32, m16 = _tiny(), _tiny(dtype=jnp.bfloat16)
@@ -267,6 +269,7 @@ def _remat_policies(m, fn) -> list:
     return [e.params["policy"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "remat2"]
 
 
+@pytest.mark.heavy
 def test_remat_policy_names_give_same_loss_and_grads():
     x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
 
@@ -293,6 +296,7 @@ def test_remat_policy_names_give_same_loss_and_grads():
         build("dots")
 
 
+@pytest.mark.heavy
 def test_sharded_params_and_forward_on_mesh():
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shd.rules_for("vae")

@@ -108,6 +108,7 @@ def test_backbone_parity_with_transformers_via_sapiens_keys(hf_vit):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.heavy
 def test_dense_head_parity_with_sapiens_vithead():
     cfg = dataclasses.replace(TINY, head_convs=1)
     torch.manual_seed(2)
@@ -137,6 +138,7 @@ def _value_and_grads(f):
     return jax.jit(run)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("hw", [(5, 3), (1, 2)])
 def test_subpixel_upsample_equals_conv_transpose_with_gradients(hw):
     """The sub-pixel x2 layer equals the zero-dilated nnx.ConvTranspose it replaced: same
@@ -167,6 +169,7 @@ def test_subpixel_upsample_equals_conv_transpose_with_gradients(hw):
         dense_heads.upsample_conv_x2(x, kernel, "fft")
 
 
+@pytest.mark.heavy
 def test_dense_predictor_outputs_and_other_input_sizes():
     model = vit.DensePredictor(TINY, rngs=nnx.Rngs(0))
     out = model(jnp.asarray(_images()))
@@ -224,6 +227,7 @@ def test_sapiens_key_report_and_bad_path(tmp_path, hf_vit):
         vit.load_sapiens(vit.DensePredictor(TINY, rngs=nnx.Rngs(0)), good, head="rgb")
 
 
+@pytest.mark.heavy
 def test_bf16_compute_close_to_f32():
     x = jnp.asarray(_images())
     f32 = vit.DensePredictor(TINY, rngs=nnx.Rngs(0))(x)
@@ -234,6 +238,7 @@ def test_bf16_compute_close_to_f32():
     assert not np.allclose(bf["pooled"], f32["pooled"], atol=1e-6)  # bf16 really was used
 
 
+@pytest.mark.heavy
 def test_scan_compiles_one_block_and_remat_keeps_gradients():
     cfg = dataclasses.replace(TINY, depth=3)
     model = vit.ViT(cfg, rngs=nnx.Rngs(0))
@@ -252,6 +257,7 @@ def test_scan_compiles_one_block_and_remat_keeps_gradients():
     )
 
 
+@pytest.mark.heavy
 def test_sharded_on_fake_mesh():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
     rules = shd.rules_for("vit")

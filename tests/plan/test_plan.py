@@ -78,6 +78,7 @@ def _dit_forward_flops(c, batch: int, side: int) -> int:
     return f
 
 
+@pytest.mark.heavy
 def test_fica_plan_toy_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
     argv = ["plan", "--config", "configs/toy.py", "--mesh", "data=2,fsdp=4", "--out", str(out)]
@@ -307,6 +308,7 @@ ENTRY %main (a: bf16[8,64], ws: bf16[28,64,128], k: s32[]) -> bf16[8,128] {
     assert op.bytes == 8 * 64 * 2 + 64 * 128 * 2 + 4 + 8 * 128 * 2  # x, ONE layer, index, out
 
 
+@pytest.mark.multiprocess
 def test_fica_plan_mfu_excludes_remat_recompute():
     """With remat=full the hardware runs the blocks' forward twice; model FLOPs (and so MFU) do
     not count it: hardware/model > 1, and MFU < 1 even where the step is compute-bound."""
@@ -329,6 +331,7 @@ def test_fica_plan_mfu_excludes_remat_recompute():
     )
 
 
+@pytest.mark.heavy
 def test_model_flops_match_analytic_dit():
     """`plan.model_flops` (3 x the HLO-counted forward, remat off) against a hand count of the
     DiT's matmuls, convs and attention: the bare model, and the `dit` stage's two-domain loss
@@ -389,6 +392,7 @@ def test_plan_rejects_bad_mesh_and_chips():
         plan.parse_chips("v5p,tpu9")
 
 
+@pytest.mark.heavy
 def test_hlo_flops_count_scan_trip_counts():
     """The HLO counter multiplies scanned bodies; XLA's cost analysis would count them once."""
     mesh = shd.make_mesh({"data": 8})
@@ -411,6 +415,7 @@ def test_param_shardings_match_golden(name):
     assert table == json.loads(path.read_text())
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_fica_plan_dit_tiny(tmp_path):
     """The DiT's scanned blocks show up as a while loop with the config's depth as trip count."""
@@ -430,6 +435,7 @@ def _libtpu_or_skip() -> None:
         pytest.skip(f"libtpu not installed (.ci/run puts it in {topology.LIBTPU_DIR})")
 
 
+@pytest.mark.multiprocess
 def test_fica_plan_with_the_tpu_compiler():
     """`--topology`: the same train step compiled by libtpu's TPU compiler for a v5p slice that
     is not here. Same hardware FLOPs as the CPU plan (same dots, whoever fuses them), the
@@ -453,6 +459,7 @@ def test_fica_plan_with_the_tpu_compiler():
     _check_mfu_is_model_flops(tpu)
 
 
+@pytest.mark.multiprocess
 def test_fica_plan_topology_errors_are_one_line(capsys):
     chip = topology.topology_chip
     with pytest.raises(UserError, match=r"--topology 'v5x:4x4': expected CHIP:AxBxC"):

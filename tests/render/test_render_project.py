@@ -85,6 +85,7 @@ def test_projection_matches_gsplat_torch(seed):
     np.testing.assert_array_less(np.abs(comp - comp64) / comp64, tol)
 
 
+@pytest.mark.heavy
 def test_projection_gradients_finite_for_culled():
     import jax
     import jax.numpy as jnp

@@ -123,6 +123,7 @@ def test_pixel_end_carries_across_chunks():
         np.testing.assert_allclose(np.asarray(trans[0, 0]), 1e-3, rtol=1e-4)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("chunk,tile_batch", [(8, 1), (5, 3)])
 def test_custom_vjp_matches_autodiff_of_reference(chunk, tile_batch):
     # 4 tiles of 4x4 pixels with lists of different lengths (one empty) in one slot array;
@@ -173,6 +174,7 @@ def test_custom_vjp_matches_autodiff_of_reference(chunk, tile_batch):
 
 # antialiased only rescales opacities (checked against the pixel loop above): slow run only;
 # under jit the default capacity applies, and an overflow would fail the test (warning -> error)
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("error::fica_jax.render.rasterize.RasterCapacityWarning")
 @pytest.mark.parametrize("mode", ["classic", pytest.param("antialiased", marks=pytest.mark.slow)])
 def test_tiled_equals_dense_values_and_gradients(mode):
@@ -221,6 +223,7 @@ def cluster_scene(seed, n=3000, w=32, h=32):
                 viewmats=vms, Ks=Ks, width=w, height=h, backgrounds=bgs)  # fmt: skip
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("mode", ["RGB", "ED"])
 def test_dense_tile_exact_with_default_arguments(mode):
     # > 2000 Gaussians in one tile, no capacity passed: eager jax.grad sizes the slots itself
@@ -284,6 +287,7 @@ def test_overflow_under_jit_is_counted_and_warned():
     assert int(np.asarray(meta["isect_overflow"]).sum()) == 0
 
 
+@pytest.mark.heavy
 def test_render_modes_and_background():
     s = scene(3)
     rgbd, alpha, _ = rasterization(**s, render_mode="RGB+D")
@@ -298,6 +302,7 @@ def test_render_modes_and_background():
     assert d.max() > 1.0  # accumulated depth, not a colour
 
 
+@pytest.mark.heavy
 def test_vmap_over_avatars_matches_loop():
     scenes = [scene(10 + i, n=30, w=24, h=16, c=1) for i in range(3)]
     stack = {
@@ -313,6 +318,7 @@ def test_vmap_over_avatars_matches_loop():
                                    atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.heavy
 def test_sharded_batch_over_data_axis():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -99,6 +99,7 @@ def synth_record():
     return gen.make_identity(0, cfg, seed=0)
 
 
+@pytest.mark.heavy
 def test_surfels_reproduce_capture_renderer(synth_record):
     from fica_jax.geometry.uvmaps import sample_uv_map
 
@@ -123,6 +124,7 @@ def test_surfels_reproduce_capture_renderer(synth_record):
     assert min(psnrs) > 30.0, psnrs
 
 
+@pytest.mark.heavy
 def test_gradients_are_finite_where_a_texel_has_a_zero_tangent():
     """Texels at one point (a welded seam, a dilated border: the synthetic 64^2 UV maps have
     them) give a zero tangent and a zero normal: the plain norm's gradient there is 0 / 0, and

@@ -79,6 +79,7 @@ def test_embeddings_and_patching():
     np.testing.assert_array_equal(layers.pixel_shuffle(u, 2), x)
 
 
+@pytest.mark.heavy
 def test_module_shapes():
     rngs, kw = nnx.Rngs(0), dict(dtype=jnp.float32, param_dtype=jnp.float32)
     d, n = TINY.width, (S // 2) ** 2
@@ -170,6 +171,7 @@ def test_scan_equals_python_loop(trained_like):
     assert float(jnp.abs(x - tokens).max()) > 1e-3  # the blocks did something
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("remat", ["full", "dots_saveable", "save_attn_mlp_out"])
 def test_remat_same_values_and_grads(trained_like, remat):
     state = nnx.state(trained_like)
@@ -202,6 +204,7 @@ def test_bf16_compute_close_to_f32(trained_like):
 
 
 # ----------------------------------------------------------------------------- sharding
+@pytest.mark.heavy
 def test_sharding_annotations_and_sharded_forward(trained_like):
     assert shd.unannotated_params(trained_like) == []
     assert trained_like.blocks.attn.q.kernel.get_metadata()["out_sharding"] == (
@@ -280,6 +283,7 @@ def test_stage_data_and_spec(tiny_cfg):
     assert (m.width, m.depth, m.heads, m.patch, m.width // m.heads) == (1792, 28, 28, 2, 64)
 
 
+@pytest.mark.heavy
 def test_train_steps_reduce_loss(tiny_cfg):
     """A few Adam steps of the stage loss on one fixed batch (and fixed noise) reduce it."""
     cfg = tiny_cfg

@@ -65,6 +65,7 @@ def cache(synth_dir, tmp_path_factory):
     return root, vae, out
 
 
+@pytest.mark.heavy
 def test_cache_records_and_metadata(cache, synth_dir):
     _, vae, out = cache
     meta = cache_metadata(out)
@@ -83,6 +84,7 @@ def test_cache_records_and_metadata(cache, synth_dir):
     assert 0.5 < z.std() < 2.0
 
 
+@pytest.mark.heavy
 def test_cache_from_another_vae_is_refused(cache, synth_dir, tmp_path, capsys):
     root, _, out = cache
     other = _vae_run(synth_dir, root / "vae_other", seed=1)
@@ -98,6 +100,7 @@ def test_cache_from_another_vae_is_refused(cache, synth_dir, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "built with VAE" in err
 
 
+@pytest.mark.heavy
 def test_train_then_sample_held_out(cache, tmp_path):
     _, _, out = cache
     run = tmp_path / "dit"
@@ -210,6 +213,7 @@ def _one_domain(model, control, emb, noise, domain, steps, scale, drop_all=None)
     return flow.euler_sample(v, noise, steps=steps, cfg_scale=scale, state=state)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_both_domains_from_one_noise_differ_only_by_the_domain_token(model, scale):
     control, emb = _conds()

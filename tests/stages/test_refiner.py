@@ -53,6 +53,7 @@ def _perturbed(model, scale=1e-2):
     return model
 
 
+@pytest.mark.heavy
 def test_init_returns_the_input_exactly_and_params_are_annotated():
     model = refiner.Refiner(rngs=nnx.Rngs(0))
     assert shd.unannotated_params(model) == []
@@ -87,6 +88,7 @@ def test_paper_variant_builds_abstractly_and_is_annotated(synth_dir):
     assert 1.0e9 < layers.num_params(model.vit) < 1.5e9 and 2e7 < unet < 2e8, unet
 
 
+@pytest.mark.heavy
 def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geometry(
     synth_dir, batch
 ):
@@ -135,6 +137,7 @@ def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geomet
     assert g[on_edge].mean() > 3 * g[interior].mean(), (g[on_edge].mean(), g[interior].mean())
 
 
+@pytest.mark.heavy
 def test_sharded_forward_equals_unsharded():
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shd.rules_for("refiner")
@@ -183,6 +186,7 @@ def test_stage_step_trains_on_the_mesh(synth_dir):
     assert {"photo", "mask", "kpts", "reg_texture", "reg_laplacian", "reg_normal"} <= set(rows[0])
 
 
+@pytest.mark.heavy
 def test_eval_at_init_equals_its_baseline(synth_dir):
     cfg = _cfg(synth_dir, "--config.data.batch_size=2")
     batch = first_batch(get_stage("refiner").make_data(cfg, "eval", 0, 1))
@@ -197,6 +201,7 @@ def test_eval_at_init_equals_its_baseline(synth_dir):
     assert 5 < out["psnr"] < 40 and out["kpt_err"] < 5
 
 
+@pytest.mark.heavy
 def test_corruption_and_landmark_uvs(synth_dir):
     """The curriculum input differs from the ground truth (blur, colour, low-frequency geometry,
     whole-head shift / scale) only inside the atlas; the ground truth's landmarks, read through `landmark_uv`, project

@@ -89,6 +89,7 @@ def test_zero_pose_weights_build_no_pose_head(synth_dir):
     assert model.pose is not None and model.pose.expression_dim == 18
 
 
+@pytest.mark.heavy
 def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     cfg = _cfg(
         synth_dir,
@@ -113,6 +114,7 @@ def test_dense_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     assert {"rot_l2", "cam_l1", "expr_l2"} <= set(rows[0])
 
 
+@pytest.mark.heavy
 def test_landmark_branch_trains_alone_through_the_shared_loop(synth_dir, tmp_path):
     """kpt > 0 adds the landmark branch, and the pose head then has no expression outputs. With
     every other weight 0 except expr, only kpt_l1 and expr_l2 are computed and logged."""
@@ -162,6 +164,7 @@ def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir
     assert close.mean() > 0.95
 
 
+@pytest.mark.heavy
 def test_condition_reports_which_embedding_it_used():
     import dataclasses
 

@@ -76,6 +76,7 @@ def test_mean_shape_baseline_is_the_templates_error_against_the_clipped_ground_t
     assert {vae_stage.STAGE.metric_of(k) for k in out} == set(vae_stage.STAGE.metrics)
 
 
+@pytest.mark.heavy
 def test_vae_stage_trains_through_the_shared_loop(synth_dir, tmp_path):
     cfg = _cfg(
         synth_dir,

@@ -119,6 +119,7 @@ def test_surface_frames_are_the_surfel_proxy():
     np.testing.assert_allclose(jnp.abs(jnp.sum(q * back, -1)), 1.0, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_untrained_upm_renders_the_surfel_proxy(synth_dir):
     rec, v = open_source(synth_dir, "test")[0], 1
     one = lambda a: jnp.asarray(a, jnp.float32)[None]
@@ -174,6 +175,7 @@ def test_view_direction_is_the_camera_centre():
     np.testing.assert_allclose(upm.view_direction(vm), [1.0, 0, 0], atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_sharded_forward_equals_unsharded():
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shd.rules_for("upm")
@@ -197,6 +199,7 @@ def test_sharded_forward_equals_unsharded():
         np.testing.assert_allclose(g[name], ref_g[name], atol=1e-5, err_msg=name)
 
 
+@pytest.mark.heavy
 def test_stage_step_trains_on_the_mesh(synth_dir):
     """The shared jitted step (mesh, sharded init, AdamW) on one synthetic batch, 5 times: the
     loss falls and the render never overflows. (The full loop's checkpoint of a ~130-array
@@ -232,6 +235,7 @@ def test_eval_reports_upm_and_both_baselines(synth_dir):
     assert out["isect_overflow"] == 0 and 5 < out["psnr"] < 40 and 5 < out["baseline_surfels_psnr"]
 
 
+@pytest.mark.heavy
 def test_no_overflow_on_a_full_resolution_tiny_frame(synth_dir):
     """Under jit (the training render) the default intersection capacity holds the tiny
     config's 64 px frames, also with every Gaussian grown to the scale-bound penalty's edge."""

@@ -16,7 +16,10 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc"),
+    pytest.mark.multiprocess,
+]
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:

@@ -26,6 +26,7 @@ def toy_cfg(*overrides):
     return load_config("configs/toy.py", [*MESH, *overrides])
 
 
+@pytest.mark.heavy
 def test_loss_decreases_metrics_profile_and_eval(tmp_path):
     cfg = toy_cfg(
         "--config.train.steps=40",

@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 import fica_jax  # noqa: F401
 from fica_jax import sharding as shd
@@ -55,6 +56,7 @@ def _wait_for_step(proc, workdir, step, timeout=120.0):
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_random_step_then_resume_reproduces_the_loss_sequence(tmp_path):
     steps = ["--config.train.steps=30", "--config.train.log_every=1", "--config.train.ckpt_every=5"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -84,6 +86,7 @@ def test_sigkill_at_random_step_then_resume_reproduces_the_loss_sequence(tmp_pat
         assert r["grad_norm"] == ref[r["step"]]["grad_norm"]
 
 
+@pytest.mark.multiprocess
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     proc = _start(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1")
     _wait_for_step(proc, tmp_path, 5)
