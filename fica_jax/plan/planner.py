@@ -194,7 +194,7 @@ def plan(
     n_params, per_device = memory_section(setup.abstract_state, compiled.memory_analysis())
     text = compiled.as_text()
     if hlo_out:
-        pathlib.Path(hlo_out).write_text(text)
+        write_text(hlo_out, text)
     hlo = hs.analyze(text)
     ops = op_costs(text)
     coll = collectives(text, _spmd_hlo(spmd_dump_dir), topology)

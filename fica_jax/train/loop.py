@@ -20,6 +20,7 @@ import numpy as np
 
 from fica_jax import sharding as shd
 from fica_jax.errors import UserError
+from fica_jax.files import write_text
 from fica_jax.perf import hlo_stats
 from fica_jax.train import metrics as mlib
 from fica_jax.train.checkpoint import Checkpointer, load_params
@@ -159,8 +160,7 @@ def _train(cfg, workdir: pathlib.Path, init_from, profile_steps, preempt: _Preem
     ckpt = Checkpointer(workdir, cfg)
     start, state = _resume(ckpt, setup, data_iter, init_from, primary)
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json(indent=2))
+        write_text(workdir / "config.json", cfg.to_json(indent=2))
 
     # ------------------------------------------------------------------ observability
     total = int(cfg.train.steps)
