@@ -54,6 +54,7 @@ def test_inspect_contact_sheet_from_fake_data(tmp_path, capsys):
     assert "no identity 'zed'" in capsys.readouterr().err
 
 
+@pytest.mark.heavy
 def test_synth_then_inspect_end_to_end(tmp_path):
     out = tmp_path / "synth"
     argv = [

@@ -16,6 +16,7 @@ def rec():
     return make_identity(0, CFG, seed=5)
 
 
+@pytest.mark.heavy
 def test_record_follows_schema(rec):
     schema.validate(rec)
     assert rec["view_image"].shape == (3, 96, 96, 3) and rec["partial_uv"].shape == (64, 64, 10)

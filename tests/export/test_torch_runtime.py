@@ -77,6 +77,7 @@ def _frames(seed=0, e_dim=18):
     return e, view, rs.uniform(-0.3, 0.3, (B, 2)).astype(np.float32)
 
 
+@pytest.mark.heavy
 def test_drive_equals_jax_avatar(bundle):
     av, path = bundle
     tav = rt.TorchAvatar.load(path)

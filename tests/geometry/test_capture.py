@@ -40,6 +40,7 @@ def _render(t, tex, cam, verts=None, light=None):
     return jax.device_get(out)
 
 
+@pytest.mark.heavy
 def test_dense_maps_agree_with_camera(scene):
     t, _, tex = scene
     cam = _camera(30, 10)
@@ -118,6 +119,7 @@ def test_landmark_visibility(scene):
     assert np.all((kp > 0) & (kp < SIZE))
 
 
+@pytest.mark.heavy
 def test_blink_hides_the_eye_and_jit_matches(scene):
     t, _, tex = scene
     cam = _camera(0)

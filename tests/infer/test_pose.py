@@ -145,6 +145,7 @@ def _batch(n=8, size=32, e=5):
     }
 
 
+@pytest.mark.heavy
 def test_each_pose_loss_term_gives_the_head_gradients():
     head = pose_head.PoseHead(32, 5, hidden=16, grid=2, channels=3, rngs=nnx.Rngs(0))
     batch, terms = _batch(), ("rot_l2", "cam_l1", "expr_l2")

@@ -91,6 +91,7 @@ def _images(n=2, hw=(64, 48), seed=0):
     return np.random.default_rng(seed).uniform(0, 1, (n, *hw, 3)).astype(np.float32)
 
 
+@pytest.mark.heavy
 def test_backbone_parity_with_transformers_via_sapiens_keys(hf_vit):
     """The Sapiens key map, fed a state dict re-laid out from transformers' ViTModel, gives the
     same patch tokens as ViTModel run with the class token masked out of attention."""

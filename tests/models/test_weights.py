@@ -77,6 +77,7 @@ def test_bad_paths_name_the_path(tmp_path):
         weights.load_state_dict(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.heavy
 def test_layout_converters_match_torch():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)  # NHWC

@@ -63,6 +63,7 @@ def numpy_pixel_loop(means2d, conics, opac, colors, depths, radii, w, h, bg):
     return img, alpha_img
 
 
+@pytest.mark.heavy
 def test_hand_case_single_and_stacked_gaussians():
     # one Gaussian straight ahead: at its centre pixel sigma = 0 and alpha = opacity
     means = np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 4.0]], np.float32)

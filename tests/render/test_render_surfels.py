@@ -34,6 +34,7 @@ def test_surfel_covariance_is_flat_and_tangent():
     np.testing.assert_allclose(np.sqrt(ev[:, 0]), 0.1 * step, rtol=1e-3)  # thickness
 
 
+@pytest.mark.heavy
 def test_surfel_plane_silhouette_and_keypoints():
     tex, pos = plane()
     out = render_surfels(tex, pos, CAM_VM, CAM_K, 32, 32, landmark_uvs=np.array([[0.5, 0.5]]),

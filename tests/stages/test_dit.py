@@ -105,6 +105,7 @@ def test_module_shapes():
 
 
 # ----------------------------------------------------------------------------- zero init
+@pytest.mark.heavy
 def test_zero_init_output_and_control_branch(tiny):
     a = inputs()
     out = tiny(**a)
@@ -192,6 +193,7 @@ def test_remat_same_values_and_grads(trained_like, remat):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), g0, g1)
 
 
+@pytest.mark.heavy
 def test_bf16_compute_close_to_f32(trained_like):
     _, state = nnx.split(trained_like)
     bf = nnx.merge(nnx.graphdef(dit.DiT(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)), state)
@@ -252,6 +254,7 @@ def tiny_cfg(tmp_path_factory):
     return cfg
 
 
+@pytest.mark.heavy
 def test_stage_data_and_spec(tiny_cfg):
     cfg = tiny_cfg
     stage = get_stage("dit")
@@ -327,6 +330,7 @@ def test_ablation_switches_pick_control_groups_and_embedding(tiny_cfg):
     assert dit_stage.dit_config(cfg).control_channels == 2 * c
 
 
+@pytest.mark.heavy
 def test_embedding_noise_scales_with_each_embedding_and_spares_a_zeroed_one(tiny_cfg):
     """`model.emb_noise` (conditioning augmentation): the loss sees each portrait's embedding
     plus Gaussian noise at emb_noise x its RMS; 0 leaves it exact, a zeroed embedding (the

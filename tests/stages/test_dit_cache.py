@@ -230,6 +230,7 @@ def test_both_domains_from_one_noise_differ_only_by_the_domain_token(model, scal
     np.testing.assert_allclose(t2, g2, atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_sampling_is_deterministic_and_cfg_one_is_unguided(model):
     control, emb = _conds()
     key = jax.random.PRNGKey(3)

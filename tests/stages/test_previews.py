@@ -17,6 +17,7 @@ EXTRA = {"upm": ["--config.data.image_size=32"], "refiner": []}
 
 
 # upm: ~100 s on 2 busy cores (its three held-out renders compile), so `slow`
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", [pytest.param("upm", marks=pytest.mark.slow), "refiner"])
 def test_preview_sheet_png_and_tensorboard(name, synth_dir, tmp_path):
     cfg = load_config(

@@ -32,6 +32,7 @@ def _cfg(synth_dir, *extra):
     )
 
 
+@pytest.mark.heavy
 def test_losses_vanish_for_a_perfect_prediction(synth_dir):
     cfg = _cfg(synth_dir, "--config.data.batch_size=2")
     batch = first_batch(get_stage("dense").make_data(cfg, "train", 0, 1))

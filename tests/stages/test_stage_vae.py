@@ -57,6 +57,7 @@ def test_model_inputs_normalise_both_domains(synth_dir):
     assert np.abs(np.asarray(x[2:])[inside[2:]]).max() < 0.95
 
 
+@pytest.mark.heavy
 def test_mean_shape_baseline_is_the_templates_error_against_the_clipped_ground_truth(synth_dir):
     from flax import nnx
 

@@ -66,6 +66,7 @@ def _cfg(synth_dir, *extra):
     )
 
 
+@pytest.mark.heavy
 def test_shapes_annotations_and_zero_identity():
     model = _new()
     assert shd.unannotated_params(model) == []
@@ -99,6 +100,7 @@ def test_shapes_annotations_and_zero_identity():
         upm.UPM(dataclasses.replace(BASE, uv_resolution=64), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.heavy
 def test_surface_frames_are_the_surfel_proxy():
     """On a tilted plane (orthogonal tangents) the UPM's frames give exactly the surfels'
     covariance, and an untrained UPM renders a capture identity like the surfel proxy."""
@@ -138,6 +140,7 @@ def test_untrained_upm_renders_the_surfel_proxy(synth_dir):
     assert float(jnp.abs(ours["alpha"] - ref["alpha"]).mean()) < 0.01
 
 
+@pytest.mark.heavy
 def test_gaze_turns_only_the_eyeballs_as_the_capture_does(synth_dir):
     """Explicit eyes: with the decoder's offsets at zero, the gaze-turned neutral eye texels land
     on the dome frame's posed eye texels (the capture turns its eyeballs by the same gaze); no
@@ -222,6 +225,7 @@ def test_stage_step_trains_on_the_mesh(synth_dir):
     assert {"rgb_l1", "rgb_ssim", "geom_l2", "kl", "negcolor", "scale_bound"} <= set(rows[0])
 
 
+@pytest.mark.heavy
 def test_eval_reports_upm_and_both_baselines(synth_dir):
     cfg = _cfg(synth_dir, "--config.data.batch_size=2")
     batch = first_batch(get_stage("upm").make_data(cfg, "eval", 0, 1))
@@ -261,6 +265,7 @@ def test_no_overflow_on_a_full_resolution_tiny_frame(synth_dir):
     assert float(out["alpha"].max()) > 0.9  # the head is in view
 
 
+@pytest.mark.heavy
 def test_paper_config_frame_fits_the_default_capacity(synth_dir):
     """The paper config's full-resolution frame (1024^2 Gaussians, 1024 px): with every Gaussian
     grown to the scale-bound penalty's edge, the Gaussian-tile intersections of each fixture view
@@ -289,6 +294,7 @@ def test_paper_config_frame_fits_the_default_capacity(synth_dir):
         assert n // 4 < got <= cap, (v, got, cap)
 
 
+@pytest.mark.heavy
 def test_avatar_save_load_renders_identically_and_exports_ply(synth_dir, tmp_path):
     rec = open_source(synth_dir, "test")[0]
     cfg = load_config("configs/upm.py:tiny", [f"--config.data.dir={synth_dir}"])
@@ -345,6 +351,7 @@ def test_upm_stage_trains_and_evaluates_through_the_loop(synth_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "6").is_dir()
 
 
+@pytest.mark.heavy
 def test_tiny_variant_follows_the_data_uv_resolution(synth_dir):
     """`upm:tiny` on 64^2 maps (`fica demo`'s default) keeps its three decoder levels and starts
     from an 8^2 seed; an explicit seed that does not fit is still refused."""

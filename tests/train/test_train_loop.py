@@ -67,6 +67,7 @@ def test_params_and_optimizer_state_sharded_by_the_rules():
     assert shd.unannotated_params(model) == []
 
 
+@pytest.mark.heavy
 def test_grad_accumulation_matches_the_full_batch_step():
     cfg1, cfg2 = toy_cfg(), toy_cfg("--config.train.grad_accum=4")
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
@@ -84,6 +85,7 @@ def test_grad_accumulation_matches_the_full_batch_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
 
 
+@pytest.mark.heavy
 def test_keep_and_keep_every_retention(tmp_path):
     cfg = toy_cfg(
         "--config.train.steps=12",
@@ -95,6 +97,7 @@ def test_keep_and_keep_every_retention(tmp_path):
     assert Checkpointer(tmp_path, cfg).all_steps() == [4, 8, 10, 12]
 
 
+@pytest.mark.heavy
 def test_init_from_takes_params_only(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     train(toy_cfg("--config.train.steps=6", "--config.train.ckpt_every=6"), src)
@@ -119,6 +122,7 @@ def test_init_from_takes_params_only(tmp_path):
         train(cfg, tmp_path / "x", init_from=str(tmp_path / "dst" / "tb"))
 
 
+@pytest.mark.heavy
 def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, capsys):
     argv = ["train", "toy", "--config", "configs/toy.py", "--workdir", str(tmp_path)]
     argv += [*MESH, "--config.train.steps=20", "--config.train.ckpt_every=4"]
@@ -168,6 +172,7 @@ def test_first_batch_is_checked_against_batch_spec():
         _check_batch({"x": good["x"]}, spec, process_count=2)
 
 
+@pytest.mark.heavy
 def test_bfloat16_compute_keeps_float32_params():
     cfg = toy_cfg("--config.train.compute_dtype=bfloat16")
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})

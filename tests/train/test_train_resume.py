@@ -98,6 +98,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     assert Checkpointer(tmp_path, cfg).latest_step() == saved == max(read_metrics(tmp_path))
 
 
+@pytest.mark.heavy
 def test_half_written_checkpoint_is_ignored_and_cleaned(tmp_path, capsys):
     cfg = load_config(
         "configs/toy.py", [*MESH, "--config.train.steps=8", "--config.train.ckpt_every=4"]
