@@ -16,7 +16,7 @@ import numpy as np
 from fica_jax.errors import UserError
 from fica_jax.files import atomic_file, write_json, write_text
 
-ARROWS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "id_csim": "ID-CSIM ↑"}
+NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "id_csim": "ID-CSIM"}
 
 
 def _mean(values) -> float | None:
@@ -86,9 +86,11 @@ def _cell(r: dict, m: str) -> str:
 
 
 def _markdown(title: str, rows: list[dict]) -> str:
-    from fica_jax.eval.protocol import METRICS
+    from fica_jax.eval.protocol import HIGHER_IS_BETTER, METRICS
 
-    head = "| Method | " + " | ".join(ARROWS[m] for m in METRICS) + " |"
+    arrow = {True: "↑", False: "↓"}
+    head = "| Method | " + " | ".join(f"{NAMES[m]} {arrow[HIGHER_IS_BETTER[m]]}" for m in METRICS)
+    head += " |"
     lines = [f"### {title}", "", head, "|" + "---|" * (len(METRICS) + 1)]
     for r in rows:
         lines.append(f"| {r['label']} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
