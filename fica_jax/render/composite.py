@@ -17,7 +17,11 @@ tile-sorted list (`tiles.bin_gaussians`) in chunks of `chunk` entries under `lax
 with a trip count that is that tile's own: it stops at the end of the range or when all of its
 pixels have ended, so cost follows the real intersections and no Gaussian is ever dropped.
 Tiles run `tile_batch` at a time (one while loop over a [batch, pixels, chunk] block, which
-runs to the longest list in the batch) under `lax.map`. while_loop has no reverse-mode rule, so
+runs to the longest list in the batch) under `lax.map`. tile_batch = 1 is the sequential path
+(fastest on CPU: every tile stops at its own length); tile_batch > 1 first sorts the tiles by
+list length, so each batch is a bucket of similar lengths and a few crowded tiles pad only their
+own bucket: the parallel path for accelerators without the Pallas kernel (`kernels.py`), where
+a handful of buckets (`rasterize.XLA_BUCKETS`) replace thousands of sequential tiles. while_loop has no reverse-mode rule, so
 the stage has a `jax.custom_vjp`, as gsplat's CUDA `rasterize_to_pixels_bwd`: the forward saves
 only the per-pixel final transmittance and the list position after the last composited Gaussian
 (gsplat's `last_ids`); the backward walks each tile's list back to front in the same chunks,
@@ -245,16 +249,31 @@ def _bwd_chunk(trans, bacc, end, v_acc, g, valid, base, px, py):
 
 
 def _batched(lay: TileLayout, start, count):
-    """Tile ids, starts and counts as [n_batches, tile_batch] (padding tiles have count 0)."""
+    """Tile ids, starts and counts as [n_batches, tile_batch] (padding tiles: id n_tiles,
+    count 0). With tile_batch > 1 the tiles are sorted by list length, longest first, so each
+    batch (a bucket of similar lengths) runs to its own longest list, not the image's."""
     b = lay.tile_batch
     pad = (-lay.n_tiles) % b
-    tiles = jnp.arange(lay.n_tiles + pad, dtype=jnp.int32)
-    start, count = jnp.pad(start, (0, pad)), jnp.pad(count, (0, pad))
+    tiles = jnp.arange(lay.n_tiles, dtype=jnp.int32)
+    if b > 1:
+        tiles = jnp.argsort(-count, stable=True).astype(jnp.int32)
+    tiles = jnp.pad(tiles, (0, pad), constant_values=lay.n_tiles)
+    start, count = (jnp.pad(x[tiles[: lay.n_tiles]], (0, pad)) for x in (start, count))
     return tuple(x.reshape(-1, b) for x in (tiles, start, count))
 
 
-def _unbatch(x, lay: TileLayout):  # [n_batches, B, ...] -> [n_tiles, ...]
-    return x.reshape((-1,) + x.shape[2:])[: lay.n_tiles]
+def _unbatch(x, tiles, lay: TileLayout):  # [n_batches, B, ...] -> [n_tiles, ...] in tile order
+    x = x.reshape((-1,) + x.shape[2:])
+    return jnp.zeros((lay.n_tiles,) + x.shape[1:], x.dtype).at[tiles.reshape(-1)].set(
+        x, mode="drop"
+    )
+
+
+def _rebatch(x, tiles, lay: TileLayout):  # [n_tiles, ...] -> [n_batches, B, ...] (pad: zeros)
+    pad = tiles.reshape(-1) >= lay.n_tiles
+    g = x[jnp.minimum(tiles.reshape(-1), lay.n_tiles - 1)]
+    g = jnp.where(pad.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), g)
+    return g.reshape(tiles.shape + x.shape[1:])
 
 
 def _forward(feats, start, count, lay: TileLayout):
@@ -288,15 +307,13 @@ def _forward(feats, start, count, lay: TileLayout):
         _, trans, acc, _, end = jax.lax.while_loop(cond, body, init)
         return acc, trans, end
 
-    acc, trans, end = jax.lax.map(one_batch, _batched(lay, start, count))
-    return _unbatch(acc, lay), _unbatch(trans, lay), _unbatch(end, lay)
+    batches = _batched(lay, start, count)
+    acc, trans, end = jax.lax.map(one_batch, batches)
+    return tuple(_unbatch(x, batches[0], lay) for x in (acc, trans, end))
 
 
 def _backward(feats, start, count, trans, end, v_acc, v_trans, lay: TileLayout):
     k = lay.chunk
-    b = lay.tile_batch
-    pad = (-lay.n_tiles) % b
-    padt = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((-1, b) + x.shape[1:])
     vchunk = jax.vmap(_bwd_chunk, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0))
     n_slots = feats.shape[0]
 
@@ -320,7 +337,7 @@ def _backward(feats, start, count, trans, end, v_acc, v_trans, lay: TileLayout):
         return buf, None
 
     tiles, s, n = _batched(lay, start, count)
-    xs = (tiles, s, n, padt(trans), padt(end), padt(v_acc), padt(v_trans))
+    xs = (tiles, s, n) + tuple(_rebatch(x, tiles, lay) for x in (trans, end, v_acc, v_trans))
     buf, _ = jax.lax.scan(one_batch, jnp.zeros_like(feats), xs)
     return buf
 

@@ -21,6 +21,8 @@ are JAX autodiff around it. Binning (integer tile lists) carries no gradient, as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import warnings
 from typing import Any
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fica_jax.errors import UserError
+from fica_jax.render import kernels
 from fica_jax.render.composite import TileLayout, composite_tiles
 from fica_jax.render.dense import render_dense
 from fica_jax.render.project import Projected, covariance, project
@@ -44,6 +47,21 @@ from fica_jax.render.tiles import (
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
+BACKENDS = ("auto", "xla", "pallas")
+XLA_CHUNK = 64  # list entries per step of the XLA compositor
+XLA_BUCKETS = 8  # list-length buckets of the parallel XLA path (accelerators)
+_PLATFORM = contextvars.ContextVar("fica_render_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Renders traced inside choose their path for `platform` ("tpu", "gpu", "cpu") instead of
+    this process's backend: `fica plan --topology` compiles a TPU step on a CPU host."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
 
 
 class RasterCapacityWarning(UserWarning):
@@ -61,9 +79,15 @@ class RasterOptions:
     rasterize_mode: str = "classic"
     tile_size: int = 16
     isect_capacity: int | None = None  # Gaussian-tile slots; None: counted (eager) or default
-    tile_batch: int = 1  # tiles sharing one while loop (1: each tile stops at its own length)
-    chunk: int = 64  # list entries composited per step inside a tile
+    backend: str = "auto"  # "auto" | "xla" | "pallas" (module doc; `resolve`)
+    # XLA path: tiles sharing one while loop, longest lists first (1: each tile stops at its
+    # own length, CPU's fastest; None: 1 on CPU, n_tiles / XLA_BUCKETS on accelerators)
+    tile_batch: int | None = None
+    chunk: int | None = None  # list entries per step (None: XLA_CHUNK, or the kernel's)
     dense: bool = False  # reference path: all pixels x all Gaussians
+    platform: str | None = None  # None: `target_platform`'s, else this process's backend
+    kernel: str | None = None  # "tpu" | "gpu": which Pallas kernel (None: the platform's;
+    # on CPU the TPU one), interpreted when the platform is the CPU
 
     def __post_init__(self):
         if self.render_mode not in RENDER_MODES:
@@ -72,11 +96,59 @@ class RasterOptions:
             raise UserError(
                 f"rasterize_mode {self.rasterize_mode!r} unknown; expected {RASTERIZE_MODES}"
             )
+        if self.backend not in BACKENDS:
+            raise UserError(f"backend {self.backend!r} unknown; expected one of {BACKENDS}")
         for name in ("tile_size", "tile_batch", "chunk"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.isect_capacity is not None and self.isect_capacity < 1:
             raise UserError(f"isect_capacity must be >= 1; got {self.isect_capacity}")
+
+
+def _platform_kind(platform: str) -> str:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def resolve(opts: RasterOptions, n_colors: int) -> RasterOptions:
+    """opts with the path fixed (a static argument, so each path compiles separately):
+    - "auto": the Pallas kernel on TPU and GPU (where it takes the tile size and channels),
+      else the XLA path; on CPU the sequential XLA path (tile_batch 1), the fastest there
+      (benchmarks/results/render_cpu.json);
+    - "pallas": the kernel for this platform; on CPU the TPU kernel in interpret mode;
+    - "xla": per-tile while loops, sequential on CPU, bucketed by list length elsewhere."""
+    if opts.dense:
+        return opts
+    platform = _platform_kind(opts.platform or _PLATFORM.get() or jax.default_backend())
+    target = opts.kernel or ("gpu" if platform == "gpu" else "tpu")
+    if target not in kernels.CHUNKS:
+        raise UserError(f"kernel {target!r} unknown; expected one of {sorted(kernels.CHUNKS)}")
+    backend, why = opts.backend, None
+    if backend != "xla":
+        chunk = opts.chunk or kernels.CHUNKS[target]
+        why = kernels.supported(opts.tile_size, n_colors, target, chunk, platform == "cpu")
+        if backend == "pallas" and why:
+            raise UserError(f"backend='pallas' cannot render {why}; use backend='xla'")
+        if backend == "auto":
+            backend = "pallas" if platform != "cpu" and not why else "xla"
+    if backend == "pallas":
+        return dataclasses.replace(opts, backend=backend, platform=platform, chunk=chunk,
+                                   kernel=target)  # fmt: skip
+    tw, th = tile_grid(opts.width, opts.height, opts.tile_size)
+    batch = opts.tile_batch or (1 if platform == "cpu" else -(-tw * th // XLA_BUCKETS))
+    return dataclasses.replace(opts, backend="xla", platform=platform, tile_batch=batch,
+                               chunk=opts.chunk or XLA_CHUNK)  # fmt: skip
+
+
+def _composite_pallas(lists, rows, opts: RasterOptions, tw: int, th: int):
+    """Kernel path: lists regrouped into chunk blocks (`kernels.chunk_layout`)."""
+    k, d = opts.chunk, rows.shape[1] - 6
+    cstart, src, valid = kernels.chunk_layout(lists.start, lists.count, lists.gid.shape[0], k)
+    # one gather from the per-Gaussian rows: its transpose (autodiff) sums the per-entry
+    # gradients of the custom VJP into per-Gaussian ones
+    chunks = kernels.to_chunks(rows, lists.gid[src], valid, k)
+    lay = kernels.KernelLayout(tw, tw * th, opts.tile_size, k, d, opts.kernel,
+                               opts.platform == "cpu")  # fmt: skip
+    return kernels.composite_chunks(chunks, cstart, lists.count, lay)
 
 
 def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
@@ -93,12 +165,15 @@ def _render_tiled(proj: Projected, opacities, colors, opts: RasterOptions):
         isect_capacity=opts.isect_capacity,
     )
     tw, th = tile_grid(opts.width, opts.height, ts)
-    lay = TileLayout(tw, tw * th, ts, opts.chunk, opts.tile_batch)
     feats = jnp.concatenate([proj.means2d, proj.conics, opacities[:, None], colors], -1)
-    # one gather per camera: each chunk is then a contiguous slice, and the gather's transpose
-    # (autodiff) sums the per-slot gradients of the custom VJP into per-Gaussian ones
-    feats = jnp.pad(feats[lists.gid], ((0, opts.chunk), (0, 0)))
-    acc, trans = composite_tiles(feats, lists.start, lists.count, lay)
+    if opts.backend == "pallas":
+        acc, trans = _composite_pallas(lists, feats, opts, tw, th)
+    else:
+        lay = TileLayout(tw, tw * th, ts, opts.chunk, opts.tile_batch)
+        # one gather per camera: each chunk is then a contiguous slice, and the gather's
+        # transpose (autodiff) sums the per-slot gradients of the custom VJP into per-Gaussian
+        feats = jnp.pad(feats[lists.gid], ((0, opts.chunk), (0, 0)))
+        acc, trans = composite_tiles(feats, lists.start, lists.count, lay)
     d = colors.shape[-1]
     acc = acc.reshape(th, tw, ts, ts, d).transpose(0, 2, 1, 3, 4).reshape(th * ts, tw * ts, d)
     trans = trans.reshape(th, tw, ts, ts).transpose(0, 2, 1, 3).reshape(th * ts, tw * ts)
@@ -213,6 +288,8 @@ def render(
         rgb = "RGB" in opts.render_mode
         backgrounds = jnp.concatenate([backgrounds, zeros], -1) if rgb else zeros
 
+    rgb = "RGB" in opts.render_mode
+    opts = resolve(opts, colors.shape[1] * rgb + ("D" in opts.render_mode))
     opts = _sized(opts, means, covars, opacities, viewmats, Ks)
     img, alpha, meta = _render_jit(
         means, covars, opacities, colors, viewmats, Ks, backgrounds, opts
@@ -276,9 +353,11 @@ def rasterization(
     rasterize_mode: str = "classic",
     tile_size: int = 16,
     isect_capacity: int | None = None,
-    tile_batch: int = 1,
-    chunk: int = 64,
+    backend: str = "auto",
+    tile_batch: int | None = None,
+    chunk: int | None = None,
     dense: bool = False,
+    kernel: str | None = None,
     covars: jax.Array | None = None,  # [N, 3, 3]; replaces quats/scales when given
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """gsplat-style rasterisation -> (colors [C, H, W, D'], alphas [C, H, W, 1], meta).
@@ -299,9 +378,11 @@ def rasterization(
         rasterize_mode=rasterize_mode,
         tile_size=tile_size,
         isect_capacity=isect_capacity,
+        backend=backend,
         tile_batch=tile_batch,
         chunk=chunk,
         dense=dense,
+        kernel=kernel,
     )
     if covars is None:
         covars = _covariance_jit(jnp.asarray(quats), jnp.asarray(scales))
