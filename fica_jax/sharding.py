@@ -248,6 +248,26 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def per_batch_shard(fn):
+    """fn over arrays that share a leading batch dim, run on each device's share of the batch
+    (`shard_map` over the mesh axes of the BATCH rule) when the batch is split: for ops XLA
+    cannot partition, such as the renderer's Pallas kernels. fn must treat examples
+    independently. Outside a mesh or rule context, or with an unsplit batch, fn itself."""
+
+    def wrapped(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if not _current_rules or mesh is None or mesh.empty:
+            return fn(*args)
+        b = next(x.shape[0] for x in jax.tree.leaves(args))
+        spec = fit_spec(logical_to_spec((BATCH,), _current_rules[-1]), (b,), mesh)
+        if spec[0] is None:
+            return fn(*args)
+        specs = jax.tree.map(lambda _: P(spec[0]), args)
+        return jax.shard_map(fn, in_specs=specs, out_specs=P(spec[0]), check_vma=False)(*args)
+
+    return wrapped
+
+
 # ----------------------------------------------------------------------------- host batches
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P((DATA, FSDP), *([None] * (ndim - 1))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fica_jax import sharding as shd
 from fica_jax.geometry.uvmaps import sample_uv_map
 from fica_jax.models.refiner import Refiner
 from fica_jax.render.surfels import project_keypoints, render_surfels
@@ -30,7 +31,9 @@ def render_view(texture, geometry, mask, batch, view: str, landmarks: bool = Fal
         return r["image"][0], r["alpha"][0], r["depth"][0], kpts
 
     keys = (f"{view}_offset", f"{view}_viewmat", f"{view}_K", "landmark_uv")
-    image, alpha, depth, kpts = jax.vmap(one)(texture, geometry, mask, *(batch[k] for k in keys))
+    # per device's examples: the renderer's kernels are not partitioned by XLA
+    render = shd.per_batch_shard(jax.vmap(one))
+    image, alpha, depth, kpts = render(texture, geometry, mask, *(batch[k] for k in keys))
     out = {"image": image + (1.0 - alpha[..., None]) * bg, "alpha": alpha, "depth": depth}
     return out | ({"keypoints": kpts} if landmarks else {})
 

@@ -396,7 +396,9 @@ def render_batch(
         return img[0], alpha[0, ..., 0], meta["n_isects"][0], meta["isect_overflow"][0]
 
     keys = ("means", "quats", "scales", "opacities", "colors")
-    img, alpha, n, over = jax.vmap(one)(*(flat[k] for k in keys), viewmats, Ks)
+    # per device's examples: the renderer's kernels are not partitioned by XLA
+    render = shd.per_batch_shard(jax.vmap(one))
+    img, alpha, n, over = render(*(flat[k] for k in keys), viewmats, Ks)
     if background is not None:
         img = img + (1.0 - alpha[..., None]) * background
     return {"image": img, "alpha": alpha, "n_isects": n, "isect_overflow": over}

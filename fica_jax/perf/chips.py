@@ -24,15 +24,23 @@ class Chip:
     link_bytes_per_s: float
     kinds: tuple[str, ...]
     hbm_bytes_per_s: float  # HBM bandwidth (`fica plan`'s per-op roofline)
+    vector_ops_per_s: float | None = None  # f32 element ops/s outside the matrix units (below)
 
 
+# vector_ops_per_s, for kernels that run on the vector units (the renderer's compositing,
+# `fica_jax.plan.render_cost`). TPU: cores x (8 x 128) lanes x 2 f32 VALU issue slots (a
+# multiply and an add per bundle, measured on v4: ayaka14732.github.io/pallas-tpu-tutorial,
+# ch. 1 §7) x clock, the clock being the bf16 peak / (MXUs x 128^2 x 2) of JAX's own table
+# (`pltpu.get_tpu_info_for_chip`: v5p 2 cores x 4 MXUs, 1.75 GHz; v5e 1 x 4, 1.5 GHz). GPU: CUDA
+# cores x boost clock, one f32 op each per cycle (A100 6912 x 1.41 GHz, H100/H200 SXM 16896 x
+# 1.98 GHz). v6e: not derived (its vector unit is not described in a public source we use).
 CHIPS: dict[str, Chip] = {
-    "v5p": Chip(459e12, 95e9, 1200e9, ("v5p",), 2765e9),
+    "v5p": Chip(459e12, 95e9, 1200e9, ("v5p",), 2765e9, 2 * 1024 * 2 * 1.75e9),
     "v6e": Chip(918e12, 32e9, 800e9, ("v6e", "v6 lite"), 1640e9),
-    "v5e": Chip(197e12, 16e9, 400e9, ("v5e", "v5 lite"), 819e9),
-    "a100": Chip(312e12, 80e9, 600e9, ("a100",), 2039e9),
-    "h100": Chip(989e12, 80e9, 900e9, ("h100",), 3350e9),
-    "h200": Chip(989e12, 141e9, 900e9, ("h200",), 4800e9),
+    "v5e": Chip(197e12, 16e9, 400e9, ("v5e", "v5 lite"), 819e9, 1 * 1024 * 2 * 1.5e9),
+    "a100": Chip(312e12, 80e9, 600e9, ("a100",), 2039e9, 6912 * 1.41e9),
+    "h100": Chip(989e12, 80e9, 900e9, ("h100",), 3350e9, 16896 * 1.98e9),
+    "h200": Chip(989e12, 141e9, 900e9, ("h200",), 4800e9, 16896 * 1.98e9),
 }
 
 

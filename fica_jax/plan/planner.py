@@ -33,6 +33,7 @@ was counted, is said in its notes (`report.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from fica_jax.files import write_text
 from fica_jax.perf import hlo_stats as hs
 from fica_jax.perf.chips import CHIPS, roofline, top_ops
 from fica_jax.perf.op_costs import op_costs
+from fica_jax.plan.render_cost import kernel_calls, renderer_cost, renderer_split
 from fica_jax.plan.report import COLLECTIVE_NOTE, flops_section, memory_section, roofline_note
 from fica_jax.plan.topology import TOPOLOGY_ENV, topology_chip, topology_devices
 
@@ -179,12 +181,16 @@ def plan(
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
 
+    from fica_jax.render.rasterize import target_platform
+
     stage = get_stage(cfg.stage)
     mesh, chips = _plan_mesh(cfg, mesh_shape, chips, topology, libtpu)
     n_dev = mesh.size
     t0 = time.perf_counter()
-    setup = build(cfg, stage, mesh)
-    lowered = setup.lower()
+    # a TPU slice's step renders with the TPU kernel (`render/kernels.py`), as it would there
+    with target_platform("tpu") if topology else contextlib.nullcontext():
+        setup = build(cfg, stage, mesh)
+        lowered = setup.lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -202,6 +208,12 @@ def plan(
         hlo.flops, hlo.while_trip_counts, model_global, n_dev, compiled_flops(compiled)
     )
     model_dev, peak_mem = flops["model_per_device_per_step"], per_device["peak_estimate"]
+    roof = roofline(hlo.flops, model_dev, coll["total"], peak_mem, chips, ops)
+    renderer = None
+    if stage.renders is not None:
+        renderer = renderer_cost(stage.renders(cfg), chips, n_dev, int(cfg.data.batch_size))
+        renderer["kernels_in_step"] = kernel_calls(text)
+        renderer["step"] = renderer_split(roof, renderer["kernel_s"])
     return {
         "config": {"stage": cfg.stage, "model": cfg.model.to_dict(), "train": cfg.train.to_dict()},
         "mesh": dict(mesh.shape),
@@ -212,8 +224,9 @@ def plan(
         "per_device_bytes": per_device,
         "flops": flops,
         "collective_bytes_per_device": {**coll, "note": COLLECTIVE_NOTE},
-        "roofline": roofline(hlo.flops, model_dev, coll["total"], peak_mem, chips, ops),
+        "roofline": roof,
         "roofline_note": roofline_note(topology),
+        "renderer": renderer,
         "top_ops": top_ops(ops, chips[0]) if chips else None,
         "compile_s": {"trace_lower": t1 - t0, "compile": t2 - t1, "model_flops": t3 - t2},
         "jax_version": jax.__version__,

@@ -161,6 +161,53 @@ def _any(x):  # scalar: does any element hold
     return jnp.max(jnp.where(x, 1, 0)) > 0
 
 
+def _fwd_chunk(state, blk, lay: KernelLayout):
+    """One forward chunk step: state (T, acc list of D, done, end), each [P, 1]."""
+    trans, acc, done, end = state
+    alpha, used, _, _, _, _, _, cols, pos, _ = blk
+    incl, excl = _prefix_prod(1.0 - alpha, lay.target)
+    below = used & (trans * incl <= T_MIN)
+    bf = jnp.where(below, 1.0, 0.0)
+    ended_before = _prefix_sum(bf, lay.target) - bf > 0
+    keep = used & ~below & ~ended_before & (done == 0)
+    w = jnp.where(keep, alpha * trans * excl, 0.0)
+    acc = [a + jnp.sum(w * col, axis=1, keepdims=True) for a, col in zip(acc, cols)]
+    trans = trans * jnp.min(jnp.where(keep, incl, 1.0), axis=1, keepdims=True)
+    end = jnp.maximum(end, jnp.max(jnp.where(keep, pos + 1, 0), axis=1, keepdims=True))
+    done = jnp.maximum(done, jnp.max(jnp.where(below, 1, 0), axis=1, keepdims=True))
+    return trans, acc, done, end
+
+
+def _bwd_chunk(state, blk, i, count, v_acc, lay: KernelLayout):
+    """One backward chunk step: state (T after the chunk, B after it) [P, 1], end [P, 1] ->
+    (T before, B before, F_PAD gradient rows [1, chunk])."""
+    trans, bacc, end = state
+    k = lay.chunk
+    alpha, used, raw, vis, dx, dy, con, cols, pos, _ = blk
+    keep = used & (pos < end)  # exactly the forward's composited set
+    a = jnp.where(keep, alpha, 0.0)
+    one_minus = 1.0 - a
+    incl, excl = _prefix_prod(one_minus, lay.target)
+    t_before = trans / jnp.min(incl, axis=1, keepdims=True)
+    w = a * t_before * excl
+    cv = sum(col * v for col, v in zip(cols, v_acc))  # c_k . v_C  [P, k]
+    wcv = w * cv
+    later = jnp.sum(wcv, axis=1, keepdims=True) - _prefix_sum(wcv, lay.target)
+    v_alpha = t_before * excl * cv - (bacc + later) / one_minus
+    v_alpha = jnp.where(keep & (raw <= ALPHA_MAX), v_alpha, 0.0)  # clamped: no gradient
+    v_sigma = -raw * v_alpha
+    sdx, sdy = v_sigma * dx, v_sigma * dy
+    m = [jnp.sum(x, axis=0, keepdims=True) for x in (sdx, sdy, sdx * dx, sdx * dy, sdy * dy)]
+    ca, cb, cc = con
+    rows = [ca * m[0] + cb * m[1], cc * m[1] + cb * m[0], 0.5 * m[2], m[3], 0.5 * m[4]]
+    v_op = jnp.sum(v_alpha * vis, axis=0, keepdims=True)
+    first = jax.lax.broadcasted_iota(jnp.int32, (1, k), 1) + i * k < count  # valid[:1]
+    rows.append(jnp.where(first, v_op, 0.0))
+    rows += [jnp.sum(w * v, axis=0, keepdims=True) for v in v_acc]
+    rows += [jnp.zeros((1, k), jnp.float32)] * (F_PAD - len(rows))
+    return t_before, bacc + jnp.sum(wcv, axis=1, keepdims=True), rows
+
+
 def _fwd_tile(t, cstart, count, row_at, lay: KernelLayout):
     """Composites tile t: (T [P, 1], acc list of D [P, 1], end [P, 1])."""
     px, py = _pixels(t, lay)
@@ -172,19 +219,9 @@ def _fwd_tile(t, cstart, count, row_at, lay: KernelLayout):
         return (i < n_chunks) & _any(done == 0)
 
     def body(c):
-        i, trans, acc, done, end = c
-        alpha, used, _, _, _, _, _, cols, pos, _ = _block(row_at(cstart + i), i, count, px, py, lay)
-        incl, excl = _prefix_prod(1.0 - alpha, lay.target)
-        below = used & (trans * incl <= T_MIN)
-        bf = jnp.where(below, 1.0, 0.0)
-        ended_before = _prefix_sum(bf, lay.target) - bf > 0
-        keep = used & ~below & ~ended_before & (done == 0)
-        w = jnp.where(keep, alpha * trans * excl, 0.0)
-        acc = [a + jnp.sum(w * col, axis=1, keepdims=True) for a, col in zip(acc, cols)]
-        trans = trans * jnp.min(jnp.where(keep, incl, 1.0), axis=1, keepdims=True)
-        end = jnp.maximum(end, jnp.max(jnp.where(keep, pos + 1, 0), axis=1, keepdims=True))
-        done = jnp.maximum(done, jnp.max(jnp.where(below, 1, 0), axis=1, keepdims=True))
-        return i + 1, trans, acc, done, end
+        i, *state = c
+        blk = _block(row_at(cstart + i), i, count, px, py, lay)
+        return i + 1, *_fwd_chunk(state, blk, lay)
 
     col = lambda v, dt: jnp.full((p, 1), v, dt)
     init = (jnp.int32(0), col(1.0, jnp.float32), [col(0.0, jnp.float32)] * lay.n_colors,
@@ -196,39 +233,34 @@ def _fwd_tile(t, cstart, count, row_at, lay: KernelLayout):
 def _bwd_tile(t, cstart, count, trans, end, v_acc, v_trans, row_at, put, lay: KernelLayout):
     """Backward of tile t, chunks back to front; put(chunk id, list of F_PAD [1, k] rows)."""
     px, py = _pixels(t, lay)
-    k = lay.chunk
-    last = jax.lax.div(jnp.max(end) + k - 1, k) - 1
-    zero_row = jnp.zeros((1, k), jnp.float32)
+    last = jax.lax.div(jnp.max(end) + lay.chunk - 1, lay.chunk) - 1
 
     def body(c):
         i, trans, bacc = c
-        alpha, used, raw, vis, dx, dy, con, cols, pos, valid = _block(
-            row_at(cstart + i), i, count, px, py, lay
-        )
-        keep = used & (pos < end)  # exactly the forward's composited set
-        a = jnp.where(keep, alpha, 0.0)
-        one_minus = 1.0 - a
-        incl, excl = _prefix_prod(one_minus, lay.target)
-        t_before = trans / jnp.min(incl, axis=1, keepdims=True)
-        w = a * t_before * excl
-        cv = sum(col * v for col, v in zip(cols, v_acc))  # c_k . v_C  [P, k]
-        wcv = w * cv
-        later = jnp.sum(wcv, axis=1, keepdims=True) - _prefix_sum(wcv, lay.target)
-        v_alpha = t_before * excl * cv - (bacc + later) / one_minus
-        v_alpha = jnp.where(keep & (raw <= ALPHA_MAX), v_alpha, 0.0)  # clamped: no gradient
-        v_sigma = -raw * v_alpha
-        sdx, sdy = v_sigma * dx, v_sigma * dy
-        m = [jnp.sum(x, axis=0, keepdims=True) for x in (sdx, sdy, sdx * dx, sdx * dy, sdy * dy)]
-        ca, cb, cc = con
-        rows = [ca * m[0] + cb * m[1], cc * m[1] + cb * m[0], 0.5 * m[2], m[3], 0.5 * m[4]]
-        v_op = jnp.sum(v_alpha * vis, axis=0, keepdims=True)
-        first = jax.lax.broadcasted_iota(jnp.int32, (1, k), 1) + i * k < count  # valid[:1]
-        rows.append(jnp.where(first, v_op, 0.0))
-        rows += [jnp.sum(w * v, axis=0, keepdims=True) for v in v_acc]
-        put(cstart + i, rows + [zero_row] * (F_PAD - len(rows)))
-        return i - 1, t_before, bacc + jnp.sum(wcv, axis=1, keepdims=True)
+        blk = _block(row_at(cstart + i), i, count, px, py, lay)
+        trans, bacc, rows = _bwd_chunk((trans, bacc, end), blk, i, count, v_acc, lay)
+        put(cstart + i, rows)
+        return i - 1, trans, bacc
 
     jax.lax.while_loop(lambda c: c[0] >= 0, body, (last, trans, v_trans * trans))
+
+
+def chunk_step(direction: str, n_colors: int, tile_size: int, chunk: int, target: str = "tpu"):
+    """(fn, abstract args) of one forward or backward chunk step of the kernel body, for
+    counting its operations (`fica_jax.plan.render_cost`)."""
+    lay = KernelLayout(1, 1, tile_size, chunk, n_colors, target, False)
+    col = jax.ShapeDtypeStruct((tile_size**2, 1), jnp.float32)
+    icol = jax.ShapeDtypeStruct((tile_size**2, 1), jnp.int32)
+    rows = jax.ShapeDtypeStruct((F_PAD, chunk), jnp.float32)
+
+    def block(r):
+        return _block(lambda f: r[f : f + 1], 0, chunk, *_pixels(0, lay), lay)
+
+    if direction == "forward":
+        return (lambda r, t, a, d, e: _fwd_chunk((t, a, d, e), block(r), lay)), (
+            rows, col, [col] * n_colors, icol, icol)  # fmt: skip
+    return (lambda r, t, b, e, va: _bwd_chunk((t, b, e), block(r), 0, chunk, va, lay)), (
+        rows, col, col, icol, [col] * n_colors)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +386,7 @@ def _gpu_forward(chunks, cstart, count, lay: KernelLayout):
     shapes = [jax.ShapeDtypeStruct(s, dt) for s, dt in
               (((lay.n_tiles, d, p), jnp.float32), ((lay.n_tiles, p), jnp.float32),
                ((lay.n_tiles, p), jnp.int32))]  # fmt: skip
-    acc, trans, end = _gpu_call(kernel, shapes, (cstart, count, chunks), lay, name="fica_fwd")
+    acc, trans, end = _gpu_call(kernel, shapes, (cstart, count, chunks), lay, name="fica_composite_fwd")
     return acc.transpose(0, 2, 1), trans, end
 
 
@@ -377,7 +409,7 @@ def _gpu_backward(chunks, cstart, count, trans, end, v_acc, v_trans, lay: Kernel
     args = (cstart, count, chunks, trans, end, v_acc.transpose(0, 2, 1), v_trans,
             jnp.zeros_like(chunks))  # fmt: skip
     out = jax.ShapeDtypeStruct(chunks.shape, jnp.float32)
-    return _gpu_call(kernel, out, args, lay, aliases={7: 0}, name="fica_bwd")
+    return _gpu_call(kernel, out, args, lay, aliases={7: 0}, name="fica_composite_bwd")
 
 
 # ----------------------------------------------------------------------------------------------

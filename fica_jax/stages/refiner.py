@@ -59,7 +59,7 @@ from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
 from fica_jax.render.surfels import safe_norm, tangent
-from fica_jax.train.stage import Stage
+from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
 INPUT_SOURCES = ("corrupt", "samples")
@@ -364,6 +364,13 @@ def fit_data(meta) -> dict:
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+def renders(cfg: ml_collections.ConfigDict) -> list[RenderCall]:
+    """Per example: the input maps' portrait-view surfel render (forward: `refine`'s cue), and
+    the refined maps' (forward and backward: the photo, mask and keypoint losses)."""
+    r, s = int(cfg.data.uv_resolution), int(cfg.data.image_size)
+    return [RenderCall("portrait surfels", r * r, s, 8, 4, forward=2, backward=1)]
+
+
 STAGE = Stage(
     name="refiner",
     rules="refiner",
@@ -377,4 +384,5 @@ STAGE = Stage(
     make_sample=make_sample,
     export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
     fit_data=fit_data,
+    renders=renders,
 )

@@ -45,11 +45,11 @@ from data_pipelines.pipeline import open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.errors import UserError
-from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, render_batch
+from fica_jax.models.upm import UPM, VARIANTS, UPMConfig, eye_masks, render_batch
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
 from fica_jax.render.surfels import render_surfels
-from fica_jax.train.stage import Stage
+from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("latent_dim", "hidden", "seed_resolution", "seed_channels", "channels",
               "color_channels", "encoder_channels", "n_cameras")  # fmt: skip
@@ -135,6 +135,9 @@ def make_loss(cfg: ml_collections.ConfigDict):
     w = dict(cfg.model.loss_weights)
     unit, bound = float(cfg.model.geometry_unit), float(cfg.model.scale_bound)
     cap = int(cfg.model.get("isect_capacity", 0))
+    # the eyeball masks are computed on the host: once here, outside any trace, so that tracing
+    # for devices that are not there (`fica plan --topology`) finds them cached
+    eye_masks(upm_config(cfg))
 
     def loss_fn(model: UPM, batch, rng: jax.Array):
         g, kl = forward(model, batch, rng)
@@ -320,6 +323,12 @@ def fit_data(meta) -> dict:
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
+def renders(cfg: ml_collections.ConfigDict) -> list[RenderCall]:
+    """One dome frame per example, rendered forward and backward (`render_dome_frames`)."""
+    r, s = int(cfg.data.uv_resolution), int(cfg.data.image_size)
+    return [RenderCall("dome frame", r * r, s, 16, 3, forward=1, backward=1)]
+
+
 STAGE = Stage(
     name="upm",
     rules="upm",
@@ -332,4 +341,5 @@ STAGE = Stage(
     make_sample=make_sample,
     export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
     fit_data=fit_data,
+    renders=renders,
 )

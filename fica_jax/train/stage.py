@@ -18,7 +18,7 @@ import pathlib
 import pkgutil
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -35,6 +35,20 @@ LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, Metrics]]
 EvalFn = Callable[[nnx.Module, Batch, jax.Array], Metrics]
 SampleFn = Callable[[nnx.Module, Batch, jax.Array, pathlib.Path, int], None]
 ExampleFn = Callable[[Mapping[str, np.ndarray], np.random.Generator, Any], dict[str, np.ndarray]]
+
+
+class RenderCall(NamedTuple):
+    """One Gaussian render a training step makes per example (`Stage.renders`): its Gaussian
+    count, square frame side and tile size, colour channels, and how many times per example it
+    runs forward and backward. `fica plan` prices the renderer's kernel from these."""
+
+    name: str
+    gaussians: int
+    size: int
+    tile_size: int
+    n_colors: int
+    forward: int
+    backward: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +85,9 @@ class Stage:
                  read from the `metadata.json` of the data the stage trains on (UV resolution,
                  image size, cameras; the latent cache's grid): `--config.KEY=VALUE` overrides
                  that make a config fit that data.
+    renders:     optional `(cfg) -> [RenderCall]`: the Gaussian renders one training step makes
+                 per example; `fica plan` adds the compositing kernel's analytic cost, which the
+                 HLO roofline cannot see (`fica_jax/plan/render_cost.py`).
     """
 
     name: str
@@ -85,6 +102,7 @@ class Stage:
     make_sample: Callable[[Config], SampleFn] | None = None
     export_stats: Callable[[Config], tuple[dict, dict[str, np.ndarray]]] | None = None
     fit_data: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    renders: Callable[[Config], list[RenderCall]] | None = None
 
     def __post_init__(self):
         if self.make_data is None:
