@@ -1,29 +1,32 @@
-"""Rasteriser speed: ms/frame forward and forward+backward, new vs old tiled path (docs/architecture.md §7).
+"""Rasteriser speed: ms/frame forward and forward+backward for each compositing path (docs/architecture.md §7).
 
   python benchmarks/render.py                 # writes benchmarks/results/render_<backend>.json
-  python benchmarks/render.py --sizes 256 --counts 1000,10000 --repeats 1 --no-upm
+  python benchmarks/render.py --sizes 256 --counts 10000 --repeats 1 --no-upm
 
 Workloads:
 - "random": N Gaussians in a box in front of one camera, screen footprints of a few pixels that
   shrink as N grows (total covered area roughly constant), at HxH pixels;
 - "upm": one Gaussian per texel of an RxR UV map on the front of a head-sized ellipsoid, flat
-  discs of about one texel facing out, opacity 0.9, a frontal camera: the dense Gaussian maps the
-  UPM trains on (most tiles hold hundreds of Gaussians).
+  discs of about one texel facing out, opacity 0.9, a frontal camera
+  (`fica_jax.plan.render_cost.head_gaussians`): the dense Gaussian maps the UPM trains on.
 
-Paths, in the same run on the same scene:
-- "new": `fica_jax.render.rasterization` (per-tile variable-length lists, custom VJP), called
-  with the `isect_capacity` its own count pass picks;
-- "old": the previous library path, kept here only as the baseline: every tile takes a fixed
-  [tiles, K] table of its K nearest Gaussians, composited by `lax.map` over tiles of a
-  `jax.checkpoint`ed `lax.scan` over chunks (skipped by `lax.cond` past the tile's count), with
-  JAX autodiff for the backward. K is set to `max_tile_count`, so it drops nothing either;
+Paths, each `fica_jax.render.rasterization` on the same scene in the same run, with the
+intersection capacity its own count pass picks:
+- "xla-sequential": backend="xla", tile_batch=1, chunk 64: one tile after another, each its own
+  while loop (the only path before the kernels; what "auto" picks on CPU);
+- "xla-parallel": backend="xla", tiles sorted by list length into `XLA_BUCKETS` buckets, each
+  bucket one while loop over all its tiles at once (what "xla" picks on an accelerator);
+- "auto": the defaults (`rasterize.resolve`): on CPU the sequential path, on TPU/GPU the kernel;
+  `auto_over_sequential` is its time over xla-sequential's (1 or below: no slower);
+- "pallas": the Pallas kernel (`render/kernels.py`) for this platform; on CPU it would run in
+  interpret mode, a correctness tool (tests/render/test_render_kernels.py), so it is not timed;
 - "gsplat" (only where torch sees CUDA): gsplat's `rasterization` CUDA kernels on the same scene
   and camera, forward and forward + backward to all five inputs, timed with CUDA syncs;
-  `psnr_vs_new` compares its image with ours and `*_over_gsplat` on the new row is our time over
-  gsplat's.
-Every row records `n_isects` and `dropped` (0 for both paths). Timings are medians over
-`--repeats` after one compiling call (compile time reported separately). The old path is skipped,
-with the reason in the JSON, where its [tiles, K, pixels] block exceeds `--old-limit` pairs.
+  `psnr_vs_auto` compares its image with ours and `*_over_gsplat` is our time over gsplat's.
+Every row records `n_isects` and `dropped` (the intersections beyond the capacity: 0). Timings
+are medians over `--repeats` after one compiling call (compile time reported separately). A
+path whose compiling forward call takes longer than `--max-call-s` is not timed further (the
+reason is in its row).
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_result  # noqa: E402
+from fica_jax.plan.render_cost import frontal_camera, head_gaussians  # noqa: E402
 from fica_jax.render import rasterization  # noqa: E402
-from fica_jax.render.composite import composite  # noqa: E402
-from fica_jax.render.project import covariance, project  # noqa: E402
-from fica_jax.render.tiles import bin_gaussians, tile_grid  # noqa: E402
+from fica_jax.render.rasterize import XLA_BUCKETS, RasterOptions, resolve  # noqa: E402
+from fica_jax.render.tiles import tile_grid  # noqa: E402
 
 TILE = 16
-CHUNK = 64
+PATHS = {  # rasterization keywords of each path (xla-parallel's tile_batch is set per frame)
+    "xla-sequential": dict(backend="xla", tile_batch=1, chunk=64),
+    "xla-parallel": dict(backend="xla"),
+    "auto": dict(),
+    "pallas": dict(backend="pallas"),
+}
 
 
 def random_scene(n: int, seed: int = 0):
@@ -67,74 +75,6 @@ def random_scene(n: int, seed: int = 0):
     )
 
 
-def head_scene(res: int, seed: int = 0):
-    """One Gaussian per texel of a res x res UV map on the front half of an ellipsoid head."""
-    rng = np.random.default_rng(seed)
-    radii = np.array([0.5, 0.65, 0.55])  # x, y, z half-axes (m), centre 1.9 m in front
-    u, v = np.meshgrid((np.arange(res) + 0.5) / res, (np.arange(res) + 0.5) / res)
-    theta = (u - 0.5) * np.pi * 0.95  # azimuth, 0 faces the camera
-    phi = (v - 0.5) * np.pi * 0.9  # elevation
-    unit = np.stack([np.sin(theta) * np.cos(phi), np.sin(phi), -np.cos(theta) * np.cos(phi)], -1)
-    pos = unit * radii + np.array([0.0, 0.0, 1.9])
-    normal = unit / radii
-    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
-    # texel footprint: distance to the UV neighbours
-    du = np.linalg.norm(np.gradient(pos, axis=1), axis=-1)
-    dv = np.linalg.norm(np.gradient(pos, axis=0), axis=-1)
-    s = 0.8 * np.maximum(du, dv)
-    # rotation taking the disc's thin local z axis to the normal (n_z < 0 here, so no pole)
-    nx, ny, nz = normal[..., 0], normal[..., 1], normal[..., 2]
-    q = np.stack([1 - nz, ny, -nx, np.zeros_like(nz)], -1)
-    q /= np.linalg.norm(q, axis=-1, keepdims=True)
-    f = lambda x: x.reshape(res * res, -1).astype(np.float32)
-    return dict(
-        means=f(pos),
-        quats=f(q),
-        scales=f(np.stack([s, s, 0.1 * s], -1)),
-        opacities=np.full(res * res, 0.9, np.float32),
-        colors=rng.uniform(size=(res * res, 3)).astype(np.float32),
-    )
-
-
-def camera(h: int):
-    K = np.array([[[1.2 * h, 0, h / 2], [0, 1.2 * h, h / 2], [0, 0, 1]]], np.float32)
-    return np.eye(4, dtype=np.float32)[None], K
-
-
-def old_render(means, quats, scales, opacities, colors, vm, K, h, isect_capacity, tile_capacity):
-    """The replaced [tiles, K] path (one camera, RGB, no background): see module doc."""
-    proj = project(means, covariance(quats, scales), vm[0], K[0], h, h)
-    lists, _ = bin_gaussians(
-        proj.means2d, proj.radii, proj.depths, opacities, h, h,
-        tile_size=TILE, isect_capacity=isect_capacity,
-    )  # fmt: skip
-    tw, th = tile_grid(h, h, TILE)
-    k = jnp.arange(tile_capacity)
-    valid = k[None, :] < lists.count[:, None]
-    ids = lists.gid[jnp.minimum(lists.start[:, None] + k[None, :], isect_capacity - 1)]
-    ids = jnp.where(valid, ids, 0)  # [T, K]
-    t = jnp.arange(tw * th)
-    ly, lx = jnp.meshgrid(jnp.arange(TILE), jnp.arange(TILE), indexing="ij")
-    lx, ly = lx.reshape(-1) + 0.5, ly.reshape(-1) + 0.5
-
-    def one_tile(x):
-        x0, y0, m, c, o, col, n = x
-        return composite(lx + x0, ly + y0, m, c, o, col, chunk=CHUNK, count=n)
-
-    per_tile = (
-        (t % tw) * TILE,
-        (t // tw) * TILE,
-        proj.means2d[ids],
-        proj.conics[ids],
-        jnp.where(valid, opacities[ids], 0.0),
-        colors[ids],
-        lists.count,
-    )
-    acc, _ = jax.lax.map(jax.checkpoint(one_tile), per_tile)
-    acc = acc.reshape(th, tw, TILE, TILE, 3).transpose(0, 2, 1, 3, 4)
-    return acc.reshape(th * TILE, tw * TILE, 3)[None, :h, :h]
-
-
 def time_fn(fn, args, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -150,7 +90,7 @@ def time_fn(fn, args, repeats):
 def gsplat_row(s, h, repeats, w_img, ours):
     """gsplat's CUDA `rasterization` on the same scene, timed like ours (torch, CUDA synced).
 
-    None without CUDA. `psnr_vs_new` compares its image with ours (`new`)."""
+    None without CUDA. `psnr_vs_auto` compares its image with ours ("auto")."""
     try:
         import gsplat
         import torch
@@ -158,7 +98,7 @@ def gsplat_row(s, h, repeats, w_img, ours):
         return None
     if not torch.cuda.is_available():
         return None
-    vm, K = camera(h)
+    vm, K = frontal_camera(h)
     t = lambda x, grad=False: torch.tensor(np.asarray(x), device="cuda", requires_grad=grad)
     keys = ("means", "quats", "scales", "opacities", "colors")
     leaves = [t(s[k], grad=True) for k in keys]
@@ -189,96 +129,86 @@ def gsplat_row(s, h, repeats, w_img, ours):
     bwd_ms, c1 = timed(fwd_bwd)
     mse = float(np.mean((img - np.asarray(ours)) ** 2))
     return {"path": "gsplat", "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms, "compile_s": c0 + c1,
-            "psnr_vs_new": 10 * np.log10(1.0 / max(mse, 1e-12))}  # fmt: skip
+            "psnr_vs_auto": 10 * np.log10(1.0 / max(mse, 1e-12))}  # fmt: skip
 
 
-def bench(s, h, repeats, old_limit):
-    """Rows for the new and the old path (and gsplat's CUDA kernels, given CUDA) on scene s."""
-    vm, K = camera(h)
+def bench(s, h, repeats, max_call_s, paths=tuple(PATHS)):
+    """One row per path (and gsplat's CUDA kernels, given CUDA) on scene s at h x h pixels."""
+    vm, K = frontal_camera(h)
     keys = ("means", "quats", "scales", "opacities", "colors")
     args = tuple(jnp.asarray(s[k]) for k in keys)
     w_img = jnp.asarray(np.random.default_rng(1).normal(size=(1, h, h, 3)).astype(np.float32))
     # eager call: the renderer counts the intersections and picks its capacity
     _, _, meta = rasterization(*args, vm, K, h, h)
     n_isects, cap = int(meta["n_isects"][0]), int(meta["isect_capacity"])
-    max_count = int(meta["max_tile_count"][0])
-    base = {"n_isects": n_isects, "max_tile_count": max_count, "isect_capacity": cap}
+    base = {"n_isects": n_isects, "max_tile_count": int(meta["max_tile_count"][0]),
+            "isect_capacity": cap}  # fmt: skip
+    n_tiles = int(np.prod(tile_grid(h, h, TILE)))
+    platform = jax.default_backend()
+    rows, images = {}, {}
+    for name in paths:
+        kw = dict(PATHS[name])
+        if name == "xla-parallel":
+            kw["tile_batch"] = -(-n_tiles // XLA_BUCKETS)
+        opts = resolve(RasterOptions(width=h, height=h, tile_size=TILE, **kw), 3)
+        row = {"path": name, "resolved": {k: getattr(opts, k) for k in
+                                          ("backend", "tile_batch", "chunk", "kernel")}} | base
+        if name == "pallas" and platform == "cpu":
+            rows[name] = row | {"skipped": "pallas on CPU runs in interpret mode, a correctness "
+                                "tool (tests/render/test_render_kernels.py): not timed"}
+            continue
 
-    def new(*a):
-        img, _, meta = rasterization(*a, vm, K, h, h, isect_capacity=cap)
-        return img, meta["isect_overflow"][0]
+        def fn(*a, kw=kw):
+            img, _, meta = rasterization(*a, vm, K, h, h, isect_capacity=cap, **kw)
+            return img, meta["isect_overflow"][0]
 
-    def old(*a):
-        return old_render(*a, vm, K, h, cap, max_count), jnp.zeros((), jnp.int32)
-
-    rows = {}
-    n_tiles = np.prod(tile_grid(h, h, TILE))
-    for name, fn in (("new", new), ("old", old)):
-        row = {"path": name} | base
-        if name == "old":
-            row["tile_capacity"] = max_count
-            pairs = float(n_tiles * max_count * TILE * TILE)
-            if pairs > old_limit:
-                row["skipped"] = (
-                    f"old path's [tiles, K={max_count}] table is {pairs:.2e} pixel-Gaussian "
-                    f"pairs > --old-limit {old_limit:.0e}: would take minutes on this CPU"
-                )
-                rows[name] = row
-                continue
         loss = lambda *a, fn=fn: jnp.sum(fn(*a)[0] * w_img)
         f = jax.jit(fn)
+        t0 = time.perf_counter()
+        images[name], dropped = jax.block_until_ready(f(*args))
+        first = time.perf_counter() - t0
+        if first > max_call_s:
+            rows[name] = row | {"dropped": int(dropped), "skipped": f"{name}: the compiling "
+                                f"forward call took {first:.0f} s > --max-call-s {max_call_s:.0f}"}
+            continue
         g = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
         fwd_ms, fwd_c = time_fn(f, args, repeats)
         bwd_ms, bwd_c = time_fn(g, args, repeats)
-        row |= {"dropped": int(f(*args)[1]), "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms}
-        rows[name] = row | {"compile_s": fwd_c + bwd_c}
-    if "fwd_bwd_ms" in rows["old"]:
-        rows["new"]["speedup_fwd_bwd_vs_old"] = (
-            rows["old"]["fwd_bwd_ms"] / rows["new"]["fwd_bwd_ms"]
-        )
-        rows["new"]["speedup_fwd_vs_old"] = rows["old"]["fwd_ms"] / rows["new"]["fwd_ms"]
-    ref = gsplat_row(s, h, repeats, w_img, jax.jit(new)(*args)[0])
+        rows[name] = row | {"dropped": int(dropped), "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms,
+                            "compile_s": fwd_c + bwd_c}  # fmt: skip
+    seq, auto = rows.get("xla-sequential", {}), rows.get("auto", {})
+    if "fwd_ms" in seq and "fwd_ms" in auto:
+        auto["auto_over_sequential"] = {k: auto[k] / seq[k] for k in ("fwd_ms", "fwd_bwd_ms")}
+    for name in ("xla-parallel", "auto", "pallas"):
+        if name in images and "xla-sequential" in images:
+            diff = float(np.abs(np.asarray(images[name]) - np.asarray(images["xla-sequential"])).max())
+            rows[name]["max_abs_diff_vs_sequential"] = diff
+    out = list(rows.values())
+    ours = images.get("auto", next(iter(images.values()), None))
+    ref = gsplat_row(s, h, repeats, w_img, ours) if ours is not None else None
     if ref is not None:
-        for k in ("fwd_ms", "fwd_bwd_ms"):
-            rows["new"][f"{k}_over_gsplat"] = rows["new"][k] / ref[k]
-        return [rows["new"], rows["old"], ref | {"n_isects": n_isects}]
-    return [rows["new"], rows["old"]]
-
-
-def growth(rows, size, n_lo, n_hi):
-    """(fwd+bwd time growth) / (n_isects growth) of the new path, random scenes, n_lo -> n_hi."""
-    pick = {
-        r["N"]: r
-        for r in rows
-        if r["workload"] == "random" and r["size"] == size and r["path"] == "new"
-    }
-    if n_lo not in pick or n_hi not in pick:
-        return None
-    lo, hi = pick[n_lo], pick[n_hi]
-    t, i = hi["fwd_bwd_ms"] / lo["fwd_bwd_ms"], hi["n_isects"] / lo["n_isects"]
-    return {"size": size, "N": [n_lo, n_hi], "time_growth": t, "isect_growth": i,
-            "time_growth_over_isect_growth": t / i}  # fmt: skip
-
-
-def upm_speedup(rows, uv_map=256, size=256):
-    """fwd+bwd speed-up of the new path over the old on the UPM map at `size` px."""
-    for r in rows:
-        if (r["workload"], r.get("uv_map"), r["size"], r["path"]) == ("upm", uv_map, size, "new"):
-            return {"uv_map": uv_map, "size": size, "fwd_bwd": r.get("speedup_fwd_bwd_vs_old"),
-                    "fwd": r.get("speedup_fwd_vs_old")}  # fmt: skip
-    return None
+        for r in out:
+            for k in ("fwd_ms", "fwd_bwd_ms"):
+                if k in r:
+                    r[f"{k}_over_gsplat"] = r[k] / ref[k]
+        out.append(ref | {"n_isects": n_isects})
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", default="256,512")
-    p.add_argument("--counts", default="1000,10000,100000,260000")
-    p.add_argument("--upm", default="128@256,256@256,128@512", help="map@pixels workloads")
+    p.add_argument("--sizes", default="256,512,1024")
+    p.add_argument("--counts", default="10000,100000,1000000")
+    p.add_argument("--upm", default="256@512,512@1024", help="map@pixels workloads")
     p.add_argument("--no-upm", action="store_true")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--old-limit", type=float, default=3e8, help="max tiles x K x pixels")
+    p.add_argument("--max-call-s", type=float, default=120.0)
+    p.add_argument("--paths", default=",".join(PATHS), help=f"some of {list(PATHS)}")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        p.error(f"--paths: unknown {sorted(unknown)}; expected some of {list(PATHS)}")
     rows = []
     work = [
         ("random", int(n), int(h)) for h in args.sizes.split(",") for n in args.counts.split(",")
@@ -286,30 +216,24 @@ def main() -> int:
     if not args.no_upm:
         work += [("upm", *map(int, w.split("@"))) for w in args.upm.split(",")]
     for kind, n, h in work:
-        s = random_scene(n) if kind == "random" else head_scene(n)
+        s = random_scene(n) if kind == "random" else head_gaussians(n)
         head = {"workload": kind, "N": len(s["opacities"]), "size": h}
         if kind == "upm":
             head["uv_map"] = n
-        for row in bench(s, h, args.repeats, args.old_limit):
+        for row in bench(s, h, args.repeats, args.max_call_s, paths):
             rows.append(head | row)
             print(json.dumps(rows[-1]), flush=True)
     backend = jax.default_backend()
-    counts = [int(n) for n in args.counts.split(",")]
+    ratios = [r["auto_over_sequential"] for r in rows if "auto_over_sequential" in r]
     result = {
         "benchmark": "render",
         "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "repeats": args.repeats,
         "tile_size": TILE,
-        "chunk": CHUNK,
         "command": "python " + " ".join(sys.argv),
         "all_dropped_zero": all(r.get("dropped", 0) == 0 for r in rows),
-        "growth_512": growth(rows, 512, 10000, max(counts)) if 10000 in counts else None,
-        "upm_speedup": upm_speedup(rows),
-        "old_slower_everywhere": all(
-            r.get("speedup_fwd_vs_old", 2) > 1 and r.get("speedup_fwd_bwd_vs_old", 2) > 1
-            for r in rows
-        ),
+        "auto_over_sequential_max": max((max(r.values()) for r in ratios), default=None),
         "rows": rows,
     }
     write_result(result, args.out or REPO / f"benchmarks/results/render_{backend}.json")

@@ -107,7 +107,7 @@ ELEMENTWISE_FREE = {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "io
 def jaxpr_ops(jaxpr) -> float:
     """Vector element operations of a jaxpr: each equation costs its largest operand or result
     (reductions cost their input), nested jaxprs (pjit, custom_jvp) counted inside; data
-    movement without arithmetic (broadcast, reshape) is free."""
+    movement without arithmetic (broadcast, reshape, a same-dtype conversion) is free."""
     total = 0.0
     for eqn in jaxpr.eqns:
         subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
@@ -116,6 +116,10 @@ def jaxpr_ops(jaxpr) -> float:
                 total += jaxpr_ops(getattr(sub, "jaxpr", sub))
             continue
         if eqn.primitive.name in ELEMENTWISE_FREE:
+            continue
+        if eqn.primitive.name == "convert_element_type" and (
+            eqn.invars[0].aval.dtype == eqn.params["new_dtype"]  # a weak type made strong
+        ):
             continue
         sizes = [math.prod(getattr(v.aval, "shape", ())) for v in (*eqn.invars, *eqn.outvars)]
         total += max(sizes, default=1)

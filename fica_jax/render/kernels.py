@@ -273,16 +273,6 @@ def _tpu_params():
     return pltpu, pltpu.CompilerParams(dimension_semantics=("parallel",))
 
 
-def _interpret(lay):
-    if not lay.interpret:
-        return False
-    if lay.target == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        return pltpu.InterpretParams()
-    return True
-
-
 def _tpu_forward(chunks, cstart, count, lay: KernelLayout):
     pltpu, params = _tpu_params()
     p, d = lay.tile_size**2, lay.n_colors
@@ -312,7 +302,7 @@ def _tpu_forward(chunks, cstart, count, lay: KernelLayout):
               for w, dt in ((d, jnp.float32), (1, jnp.float32), (1, jnp.int32))]  # fmt: skip
     acc, trans, end = pl.pallas_call(
         kernel, grid_spec=spec, out_shape=shapes, compiler_params=params,
-        interpret=_interpret(lay), name="fica_composite_fwd",
+        interpret=lay.interpret, name="fica_composite_fwd",
     )(cstart, count, chunks)  # fmt: skip
     return acc, trans[..., 0], end[..., 0]
 
@@ -348,7 +338,7 @@ def _tpu_backward(chunks, cstart, count, trans, end, v_acc, v_trans, lay: Kernel
     )
     return pl.pallas_call(
         kernel, grid_spec=spec, out_shape=jax.ShapeDtypeStruct(chunks.shape, jnp.float32),
-        input_output_aliases={7: 0}, compiler_params=params, interpret=_interpret(lay),
+        input_output_aliases={7: 0}, compiler_params=params, interpret=lay.interpret,
         name="fica_composite_bwd",
     )(cstart, count, chunks, trans[..., None], end[..., None], v_acc, v_trans[..., None],
       jnp.zeros_like(chunks))  # fmt: skip
@@ -365,7 +355,7 @@ def _gpu_call(kernel, out_shape, args, lay, aliases=None, name=""):
     return pl.pallas_call(
         kernel, grid=(lay.n_tiles,), in_specs=[anyspec] * len(args),
         out_specs=jax.tree.map(lambda _: anyspec, out_shape), out_shape=out_shape,
-        input_output_aliases=aliases or {}, interpret=_interpret(lay), name=name,
+        input_output_aliases=aliases or {}, interpret=lay.interpret, name=name,
         compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
     )(*args)  # fmt: skip
 
