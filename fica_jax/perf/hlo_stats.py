@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+
+import numpy as np
 import re
 
 _DTYPE_BYTES = {
@@ -106,21 +108,22 @@ def _valid_taps(
     out: int, kernel: int, size: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int
 ) -> int:
     """(output position, kernel tap) pairs of one spatial dim that read a real input element
-    (not padding, not a hole of lhs dilation): XLA's HloCostAnalysis convention. Counted per
-    tap in closed form (a 1024-wide dim of a 1024-wide window is a million pairs)."""
+    (not padding, not a hole of lhs dilation): XLA's HloCostAnalysis convention. In closed form,
+    vectorised over taps: the TPU compiler writes some scans as convs whose dim, window and base
+    dilation are all a million wide."""
     last = (size - 1) * lhs_dil
-    period = lhs_dil // math.gcd(stride, lhs_dil)  # o -> (o stride) mod lhs_dil repeats
-    n = 0
-    for k in range(kernel):
-        off = k * rhs_dil - pad_lo  # input position read by output o: o * stride + off
-        lo = max(0, -(off // stride))  # first o with o * stride + off >= 0
-        hi = min(out - 1, (last - off) // stride) if last >= off else -1
-        if hi < lo:
-            continue
-        span = hi - lo + 1
-        hits = [(o * stride + off) % lhs_dil == 0 for o in range(lo, lo + min(period, span))]
-        n += (span // period) * sum(hits) + sum(hits[: span % period])
-    return n
+    off = np.arange(kernel, dtype=np.int64) * rhs_dil - pad_lo  # output o reads o * stride + off
+    lo = np.maximum(0, -(off // stride))  # first o with o * stride + off >= 0
+    hi = np.minimum(out - 1, np.floor_divide(last - off, stride))
+    # o * stride + off = 0 (mod lhs_dil): solvable where g = gcd(stride, lhs_dil) divides off,
+    # then o = o0 (mod lhs_dil / g)
+    g = math.gcd(stride, lhs_dil)
+    period = lhs_dil // g
+    inv = pow(stride // g, -1, period) if period > 1 else 0
+    o0 = ((-off) // g % period) * inv % period
+    first = lo + (o0 - lo) % period
+    n = np.where((off % g == 0) & (first <= hi), (hi - first) // period + 1, 0)
+    return int(n.sum())
 
 
 def conv_flops(result: str, operands: list[str], attrs: str, shapes: dict) -> float:
