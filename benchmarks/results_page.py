@@ -268,12 +268,16 @@ def plan_rows(plans: list[tuple[str, dict, str]]) -> list[str]:
                     gb(b.get("optimizer_state")), gb(b.get("temp_activations")),
                     gb(b.get("peak_estimate"))])  # fmt: skip
         ratio = d.get("flops", {}).get("hardware_over_model")
+        kernel = (d.get("renderer") or {}).get("step", {})
         for chip, r in d["roofline"].items():
             hbm = CHIPS[chip].hbm_bytes if chip in CHIPS else None
+            k = kernel.get(chip, {})
             speed.append([where, mesh, chip, f"{gb(b.get('peak_estimate'))} / {gb(hbm)}",
                           num(r.get("fits_hbm")), ms(r.get("compute_s")),
                           ms(r.get("op_roofline_s")), ms(r.get("async_copy_s")),
                           ms(r.get("collective_s")), ms(r.get("step_s")),
+                          ms(k.get("kernel_s")), ms(k.get("step_s")),
+                          num(k.get("renderer_share"), 2),
                           num(r.get("mfu"), 3), num(r.get("mfu_no_overlap"), 3),
                           num(ratio, 3)])  # fmt: skip
     out += ["Memory per chip (the compiler's memory analysis):", ""]
@@ -281,8 +285,14 @@ def plan_rows(plans: list[tuple[str, dict, str]]) -> list[str]:
                   "activations", "peak"], mem)  # fmt: skip
     out += ["Predicted step per chip (peak memory against the chip's HBM from "
             "`fica_jax/perf/chips.py`):", ""]  # fmt: skip
+    out += ["The renderer's compositing kernel is a custom call the HLO roofline cannot see: "
+            "where a stage renders, its compute is given analytically (pixel-Gaussian pairs of a "
+            "representative frame x vector ops per pair / the chip's vector throughput, "
+            "`fica_jax/plan/render_cost.py`) and added to the step (`step + renderer`, no "
+            "overlap assumed); `renderer share` is its part of that.", ""]  # fmt: skip
     out += table(["file", "mesh", "chip", "peak / HBM", "fits", "compute", "op roofline",
-                  "async DMA", "collectives", "step (overlap)", "MFU", "MFU, no overlap",
+                  "async DMA", "collectives", "step (overlap)", "renderer kernel",
+                  "step + renderer", "renderer share", "MFU", "MFU, no overlap",
                   "hardware / model FLOPs"], speed)  # fmt: skip
     return out
 
