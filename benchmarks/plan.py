@@ -36,6 +36,9 @@ PLANS = {
     "dit_paper_64_4x16_tpu": ("configs/dit.py:paper", "data=4,fsdp=16", [], "v5p:4x4x4"),
     "dit_paper_64_fullfsdp_tpu": ("configs/dit.py:paper", "data=1,fsdp=64", [], "v5p:4x4x4"),
     "dit_paper1024_16_tpu": ("configs/dit.py:paper1024", "data=1,fsdp=16", [], "v5p:2x2x4"),
+    # the renderer's stages: their compositing kernel priced analytically (`renderer` section)
+    "upm_paper_64_tpu": ("configs/upm.py:paper", "data=64", [], "v5p:4x4x4"),
+    "refiner_paper_64_tpu": ("configs/refiner.py:paper", "data=64", [], "v5p:4x4x4"),
 }
 
 
@@ -78,6 +81,8 @@ def main() -> int:
             "v5p_mfu": v5p.get("mfu"),
             "v5p_mfu_no_overlap": v5p.get("mfu_no_overlap"),
         }
+        if report.get("renderer"):
+            summary["v5p_step_with_renderer"] = report["renderer"]["step"].get("v5p")
         print(json.dumps({name: summary}))
     return 0
 
