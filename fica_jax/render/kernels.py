@@ -12,7 +12,7 @@ The same rules and the same custom VJP as `composite.composite_tiles` (module do
 
 Chunk layout. The lists are regrouped (`chunk_layout`, plain XLA) so that every tile's list
 starts on a chunk boundary: feature rows as `[n_chunks, F_PAD, chunk]` (features on sublanes,
-list entries on lanes), so one chunk is one aligned block (a TPU DMA of `[8k, 128]`, a Triton
+list entries on lanes), so one chunk is one aligned block (a TPU DMA of `[16, 128]`, a Triton
 load of contiguous rows). Inside a chunk the work is one `[pixels, chunk]` block (pixels on
 sublanes, Gaussians on lanes); the transmittance recurrence along the chunk is an inclusive
 prefix product: on TPU a log-step scan by lane rotation (`pltpu.roll`), on GPU
@@ -20,9 +20,10 @@ prefix product: on TPU a log-step scan by lane rotation (`pltpu.roll`), on GPU
 associated differently from the XLA path's sequential loop (~1e-7 relative).
 
 Interpret mode (`interpret=True`, any host) runs either kernel with JAX's Pallas interpreter;
-the tests compare both with the XLA path. The TPU kernel compiles deviceless through libtpu
-(`tests/render/test_render_kernels.py`); the Triton kernel lowers to Triton IR on any host and
-compiles on a GPU.
+the tests compare both with the XLA path (`tests/render/test_render_kernels.py`). The TPU kernel
+compiles deviceless through libtpu inside the UPM train step (`tests/plan/test_render_cost.py`);
+the Triton kernel lowers to Triton IR on any host and compiles on a GPU. Not done: the TPU
+chunk DMA is synchronous (no double buffering).
 """
 
 from __future__ import annotations
