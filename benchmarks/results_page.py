@@ -194,7 +194,8 @@ def render(name: str, d: dict, link: str) -> list[str]:
     """`benchmarks/render.py`: the rasteriser's ms per frame, rows grouped by scene, one column
     pair (forward, forward + backward) per path."""
     out = heading(f"Rasteriser, {d.get('device', '?')}", d) + source(name, d, link)
-    for k in ("tile_size", "chunk", "all_dropped_zero", "old_slower_everywhere"):
+    for k in ("tile_size", "chunk", "complete", "all_dropped_zero", "auto_over_sequential_max",
+              "old_slower_everywhere"):
         if k in d:
             out.append(f"- {k.replace('_', ' ')}: `{num(d[k])}`")
     for k in ("growth_512", "upm_speedup"):
@@ -220,7 +221,7 @@ def render(name: str, d: dict, link: str) -> list[str]:
                                                                   r.get("fwd_bwd_ms")]  # fmt: skip
         rows.append(line)
     out += table(header, rows)
-    skipped = [r["skipped"] for r in d["rows"] if "skipped" in r]
+    skipped = list(dict.fromkeys(r["skipped"] for r in d["rows"] if "skipped" in r))
     return out + [f"Skipped: {s}" for s in skipped] + ([""] if skipped else []) + notes(d)
 
 
