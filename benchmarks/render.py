@@ -142,11 +142,15 @@ def bench(s, h, repeats, max_call_s, paths=tuple(PATHS)):
         if name == "xla-parallel":
             kw["tile_batch"] = -(-n_tiles // XLA_BUCKETS)
         opts = resolve(RasterOptions(width=h, height=h, tile_size=TILE, **kw), 3)
-        row = {"path": name, "resolved": {k: getattr(opts, k) for k in
-                                          ("backend", "tile_batch", "chunk", "kernel")}} | base
+        row = {
+            "path": name,
+            "resolved": {k: getattr(opts, k) for k in ("backend", "tile_batch", "chunk", "kernel")},
+        } | base
         if name == "pallas" and platform == "cpu":
-            rows[name] = row | {"skipped": "pallas on CPU runs in interpret mode, a correctness "
-                                "tool (tests/render/test_render_kernels.py): not timed"}
+            rows[name] = row | {
+                "skipped": "pallas on CPU runs in interpret mode, a correctness "
+                "tool (tests/render/test_render_kernels.py): not timed"
+            }
             continue
 
         def fn(*a, kw=kw):
@@ -191,7 +195,9 @@ def bench(s, h, repeats, max_call_s, paths=tuple(PATHS)):
         auto["same_path_as_sequential"] = auto["resolved"] == seq["resolved"]
     for name in ("xla-parallel", "auto", "pallas"):
         if name in images and "xla-sequential" in images:
-            diff = float(np.abs(np.asarray(images[name]) - np.asarray(images["xla-sequential"])).max())
+            diff = float(
+                np.abs(np.asarray(images[name]) - np.asarray(images["xla-sequential"])).max()
+            )
             rows[name]["max_abs_diff_vs_sequential"] = diff
     out = list(rows.values())
     ours = images.get("auto", next(iter(images.values()), None))

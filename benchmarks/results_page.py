@@ -194,8 +194,14 @@ def render(name: str, d: dict, link: str) -> list[str]:
     """`benchmarks/render.py`: the rasteriser's ms per frame, rows grouped by scene, one column
     pair (forward, forward + backward) per path."""
     out = heading(f"Rasteriser, {d.get('device', '?')}", d) + source(name, d, link)
-    for k in ("tile_size", "chunk", "complete", "all_dropped_zero", "auto_over_sequential_max",
-              "old_slower_everywhere"):
+    for k in (
+        "tile_size",
+        "chunk",
+        "complete",
+        "all_dropped_zero",
+        "auto_over_sequential_max",
+        "old_slower_everywhere",
+    ):
         if k in d:
             out.append(f"- {k.replace('_', ' ')}: `{num(d[k])}`")
     for k in ("growth_512", "upm_speedup"):

@@ -177,11 +177,10 @@ def plan(
     """
     import jax
 
+    from fica_jax.render.rasterize import target_platform
     from fica_jax.train.metrics import compiled_flops
     from fica_jax.train.stage import get_stage
     from fica_jax.train.step import build
-
-    from fica_jax.render.rasterize import target_platform
 
     stage = get_stage(cfg.stage)
     mesh, chips = _plan_mesh(cfg, mesh_shape, chips, topology, libtpu)

@@ -84,8 +84,9 @@ def frame_pairs(gaussians: int, size: int, tile_size: int, chunk: int) -> dict:
     proj, n = counts(*args)
     cap = bucket_capacity(int(n))
     lists, stats = jax.jit(
-        lambda p, o: bin_gaussians(p.means2d, p.radii, p.depths, o, size, size,
-                                   tile_size=tile_size, isect_capacity=cap)  # fmt: skip
+        lambda p, o: bin_gaussians(
+            p.means2d, p.radii, p.depths, o, size, size, tile_size=tile_size, isect_capacity=cap
+        )  # fmt: skip
     )(proj, args[3])
     count = np.asarray(lists.count, np.int64)
     walked = int(np.sum(-(-count // chunk) * chunk))

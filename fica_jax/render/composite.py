@@ -264,8 +264,8 @@ def _batched(lay: TileLayout, start, count):
 
 def _unbatch(x, tiles, lay: TileLayout):  # [n_batches, B, ...] -> [n_tiles, ...] in tile order
     x = x.reshape((-1,) + x.shape[2:])
-    return jnp.zeros((lay.n_tiles,) + x.shape[1:], x.dtype).at[tiles.reshape(-1)].set(
-        x, mode="drop"
+    return (
+        jnp.zeros((lay.n_tiles,) + x.shape[1:], x.dtype).at[tiles.reshape(-1)].set(x, mode="drop")
     )
 
 
@@ -342,28 +342,36 @@ def _backward(feats, start, count, trans, end, v_acc, v_trans, lay: TileLayout):
     return buf
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def composite_tiles(
-    feats: jax.Array,  # [S, 6 + D] per-slot rows (mean2d, conic, opacity, colour), padded by chunk
-    start: jax.Array,  # [T] int32 first slot of each tile's list
-    count: jax.Array,  # [T] int32 list lengths
-    lay: TileLayout,
-) -> tuple[jax.Array, jax.Array]:
-    """Returns (accumulated colour [T, P, D], final transmittance [T, P]), no background; P =
-    tile_size^2 pixels per tile, row-major. Differentiable w.r.t. `feats` (custom VJP)."""
-    acc, trans, _ = _forward(feats, start, count, lay)
-    return acc, trans
+def tile_vjp(forward, backward, doc: str):
+    """The compositing stage as a `jax.custom_vjp` of (rows, start, count, layout) -> (acc, trans),
+    from `forward(rows, start, count, lay) -> (acc, trans, end)` and `backward(rows, start, count,
+    trans, end, v_acc, v_trans, lay) -> row gradients`: the saved state is gsplat's (final T and
+    the list position after the last composited Gaussian). Shared by this XLA path and the
+    Pallas kernels (`kernels.composite_chunks`)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def composite_fn(rows, start, count, lay):
+        acc, trans, _ = forward(rows, start, count, lay)
+        return acc, trans
+
+    def fwd(rows, start, count, lay):
+        acc, trans, end = forward(rows, start, count, lay)
+        return (acc, trans), (rows, start, count, trans, end)
+
+    def bwd(lay, res, cts):
+        return backward(*res, *cts, lay), None, None
+
+    composite_fn.defvjp(fwd, bwd)
+    composite_fn.__doc__ = doc
+    return composite_fn
 
 
-def _composite_tiles_fwd(feats, start, count, lay):
-    acc, trans, end = _forward(feats, start, count, lay)
-    return (acc, trans), (feats, start, count, trans, end)
-
-
-def _composite_tiles_bwd(lay, res, cts):
-    feats, start, count, trans, end = res
-    v_acc, v_trans = cts
-    return _backward(feats, start, count, trans, end, v_acc, v_trans, lay), None, None
-
-
-composite_tiles.defvjp(_composite_tiles_fwd, _composite_tiles_bwd)
+# feats [S, 6 + D] per-slot rows (mean2d, conic, opacity, colour), padded by chunk; start [T]
+# int32 first slot of each tile's list; count [T] int32 list lengths
+composite_tiles = tile_vjp(
+    _forward,
+    _backward,
+    """(accumulated colour [T, P, D], final transmittance [T, P]), no background; P =
+    tile_size^2 pixels per tile, row-major, of per-slot rows feats [S, 6 + D] (padded by chunk),
+    tile starts [T] and counts [T]. Differentiable w.r.t. `feats` (custom VJP).""",
+)

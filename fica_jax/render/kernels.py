@@ -28,14 +28,13 @@ chunk DMA is synchronous (no double buffering).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from fica_jax.render.composite import ALPHA_MAX, T_MIN, _alphas
+from fica_jax.render.composite import ALPHA_MAX, T_MIN, _alphas, tile_vjp
 
 F_PAD = 16  # sublanes per chunk block: mean2d 2, conic 3, opacity 1, colours (<= 10)
 CHUNKS = {"tpu": 128, "gpu": 64}  # list entries per chunk: a TPU lane row; a Triton block
@@ -172,7 +171,7 @@ def _fwd_chunk(state, blk, lay: KernelLayout):
     ended_before = _prefix_sum(bf, lay.target) - bf > 0
     keep = used & ~below & ~ended_before & (done == 0)
     w = jnp.where(keep, alpha * trans * excl, 0.0)
-    acc = [a + jnp.sum(w * col, axis=1, keepdims=True) for a, col in zip(acc, cols)]
+    acc = [a + jnp.sum(w * col, axis=1, keepdims=True) for a, col in zip(acc, cols, strict=True)]
     trans = trans * jnp.min(jnp.where(keep, incl, 1.0), axis=1, keepdims=True)
     end = jnp.maximum(end, jnp.max(jnp.where(keep, pos + 1, 0), axis=1, keepdims=True))
     done = jnp.maximum(done, jnp.max(jnp.where(below, 1, 0), axis=1, keepdims=True))
@@ -191,7 +190,7 @@ def _bwd_chunk(state, blk, i, count, v_acc, lay: KernelLayout):
     incl, excl = _prefix_prod(one_minus, lay.target)
     t_before = trans / jnp.min(incl, axis=1, keepdims=True)
     w = a * t_before * excl
-    cv = sum(col * v for col, v in zip(cols, v_acc))  # c_k . v_C  [P, k]
+    cv = sum(col * v for col, v in zip(cols, v_acc, strict=True))  # c_k . v_C  [P, k]
     wcv = w * cv
     later = jnp.sum(wcv, axis=1, keepdims=True) - _prefix_sum(wcv, lay.target)
     v_alpha = t_before * excl * cv - (bacc + later) / one_minus
@@ -377,7 +376,9 @@ def _gpu_forward(chunks, cstart, count, lay: KernelLayout):
     shapes = [jax.ShapeDtypeStruct(s, dt) for s, dt in
               (((lay.n_tiles, d, p), jnp.float32), ((lay.n_tiles, p), jnp.float32),
                ((lay.n_tiles, p), jnp.int32))]  # fmt: skip
-    acc, trans, end = _gpu_call(kernel, shapes, (cstart, count, chunks), lay, name="fica_composite_fwd")
+    acc, trans, end = _gpu_call(
+        kernel, shapes, (cstart, count, chunks), lay, name="fica_composite_fwd"
+    )
     return acc.transpose(0, 2, 1), trans, end
 
 
@@ -412,24 +413,15 @@ def _forward(chunks, cstart, count, lay):
     return f(chunks, cstart, count, lay)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def composite_chunks(chunks, cstart, count, lay: KernelLayout):
-    """(accumulated colour [T, P, D], final transmittance [T, P]) of chunk blocks
-    [C, F_PAD, chunk] (`to_chunks`), no background; differentiable w.r.t. `chunks`."""
-    acc, trans, _ = _forward(chunks, cstart, count, lay)
-    return acc, trans
-
-
-def _fwd(chunks, cstart, count, lay):
-    acc, trans, end = _forward(chunks, cstart, count, lay)
-    return (acc, trans), (chunks, cstart, count, trans, end)
-
-
-def _bwd(lay, res, cts):
-    chunks, cstart, count, trans, end = res
-    v_acc, v_trans = cts
+def _backward(chunks, cstart, count, trans, end, v_acc, v_trans, lay):
     f = _tpu_backward if lay.target == "tpu" else _gpu_backward
-    return f(chunks, cstart, count, trans, end, v_acc, v_trans, lay), None, None
+    return f(chunks, cstart, count, trans, end, v_acc, v_trans, lay)
 
 
-composite_chunks.defvjp(_fwd, _bwd)
+composite_chunks = tile_vjp(
+    _forward,
+    _backward,
+    """(accumulated colour [T, P, D], final transmittance [T, P]) of chunk blocks
+    [C, F_PAD, chunk] (`to_chunks`), chunk starts [T] and list counts [T], no background;
+    differentiable w.r.t. the blocks (custom VJP).""",
+)

@@ -140,7 +140,9 @@ def test_backend_resolves_per_platform():
     odd = RasterOptions(width=48, height=48, tile_size=12, platform="gpu")
     assert resolve(odd, 3).backend == "xla"
     with pytest.raises(UserError, match=r"^backend='pallas' cannot render tile_size 12 \(Tri"):
-        resolve(RasterOptions(width=48, height=48, tile_size=12, platform="gpu", backend="pallas"), 3)
+        resolve(
+            RasterOptions(width=48, height=48, tile_size=12, platform="gpu", backend="pallas"), 3
+        )
     with pytest.raises(UserError, match="chunk 100 on TPU"):
         resolve(RasterOptions(width=64, height=64, platform="tpu", backend="pallas", chunk=100), 3)
     with pytest.raises(UserError, match="backend 'cuda' unknown"):
