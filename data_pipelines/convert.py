@@ -3,8 +3,8 @@
 Each `SRC/<identity>/` directory becomes one schema record. Required: `portrait.png`,
 `uv_texture.png`, `uv_geometry.npy`, `cameras.json`; everything else is optional and either
 derived (uv_normal from the geometry, uv_mask from non-zero geometry, view_depth from the dense
-vertex maps, partial_uv by scattering the portrait's dense maps into UV as FiCA Sec. 2.1 does with
-Sapiens' predictions) or filled with zeros as documented. Every missing or ill-shaped file is a
+vertex maps, partial_uv by unwrapping the portrait's dense maps into UV as FiCA Sec. 2.1 does with
+Sapiens' predictions, with the synthetic generator's `fica_jax.geometry.unwrap`) or filled with zeros as documented. Every missing or ill-shaped file is a
 `UserError` naming the file and the expected shape.
 """
 
@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipelines import schema
 from data_pipelines.shards import DEFAULT_RECORDS_PER_SHARD, DatasetWriter
 from fica_jax.errors import UserError
+from fica_jax.geometry.unwrap import unwrap_partial
 
 
 # ----------------------------------------------------------------------------- file readers
@@ -98,37 +99,6 @@ def normals_from_geometry(geom: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (n * (mask[..., None] > 0)).astype(np.float32)
 
 
-def unwrap_to_uv(
-    image: np.ndarray, mask: np.ndarray, uv: np.ndarray, nrm: np.ndarray, vtx: np.ndarray, res: int
-) -> np.ndarray:
-    """Scatters a view's pixels into UV space -> [R, R, 10] partial maps [rgb, mask, nrm, vtx].
-
-    image [H, W, 3] uint8, mask [H, W], uv [H, W, 2] in [0, 1] (u right, v down), nrm/vtx
-    [H, W, 3]. Texels hit by several pixels get their mean (normals re-normalised), the same rule
-    as the synthetic generator's `fica_jax.geometry.capture.unwrap_partial`.
-    """
-    out = np.zeros((res, res, schema.PARTIAL_UV_DIM), np.float32)
-    fg = mask > 0
-    if not fg.any():
-        return out
-    tx = np.clip(np.floor(uv[fg, 0] * res), 0, res - 1).astype(np.int64)
-    ty = np.clip(np.floor(uv[fg, 1] * res), 0, res - 1).astype(np.int64)
-    vals = np.concatenate([image[fg] / 255.0, nrm[fg], vtx[fg]], -1).astype(np.float64)
-    total = np.zeros((res, res, 9))
-    count = np.zeros((res, res))
-    np.add.at(total, (ty, tx), vals)
-    np.add.at(count, (ty, tx), 1.0)
-    hit = count > 0
-    mean = total / np.maximum(count, 1.0)[..., None]
-    n = mean[..., 3:6]
-    n = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
-    out[..., 0:3] = mean[..., 0:3]
-    out[..., 3] = hit
-    out[..., 4:7] = n * hit[..., None]
-    out[..., 7:10] = mean[..., 6:9]
-    return out
-
-
 def depth_from_vtx(vtx: np.ndarray, viewmat: np.ndarray, mask: np.ndarray) -> np.ndarray:
     z = vtx @ viewmat[2, :3] + viewmat[2, 3]
     return (z * (mask > 0)).astype(np.float32)
@@ -157,9 +127,10 @@ def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
     msk = np.stack(masks)
     depth = np.stack([depth_from_vtx(maps["vtx"][v], vms[v], msk[v]) for v in range(V)])
     depth *= np.any(maps["vtx"] != 0, -1)  # no vertex map -> no depth
-    partial = unwrap_to_uv(img[0], msk[0], maps["uv"][0], maps["nrm"][0], maps["vtx"][0], R)
-    if not np.any(maps["uv"][0]):
-        partial[:] = 0  # without the portrait's UV map there is nothing to unwrap
+    partial = np.zeros((R, R, schema.PARTIAL_UV_DIM), np.float32)
+    if np.any(maps["uv"][0]):  # without the portrait's UV map there is nothing to unwrap
+        partial = np.asarray(unwrap_partial(img[0] / 255.0, msk[0], maps["uv"][0], maps["nrm"][0],
+                                            maps["vtx"][0], resolution=R))  # fmt: skip
     rec = {
         "schema_version": np.int32(schema.SCHEMA_VERSION),
         "identity": np.str_(d.name),

@@ -11,7 +11,8 @@ procedural head template so every stage can be trained and tested end to end:
 * per view: image, mask, depth, the dense UV / vertex / normal images FiCA's fine-tuned Sapiens
   predicts (Sec. 2.1), 2D landmarks with visibility, cameras, expression, gaze and the posed UV
   position map;
-* `partial_uv`: the portrait's visible pixels unwrapped into UV from its ground-truth dense maps.
+* `partial_uv`: the portrait's visible pixels unwrapped into UV from its ground-truth dense maps
+  (`fica_jax.geometry.unwrap`, the rule inference applies to the dense predictor's maps).
 
 Records follow `data_pipelines.schema` and are deterministic for (index, seed).
 """
@@ -29,6 +30,7 @@ from data_pipelines import schema
 from data_pipelines.synthetic.texture import paint_texture
 from fica_jax.geometry import capture
 from fica_jax.geometry.template import HeadTemplate, make_head_template, pose_vertices
+from fica_jax.geometry.unwrap import unwrap_partial
 from fica_jax.geometry.uvmaps import UVRaster, dilate, uv_raster, vertex_normals
 
 DEG = np.pi / 180
@@ -54,10 +56,6 @@ class SynthConfig:
     gaze_deg: tuple[float, float] = (20.0, 15.0)  # max |yaw|, |pitch|
     ambient_range: tuple[float, float] = (0.3, 0.6)
     diffuse_range: tuple[float, float] = (0.4, 0.8)
-    # partial_uv is unwrapped from the portrait's dense maps rendered this many times larger
-    # (1 = exactly the stored view-0 maps; 2 fills the UV face region without scatter gaps,
-    # like a high-resolution phone portrait would)
-    unwrap_supersample: int = 1
 
     def split(self, index: int) -> str:
         return "test" if index % self.test_every == self.test_every - 1 else "train"
@@ -210,18 +208,10 @@ def make_identity(index: int, cfg: SynthConfig, seed: int) -> dict[str, np.ndarr
         bg = _background(rng, cfg.image_size)
         out = _render_view(assets, texture, jnp.asarray(id_coeffs), expr, gaze, cam, light, bg)
         views.append((cam, expr, gaze, out))
-        if portrait:
-            p = out
-            if cfg.unwrap_supersample > 1:
-                f = cfg.unwrap_supersample
-                k = cam.K.copy()
-                k[:2] *= f
-                big = capture.Camera(k, cam.viewmat, cam.width * f, cam.height * f)
-                bg_big = np.repeat(np.repeat(bg, f, 0), f, 1)
-                p = _render_view(assets, texture, jnp.asarray(id_coeffs), expr, gaze, big, light,
-                                 bg_big)  # fmt: skip
 
-    partial_uv = capture.unwrap_partial(
+    # the portrait's exact dense maps through the one unwrap inference uses on predicted ones
+    p = views[0][-1]
+    partial_uv = unwrap_partial(
         p["rgb"], p["mask"], p["uv"], p["nrm"], p["vtx"], resolution=cfg.uv_resolution
     )
     stack = lambda key, dtype: np.stack([o[key] for *_, o in views]).astype(dtype)

@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", help="PNG path to write")
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--supersample", type=int, default=1, help="SynthConfig.unwrap_supersample")
     args = p.parse_args(argv)
-    cfg = SynthConfig(unwrap_supersample=args.supersample)
+    cfg = SynthConfig()
     records = [make_identity(i, cfg, args.seed) for i in range(args.count)]
     write_sheet(contact_rows(records), args.out, records[0]["view_image"].shape[1])
 

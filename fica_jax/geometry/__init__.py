@@ -3,5 +3,6 @@
 Modules: `template` (HeadTemplate, make_head_template, pose_vertices), `procedural` and
 `blendshapes` (how the procedural head is built), `obj` (user OBJ templates), `uvmaps` (UV
 rasterization, position/normal maps, Laplacian, sampling), `raster` (the shared JAX z-buffer),
-`capture` (Camera, render_capture, project_points, unwrap_partial).
+`capture` (Camera, render_capture, project_points), `unwrap` (unwrap_partial: pixels -> partial
+UV maps).
 """

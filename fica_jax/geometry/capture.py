@@ -1,10 +1,10 @@
 """Capture renderer: RGB, mask, depth and the dense UV / vertex / normal images of a mesh.
 
 FiCA Sec. 2.1: fine-tuned Sapiens predicts per-pixel UV coordinates, vertex positions and normals
-of the head; scattering the visible pixels into UV space gives the partial maps
-`[UV_RGB, UV_mask, UV_nrm, UV_vtx]`. This module renders the ground truth of those per-pixel
-predictions for synthetic captures (and mesh overlays for the refiner's losses, Sec. 2.3), plus
-`unwrap_partial`, the scatter into UV space.
+of the head; unwrapping the visible pixels into UV space (`fica_jax.geometry.unwrap`) gives the
+partial maps `[UV_RGB, UV_mask, UV_nrm, UV_vtx]`. This module renders the ground truth of those
+per-pixel predictions for synthetic captures (and mesh overlays for the refiner's losses,
+Sec. 2.3).
 
 Conventions: `Camera.viewmat` maps head coordinates to OpenCV camera coordinates (x right, y
 down, z forward); `K` is in pixels with pixel centres at +0.5. Shading is Lambert + ambient from
@@ -196,32 +196,3 @@ def _shade(
         "nrm": jnp.where(mask[..., None], nrm, 0.0),
         "face_id": face_id,
     }
-
-
-@jax.jit(static_argnames=("resolution",))
-def unwrap_partial(
-    rgb: jax.Array,  # [H, W, 3] in [0, 1]
-    mask: jax.Array,  # [H, W] bool / {0, 1}
-    uv: jax.Array,  # [H, W, 2]
-    nrm: jax.Array,  # [H, W, 3]
-    vtx: jax.Array,  # [H, W, 3]
-    resolution: int,
-) -> jax.Array:
-    """Scatters visible pixels into UV space -> [R, R, 10] = [rgb, mask, nrm, vtx].
-
-    The layout matches `data_pipelines.schema.PARTIAL_UV_CHANNELS`. Texels hit by several pixels
-    get their mean (normals re-normalised); texels hit by none are zero with mask 0.
-    """
-    r = resolution
-    w = (mask > 0).reshape(-1).astype(jnp.float32)
-    ij = jnp.clip(jnp.floor(uv.reshape(-1, 2) * r).astype(jnp.int32), 0, r - 1)
-    texel = ij[:, 1] * r + ij[:, 0]
-    vals = jnp.concatenate([rgb, nrm, vtx], -1).reshape(-1, 9).astype(jnp.float32)
-    total = jax.ops.segment_sum(vals * w[:, None], texel, num_segments=r * r)
-    count = jax.ops.segment_sum(w, texel, num_segments=r * r)[:, None]
-    mean = total / jnp.maximum(count, 1.0)
-    n = mean[:, 3:6]
-    n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-8)
-    hit = (count > 0).astype(jnp.float32)
-    out = jnp.concatenate([mean[:, :3], hit, n * hit, mean[:, 6:9]], -1)
-    return out.reshape(r, r, 10)

@@ -1,8 +1,8 @@
 """Portrait -> FiCA conditioning (paper Sec. 2.1): an image embedding and the partial UV maps.
 
 The fine-tuned dense predictor gives per-pixel UV coordinates, vertex positions, normals and a
-foreground mask; the portrait's pixels are scattered into UV space with
-`fica_jax.geometry.capture.unwrap_partial`, giving
+foreground mask; the portrait's pixels are unwrapped into UV space with
+`fica_jax.geometry.unwrap.unwrap_partial` (the generator's rule for the ground truth), giving
 `[UV_RGB (3), UV_mask (1), UV_nrm (3), UV_vtx (3)]` (`data_pipelines.schema.PARTIAL_UV_CHANNELS`).
 
 The image embedding is CLIP's projected embedding when CLIP weights are given. Without them (the
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fica_jax.geometry.capture import unwrap_partial
+from fica_jax.geometry.unwrap import unwrap_partial
 from fica_jax.models import clip as clip_lib
 from fica_jax.models.vit import DensePredictor
 
@@ -46,7 +46,7 @@ def predict_dense(model: DensePredictor, images: jax.Array) -> dict[str, jax.Arr
 
 
 def unwrap_batch(images: jax.Array, dense: dict[str, jax.Array], resolution: int) -> jax.Array:
-    """Scatters each portrait's foreground pixels (mask prob > 0.5) into [B, R, R, 10]."""
+    """Unwraps each portrait's foreground pixels (mask prob > 0.5) into [B, R, R, 10]."""
     fn = lambda img, m, uv, n, v: unwrap_partial(img, m > 0.5, uv, n, v, resolution)
     return jax.vmap(fn)(images, dense["mask"], dense["uv"], dense["nrm"], dense["vtx"])
 

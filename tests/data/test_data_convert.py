@@ -152,17 +152,3 @@ def test_minimal_identity(tmp_path):
     assert rec["view_image"].shape == (1, H, H, 3) and rec["view_mask"].all()
     assert rec["view_kpts"].shape == (1, 0, 2) and rec["view_expression"].shape == (1, 0)
     assert rec["uv_mask"].all()  # non-zero geometry everywhere
-
-
-def test_unwrap_matches_generator_rule():
-    capture = pytest.importorskip("fica_jax.geometry.capture")
-    from data_pipelines.convert import unwrap_to_uv
-
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
-    mask = rng.random((10, 10)) > 0.3
-    uv = rng.random((10, 10, 2)).astype(np.float32) * 0.5  # many pixels share texels
-    nrm, vtx = rng.standard_normal((2, 10, 10, 3)).astype(np.float32)
-    ours = unwrap_to_uv(img, mask, uv, nrm, vtx, 8)
-    ref = np.asarray(capture.unwrap_partial(img / 255.0, mask, uv, nrm, vtx, resolution=8))
-    np.testing.assert_allclose(ours, ref, atol=1e-5)

@@ -1,6 +1,5 @@
 """Procedural synthetic capture generator (data_pipelines.synthetic)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -81,17 +80,3 @@ def test_gt_maps_and_partial_uv_agree(rec):
     # the neutral geometry map has the shape of a head (metres, face towards +z)
     geo = rec["uv_geometry"][mask]
     assert 0.15 < np.ptp(geo[:, 1]) < 0.4 and geo[:, 2].max() > 0.08
-
-
-def test_supersampled_unwrap_fills_more_texels(rec):
-    dense = make_identity(0, dataclasses.replace(CFG, unwrap_supersample=2), seed=5)
-    for k in ("uv_texture", "view_image", "view_uv"):  # only partial_uv changes
-        np.testing.assert_array_equal(dense[k], rec[k])
-    hit1 = rec["partial_uv"][..., 3] > 0
-    hit2 = dense["partial_uv"][..., 3] > 0
-    assert hit2.sum() > 1.15 * hit1.sum() and (hit1 & ~hit2).sum() < 0.05 * hit1.sum()
-    posed = rec["view_uv_geometry"][0].astype(np.float32)
-    err = np.linalg.norm(
-        dense["partial_uv"][..., 7:][hit2].astype(np.float32) - posed[hit2], axis=-1
-    )
-    assert np.median(err) < 3e-3

@@ -1,4 +1,4 @@
-"""Capture renderer and partial-UV unwrapping (fica_jax.geometry.capture)."""
+"""Capture renderer (fica_jax.geometry.capture); the unwrap is tests/geometry/test_unwrap.py."""
 
 import jax
 import jax.numpy as jnp
@@ -73,39 +73,6 @@ def test_uv_and_geometry_maps_consistent(scene):
     # pixels whose lookup straddles a chart border mix in dilated/empty texels
     err = np.linalg.norm(from_uv - out["vtx"][m], axis=-1)
     assert np.median(err) < 3e-4 and np.mean(err < 2e-3) > 0.95
-
-
-def test_unwrap_reproduces_texture(scene):
-    """Partial-UV RGB divided by the shading equals the GT texture where it was seen."""
-    t, r, tex = scene
-    cam = _camera(20, 5, size=256)
-    light = capture.Light(np.array([0.3, 0.4, 0.866], np.float32), 0.4, 0.6)
-    out = _render(t, tex, cam, light=light)
-    part = capture.unwrap_partial(
-        jnp.asarray(out["rgb"]), jnp.asarray(out["mask"]), jnp.asarray(out["uv"]),
-        jnp.asarray(out["nrm"]), jnp.asarray(out["vtx"]), resolution=UV,
-    )  # fmt: skip
-    part = np.asarray(part)
-    assert part.shape == (UV, UV, 10)
-    hit = part[..., 3] > 0
-    assert hit.sum() > 1000 and r.mask[hit].mean() > 0.99
-    shade = 0.4 + 0.6 * np.maximum(part[..., 4:7] @ np.asarray(light.direction), 0)
-    # avoid texels where the clip at 1.0 loses information
-    ok = hit & np.all(part[..., :3] < 0.99, -1) & (shade > 0.5)
-    albedo = part[..., :3][ok] / shade[ok][:, None]
-    # a texel averages bilinear samples spread over its footprint: the expected value is the
-    # texture filtered by the footprint-integrated bilinear kernel (1/8, 3/4, 1/8) per axis
-    k = np.array([0.125, 0.75, 0.125])
-    gt = np.asarray(tex)
-    gt = sum(w * np.roll(gt, d, 0) for w, d in zip(k, (-1, 0, 1), strict=True))
-    gt = sum(w * np.roll(gt, d, 1) for w, d in zip(k, (-1, 0, 1), strict=True))[ok]
-    psnr = 10 * np.log10(1.0 / np.mean((albedo - gt) ** 2))
-    assert psnr > 30, psnr
-    # unwrapped normals / positions agree with the UV normal / position maps of the mesh
-    nmap = np.asarray(uvmaps.normal_map(r, jnp.asarray(t.verts), t.weld))
-    assert np.median(np.sum(part[..., 4:7][hit] * nmap[hit], -1)) > 0.99
-    pmap = np.asarray(uvmaps.position_map(r, jnp.asarray(t.verts)))
-    assert np.median(np.linalg.norm(part[..., 7:][hit] - pmap[hit], axis=-1)) < 2e-3
 
 
 def test_landmark_visibility(scene):
