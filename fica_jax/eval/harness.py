@@ -12,14 +12,19 @@ on the face region only (`fica_jax.quality.face`). Rows (docs/evaluation.md):
   UV maps through the same UPM (an upper bound isolating the generator's error from the decoder's);
 - ablation table (paper Table 2 order), each through the UPM: partial RGB only (`dit-rgb`),
   + normal & vertex UV (`dit-maps`), + image embedding (`dit`, unrefined), + refiner.
-  A row whose export is absent reads "not trained".
+  A row whose export is absent reads "not trained";
+- portrait table: the main table's rows rendered from the portrait's own camera, expression and
+  gaze (view 0) against the portrait itself: how much of its input the avatar keeps;
+- UV texture table (`texture.py`): each completed UV texture's PSNR on the texels the portrait
+  shows and on the unseen rest, beside the mean texture and the VAE's reconstruction ceiling.
 
 Metrics per frame: PSNR and SSIM on the face mask; LPIPS (AlexNet v0.1) on the render composited
 over the ground truth outside the face (only face pixels differ); ID-CSIM between the ArcFace
 embeddings of both frames aligned by the same 5-point transform from the frame's landmarks.
 Without their weights the LPIPS / ID-CSIM columns read "unavailable (no weights at PATH)".
 
-Outputs in `--out`: `metrics.csv` (one row per identity x frame x method), `per_identity.csv`,
+Outputs in `--out`: `metrics.csv` (one row per identity x frame x method, its `table` column
+"frames", "portrait" (frame 0) or "uv_texture" (no frame)), `per_identity.csv` (dome frames),
 `report.md` (the tables), `report.json`, `per_identity.png` (bar chart) and `frames.png`
 (best / median / worst frames of FiCA (3DGS) beside their error maps). With several processes
 each one evaluates its slice of identities and writes `metrics.part-K.csv`; process 0 waits for
@@ -39,7 +44,7 @@ import numpy as np
 
 from fica_jax.avatar.drive import render_frame
 from fica_jax.errors import UserError
-from fica_jax.eval.protocol import ABLATION_DIT, BACKGROUND, METRICS
+from fica_jax.eval.protocol import ABLATION_DIT, BACKGROUND, MAIN, METRICS, UV_METRICS
 from fica_jax.files import atomic_file, ensure_dir
 
 
@@ -124,16 +129,19 @@ def _upm_render(avatar, frame, backend: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- protocol
-def _frames(rec, limit: int | None) -> list[dict]:
-    n = rec["view_image"].shape[0]
-    views = list(range(1, n))[: limit or None]
+def _frame(rec, v: int) -> dict:
+    """View `v` of a record as the renderers take it: its camera, expression, gaze, image."""
     h, w = rec["view_image"].shape[1:3]
-    return [{"view": v, "size": (h, w), "K": np.asarray(rec["view_K"][v], np.float32),
-             "viewmat": np.asarray(rec["view_viewmat"][v], np.float32),
-             "expression": np.asarray(rec["view_expression"][v], np.float32),
-             "gaze": np.asarray(rec["view_gaze"][v], np.float32),
-             "image": np.asarray(rec["view_image"][v], np.float32) / 255.0,
-             "kpts": np.asarray(rec["view_kpts"][v], np.float32)} for v in views]  # fmt: skip
+    get = lambda k: np.asarray(rec[f"view_{k}"][v], np.float32)
+    return {"view": v, "size": (h, w), "K": get("K"), "viewmat": get("viewmat"),
+            "expression": get("expression"), "gaze": get("gaze"),
+            "image": get("image") / 255.0, "kpts": get("kpts")}  # fmt: skip
+
+
+def _frames(rec, limit: int | None) -> list[dict]:
+    """The dome frames (views 1..), the first `limit` of them."""
+    views = list(range(1, rec["view_image"].shape[0]))[: limit or None]
+    return [_frame(rec, v) for v in views]
 
 
 def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, dict]:
@@ -172,26 +180,32 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
 
 def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, pose, cfg_scale,
                       frames, tmp) -> tuple[list[dict], dict]:  # fmt: skip
-    """-> (metric rows, {method: [(frame, render)]} for the contact sheet)."""
+    """-> (metric rows, {method: [(frame, render)]} of the dome frames for the contact sheet).
+    Rows: every method on every dome frame (`table` "frames"), the main table's methods on the
+    portrait itself (view 0: its camera, expression and gaze; "portrait") and the UV textures
+    (`texture.texture_rows`, "uv_texture")."""
+    from fica_jax.eval.texture import texture_rows
     from fica_jax.quality.face import record_face_masks
 
     faces = record_face_masks(rec, template)
     maps = _identity_maps(rec, models, steps=steps, seed=seed, pose=pose, cfg_scale=cfg_scale)
+    dome, portrait = _frames(rec, frames), _frame(rec, 0)
     rows, renders = [], {}
     for method, m in maps.items():
         mesh = method in ("mean", "mesh")
         av = None if mesh else _avatar(models["upm"], m, backend, tmp / method)
-        for f in _frames(rec, frames):
+        for f in ([portrait] if method in dict(MAIN) else []) + dome:
             if mesh:
                 img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, template.name)
             else:
                 img = _upm_render(av, f, backend)
             s = scorer(img, f["image"], faces[f["view"]], f["kpts"])
-            rows.append(
-                {"identity": str(rec["identity"]), "frame": f["view"], "method": method, **s}
-            )
-            renders.setdefault(method, []).append((f, img, faces[f["view"]]))
-    return rows, renders
+            table = "frames" if f["view"] else "portrait"
+            rows.append({"identity": str(rec["identity"]), "table": table, "frame": f["view"],
+                         "method": method, **s})  # fmt: skip
+            if f["view"]:
+                renders.setdefault(method, []).append((f, img, faces[f["view"]]))
+    return rows + texture_rows(rec, maps, models), renders
 
 
 # ----------------------------------------------------------------------------- command
@@ -302,7 +316,9 @@ def _evaluate_slice(src, mine, models, scorer, template, seed, samples, progress
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(
-            f, fieldnames=["identity", "frame", "sample", "method", *METRICS], restval=""
+            f,
+            fieldnames=["identity", "table", "frame", "sample", "method", *METRICS, *UV_METRICS],
+            restval="",
         )
         w.writeheader()
         w.writerows(rows)

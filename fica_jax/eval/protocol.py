@@ -1,9 +1,11 @@
 """The zero-shot animation protocol's tables (FiCA paper Sec. 4.2-4.4, docs/evaluation.md): the
-rows of the main and ablation tables, the metrics and which way each is better. The harness
-(`harness.py`) fills these rows, the report (`report.py`) prints them; both read them here."""
+rows of the main, ablation, portrait and UV texture tables, the metrics and which way each is
+better. The harness (`harness.py`, `texture.py`) fills these rows, the report (`report.py`)
+prints them; both read them here."""
 
 # (row key, label): the paper's main table, with the mean texture as the baseline row and
-# ground-truth maps through the UPM as the pipeline's upper bound.
+# ground-truth maps through the UPM as the pipeline's upper bound. The portrait table has the
+# same rows, rendered from the portrait's own camera (view 0) instead of the dome frames.
 MAIN = (("mean", "Mean texture (template geometry)"), ("mesh", "FiCA (Mesh)"),
         ("3dgs", "FiCA (3DGS)"), ("gt_upm", "GT UV maps -> UPM (upper bound)"))  # fmt: skip
 # The paper's ablation (Table 3), each row adding one input to the row above.
@@ -11,8 +13,18 @@ ABLATION = (("abl_rgb", "Partial RGB only"), ("abl_maps", "+ normal & vertex UV"
             ("abl_emb", "+ image embedding"), ("3dgs", "+ refiner"))  # fmt: skip
 # The exports (`--models DIR/<name>`) the two conditioning ablations sample from.
 ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
+# The completed UV textures against the capture's, on the texels the portrait shows and on the
+# unseen rest: every row whose maps are a texture (the mesh row shares 3dgs's maps, the ground
+# truth is the reference), and the VAE's reconstruction of the ground truth, the DiT's ceiling.
+UV_TEXTURE = (("mean", "Mean texture (baseline)"), ("abl_rgb", "DiT: partial RGB only"),
+              ("abl_maps", "DiT: + normal & vertex UV"),
+              ("abl_emb", "DiT: + image embedding (unrefined)"),
+              ("3dgs", "FiCA: DiT + refiner (final maps)"),
+              ("vae", "GT maps through the VAE (ceiling)"))  # fmt: skip
 # metric -> True where higher is better (PSNR, SSIM, identity cosine), False for LPIPS.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "id_csim": True}
-METRICS = tuple(HIGHER_IS_BETTER)
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "id_csim": True,
+                    "visible_psnr": True, "unseen_psnr": True}  # fmt: skip
+METRICS = ("psnr", "ssim", "lpips", "id_csim")  # per rendered frame (dome frames, portrait)
+UV_METRICS = ("visible_psnr", "unseen_psnr")  # per UV texture
 # The renders' background, the same for every row and the ground truth.
 BACKGROUND = (0.0, 0.0, 0.0)

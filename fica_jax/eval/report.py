@@ -3,11 +3,15 @@ per-identity breakdown (`per_identity.csv`, `per_identity.png`) and the best / m
 frame sheet (`frames.png`). Figures are means over identities of each identity's mean over its
 frames (and DiT samples, `fica eval --samples`), ± their standard error over identities; each
 row also gives its change, paired identity by identity, from the mean-texture baseline (main
-table) or from the row above (ablation), so a reader can see what the held-out set resolves."""
+table) or from the row above (ablation), so a reader can see what the held-out set resolves.
+The portrait table (renders from view 0's own camera) and the UV texture table (PSNR on the
+texels the portrait shows / the unseen ones, `texture.py`) are aggregated the same way, each
+paired with the mean-texture baseline."""
 
 from __future__ import annotations
 
 import csv
+import math
 import pathlib
 import time
 
@@ -16,22 +20,34 @@ import numpy as np
 from fica_jax.errors import UserError
 from fica_jax.files import atomic_file, write_json, write_text
 
-NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "id_csim": "ID-CSIM"}
+NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "id_csim": "ID-CSIM",
+         "visible_psnr": "PSNR visible texels (dB)", "unseen_psnr": "PSNR unseen texels (dB)"}  # fmt: skip
+TABLES = ("frames", "portrait", "uv_texture")  # metrics.csv's `table` column
 
 
 def _mean(values) -> float | None:
-    v = [float(x) for x in values if x not in ("", None)]
+    """Mean of the values present; NaN (a texel set empty for that identity) counts as absent."""
+    v = [float(x) for x in values if x not in ("", None) and not math.isnan(float(x))]
     return float(np.mean(v)) if v else None
 
 
-def per_identity(rows: list[dict]) -> dict[tuple[str, str], dict[str, float | None]]:
+def split_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Metrics rows by their `table` (rows without one, as before it existed: "frames")."""
+    out = {t: [] for t in TABLES}
+    for r in rows:
+        out[r.get("table") or "frames"].append(r)
+    return out
+
+
+def per_identity(rows: list[dict], metrics=None) -> dict[tuple[str, str], dict[str, float | None]]:
     """{(identity, method): {metric: mean over the identity's frames and samples}}."""
     from fica_jax.eval.protocol import METRICS
 
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["identity"], r["method"]), []).append(r)
-    return {k: {m: _mean(r.get(m) for r in g) for m in METRICS} for k, g in groups.items()}
+    ms = metrics or METRICS
+    return {k: {m: _mean(r.get(m) for r in g) for m in ms} for k, g in groups.items()}
 
 
 def _se(values: list[float]) -> float | None:
@@ -39,19 +55,22 @@ def _se(values: list[float]) -> float | None:
     return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
-def table(rows: list[dict], methods, notes: dict[str, str], paired: str = "") -> list[dict]:
+def table(
+    rows: list[dict], methods, notes: dict[str, str], paired: str = "", metrics=None
+) -> list[dict]:
     """One dict per (method, label): metric means over identities (`<metric>_se`: their standard
     error), or the reason missing. `paired` "above" / "first": also each metric's change from the
     row above (the ablation's steps) / from the first row (the baseline), identity by identity
-    (`<metric>_delta`, `<metric>_delta_se`)."""
+    (`<metric>_delta`, `<metric>_delta_se`). `metrics`: the frame metrics unless given."""
     from fica_jax.eval.protocol import METRICS
 
-    ids = per_identity(rows)
+    metrics = metrics or METRICS
+    ids = per_identity(rows, metrics)
     out, prev = [], None
     for key, label in methods:
         mine = {i: v for (i, m), v in ids.items() if m == key}
         row = {"method": key, "label": label, "identities": len(mine)}
-        for metric in METRICS:
+        for metric in metrics:
             vals = {i: v[metric] for i, v in mine.items() if v[metric] is not None}
             if not mine:
                 row[metric] = "not trained"
@@ -85,15 +104,15 @@ def _cell(r: dict, m: str) -> str:
     return text
 
 
-def _markdown(title: str, rows: list[dict]) -> str:
+def _markdown(title: str, rows: list[dict], metrics=None) -> str:
     from fica_jax.eval.protocol import HIGHER_IS_BETTER, METRICS
 
+    ms = metrics or METRICS
     arrow = {True: "↑", False: "↓"}
-    head = "| Method | " + " | ".join(f"{NAMES[m]} {arrow[HIGHER_IS_BETTER[m]]}" for m in METRICS)
-    head += " |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (len(METRICS) + 1)]
+    head = "| Method | " + " | ".join(f"{NAMES[m]} {arrow[HIGHER_IS_BETTER[m]]}" for m in ms)
+    lines = [f"### {title}", "", head + " |", "|" + "---|" * (len(ms) + 1)]
     for r in rows:
-        lines.append(f"| {r['label']} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(r, m) for m in ms) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,14 +188,20 @@ def gather_parts(out: pathlib.Path, count: int, timeout: float = 3600.0) -> list
 
 
 def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) -> dict:
-    from fica_jax.eval.protocol import ABLATION, MAIN, METRICS
+    """`rows`: every table's metrics rows (`split_rows`) -> report.json's tables "main",
+    "ablation", "portrait" and "uv_texture", report.md, per_identity.csv/png, frames.png."""
+    from fica_jax.eval.protocol import ABLATION, MAIN, METRICS, UV_METRICS, UV_TEXTURE
 
     notes = {
         m: info["weights"][m] for m in ("lpips", "id_csim") if "unavailable" in info["weights"][m]
     }
+    by = split_rows(rows)
+    rows = by["frames"]
     tables = {
         "main": table(rows, MAIN, notes, paired="first"),
         "ablation": table(rows, ABLATION, notes, paired="above"),
+        "portrait": table(by["portrait"], MAIN, notes, paired="first"),
+        "uv_texture": table(by["uv_texture"], UV_TEXTURE, {}, paired="first", metrics=UV_METRICS),
     }
     ids = per_identity(rows)
     with atomic_file(out / "per_identity.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -195,11 +220,19 @@ def write_report(out: pathlib.Path, rows: list[dict], sheets: dict, info: dict) 
         f"{info.get('samples', 1)} DiT sample(s) per identity (seeds from {info.get('seed', 0)}), "
         f"portrait pose: {info['pose']}. Face-region metrics, conventions in docs/evaluation.md; "
         "± is the standard error over identities; Δ, paired by identity, is the change from the "
-        "mean-texture baseline (first table) or from the row above (ablation). "
+        "mean-texture baseline (main, portrait and UV texture tables) or from the row above "
+        "(ablation). "
         f"LPIPS: {info['weights']['lpips']}; ID-CSIM: {info['weights']['id_csim']}.\n\n"
         + _markdown("Held-out animation (paper Table 1 layout)", tables["main"])
         + "\n"
         + _markdown("Ablation (paper Table 2 order)", tables["ablation"])
+        + "\n"
+        + _markdown(
+            "Portrait (view 0: the input's own camera, expression and gaze)", tables["portrait"]
+        )
+        + "\nUV textures vs the capture's on the atlas texels the portrait shows (visible) and "
+        "on the rest (unseen); Δ from the mean texture on the same texels.\n\n"
+        + _markdown("UV texture: visible vs unseen texels", tables["uv_texture"], UV_METRICS)
     )
     write_text(out / "report.md", text)
     rep = {"info": info, "tables": tables}

@@ -19,7 +19,7 @@ from flax import nnx
 
 from fica_jax import flow
 from fica_jax.models import layers, uv_latent
-from fica_jax.quality.image import masked_psnr, masked_ssim
+from fica_jax.quality.image import masked_psnr, masked_ssim, visible_unseen_psnr
 
 
 # ----------------------------------------------------------------------------- generation
@@ -104,13 +104,16 @@ def uv_metrics(
 ) -> dict[str, jax.Array]:
     """Held-out figures of generated maps vs the ground truth, beside the baselines: texture
     PSNR / SSIM on the UV mask vs the mean training texture, geometry L1 (mm) vs the mean
-    training neutral geometry (the mean-shape template)."""
+    training neutral geometry (the mean-shape template). With the batch's `partial_uv`, also
+    the texture PSNR on the texels the portrait shows (`partial_uv[..., 3]` > 0.5) and on the
+    unseen rest (`*_psnr_visible` / `*_psnr_unseen`): the mean over identities of each one's
+    PSNR (`visible_unseen_psnr`), identities with no such texel left out."""
     m = batch["uv_mask"]
     gt_tex, gt_geo = batch["uv_texture"], batch["uv_geometry"]
     mean_tex = jnp.broadcast_to(jnp.asarray(baselines["mean_texture"]), gt_tex.shape)
     mean_geo = jnp.broadcast_to(jnp.asarray(baselines["mean_geometry"]), gt_geo.shape)
     l1 = lambda a: unit_mm * jnp.sum(jnp.abs(a - gt_geo) * m[..., None]) / (3 * jnp.sum(m) + 1e-6)
-    return {
+    out = {
         "texture_psnr": masked_psnr(texture, gt_tex, m),
         "baseline_texture_psnr": masked_psnr(mean_tex, gt_tex, m),
         "texture_ssim": masked_ssim(texture, gt_tex, m),
@@ -118,6 +121,13 @@ def uv_metrics(
         "geometry_l1_mm": l1(geometry),
         "baseline_geometry_l1_mm": l1(mean_geo),
     }
+    if "partial_uv" in batch:
+        seen = batch["partial_uv"][..., 3]
+        for prefix, tex in (("", texture), ("baseline_", mean_tex)):
+            vis, unseen = visible_unseen_psnr(tex, gt_tex, m, seen)
+            out[f"{prefix}texture_psnr_visible"] = jnp.nanmean(vis)
+            out[f"{prefix}texture_psnr_unseen"] = jnp.nanmean(unseen)
+    return out
 
 
 # ----------------------------------------------------------------------------- previews

@@ -10,6 +10,11 @@ index; the masked variants pool every masked pixel of the batch into one value u
 `peak_signal_noise_ratio` / `structural_similarity(gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=max_val, channel_axis=-1)` (tests/quality/test_quality_metrics.py).
 
+`visible_unseen_psnr` splits a completed UV texture's PSNR between the texels the portrait shows
+and those the generator had to invent: per example, the MSE over the selected texels and all
+channels, then 10 log10(max_val^2 / mse); an exact match is capped at 120 dB like `psnr` (MSE
+floor 1e-12) and an empty selection is NaN.
+
 `weights_unavailable` / `require_weights` are shared by the learned metrics (`lpips.py`,
 `arcface.py`): their weights are local files and a metric without them is reported as
 unavailable, never computed with random weights.
@@ -97,6 +102,25 @@ def masked_ssim(
     m = mask[..., r:-r, r:-r].astype(jnp.float32)
     axes = (-2, -1) if per_image else None
     return jnp.sum(ssim_map(a, b, max_val) * m, axis=axes) / (jnp.sum(m, axis=axes) + 1e-9)
+
+
+def visible_unseen_psnr(
+    pred: jax.Array,  # [..., R, R, C] in [0, max_val]
+    gt: jax.Array,  # [..., R, R, C]
+    atlas: jax.Array,  # [..., R, R]; > 0.5 = inside the UV layout
+    visible: jax.Array,  # [..., R, R]; > 0.5 = shown by the portrait (partial_uv[..., 3])
+    max_val: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """(PSNR on atlas & visible texels, PSNR on atlas & ~visible texels), one value per leading
+    index [...]: each pools the example's squared error over its selected texels and channels
+    (`masked_psnr(per_image=True)`); NaN where an example selects no texel."""
+    atlas, visible = atlas > 0.5, visible > 0.5
+
+    def one(sel):
+        n = jnp.sum(sel, axis=(-2, -1))
+        return jnp.where(n > 0, masked_psnr(pred, gt, sel, max_val, per_image=True), jnp.nan)
+
+    return one(atlas & visible), one(atlas & ~visible)
 
 
 def weights_unavailable(*paths: str | os.PathLike) -> str | None:

@@ -69,10 +69,34 @@ def test_report_has_every_row_and_the_ablation_table(report):
         assert (out / f).stat().st_size > 0, f
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {r["method"] for r in rows} >= {"mean", "mesh", "3dgs", "abl_rgb"}
+    frames = [r for r in rows if r["table"] == "frames"]
+    assert len(frames) == 6 and {r["method"] for r in frames} >= {"mean", "mesh", "3dgs", "abl_rgb"}
     assert json.loads((out / "report.json").read_text())["info"]["weights"]["lpips"].startswith(
         "alex"
     )
+
+
+@pytest.mark.heavy
+def test_portrait_and_uv_texture_tables(report):
+    """The portrait rows (view 0) and the UV texture rows with the VAE ceiling, from real models;
+    figures only as plumbing (untrained models)."""
+    out, rep = report
+    portrait = {r["method"]: r for r in rep["tables"]["portrait"]}
+    assert list(portrait) == ["mean", "mesh", "3dgs", "gt_upm"]
+    assert all(isinstance(r["psnr"], float) and r["identities"] >= 1 for r in portrait.values())
+    uv = {r["method"]: r for r in rep["tables"]["uv_texture"]}
+    assert list(uv) == ["mean", "abl_rgb", "abl_maps", "abl_emb", "3dgs", "vae"]
+    assert uv["abl_maps"]["visible_psnr"] == "not trained"
+    for m in ("mean", "abl_rgb", "abl_emb", "3dgs", "vae"):
+        assert isinstance(uv[m]["visible_psnr"], float) and isinstance(uv[m]["unseen_psnr"], float)
+        assert 0 < uv[m]["visible_psnr"] < 100 and 0 < uv[m]["unseen_psnr"] < 100, uv[m]
+    assert "unseen_psnr_delta" in uv["vae"] and "unseen_psnr_delta" not in uv["mean"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["frame"] for r in rows if r["table"] == "portrait"} == {"0"}
+    assert "0" not in {r["frame"] for r in rows if r["table"] == "frames"}
+    text = (out / "report.md").read_text()
+    assert "### Portrait (view 0" in text and "GT maps through the VAE (ceiling)" in text
 
 
 def test_the_generated_rows_differ_from_the_baselines(report):
@@ -98,7 +122,7 @@ def test_several_samples_average_per_identity(pipeline, synth_dir, tmp_path):
     rep = evaluate(pipeline["models"], synth_dir, tmp_path, steps=2, frames=1, limit=1, samples=2,
                    progress=False)  # fmt: skip
     with open(tmp_path / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r["table"] == "frames"]
     by = {(r["method"], r["sample"]): float(r["psnr"]) for r in rows}
     assert {k for _, k in by} == {"0", "1"} and len(by) == len(rows)
     assert by[("mean", "0")] == by[("mean", "1")] and by[("3dgs", "0")] != by[("3dgs", "1")]
