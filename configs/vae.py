@@ -42,6 +42,8 @@ def get_config(arg: str = "tiny"):
     half = 0.015 if arg == "tiny" else 0.06
     c.model.position_extent = (half, half, half)
 
+    # Side of the maps the VAE trains on; larger stored maps are resampled down by nearest texel
+    # (data_pipelines/transforms.py resize_uv, the position reference alike), never up.
     c.data.uv_resolution = res
     paper = arg == "paper"
     apply_schedule(c, tiny=arg == "tiny", batch=batch, steps=steps, lr=lr, warmup_cap=100,

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from data_pipelines.source import CaptureSource
-from data_pipelines.transforms import StageFn, StageTransform, TransformOptions
+from data_pipelines.transforms import StageFn, StageTransform, TransformOptions, resize_uv
 from data_pipelines.workers import grain_worker_init
 from fica_jax.errors import UserError
 
@@ -40,9 +40,15 @@ def open_source(data_dir: str | os.PathLike, split: str) -> Any:
     return CaptureSource(data_dir, split)
 
 
-def mean_maps(data_dir: str | os.PathLike, split: str = "train", limit: int = 4096) -> dict:
-    """The split's mean UV texture [R, R, 3] in [0, 1] and mean neutral geometry [R, R, 3]
-    (dataset units), over its first `limit` records: the mean-texture / mean-shape baselines
+def mean_maps(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    limit: int = 4096,
+    resolution: int | None = None,
+) -> dict:
+    """The split's mean UV texture [r, r, 3] in [0, 1] and mean neutral geometry [r, r, 3]
+    (dataset units), over its first `limit` records, at `resolution` texels a side by the maps'
+    own rule (`transforms.resize_uv`; None: as stored): the mean-texture / mean-shape baselines
     and the VAE's position reference (`fica_jax.models.uv_latent.MapStats.with_reference`)."""
     src = open_source(data_dir, split)
     n = min(len(src), limit)
@@ -53,10 +59,27 @@ def mean_maps(data_dir: str | os.PathLike, split: str = "train", limit: int = 40
         r = src[i]
         tex = tex + np.asarray(r["uv_texture"], np.float64) / 255.0
         geo = geo + np.asarray(r["uv_geometry"], np.float64)
-    return {
-        "mean_texture": (tex / n).astype(np.float32),
-        "mean_geometry": (geo / n).astype(np.float32),
-    }
+    # nearest-texel resizing selects texels, so it commutes with the mean: resize once
+    mean = lambda x: resize_uv((x / n).astype(np.float32), resolution)
+    return {"mean_texture": mean(tex), "mean_geometry": mean(geo)}
+
+
+def check_uv_resolution(data_dir: str | os.PathLike, resolution: int, multiple: int = 1) -> None:
+    """Refuses, in one line, a config `data.uv_resolution` that is not a positive multiple of
+    `multiple` (a model's downsampling factor) or, with a `data_dir`, is larger than the UV maps
+    stored there: they are resampled down (`transforms.resize_uv`), never up."""
+    if resolution < 1 or resolution % multiple:
+        raise UserError(
+            f"config data.uv_resolution={resolution}: expected a positive multiple of {multiple} "
+            "(the model's downsampling factor)"
+        )
+    src = open_source(data_dir, "train") if data_dir else ()
+    stored = int(np.asarray(src[0]["uv_texture"]).shape[0]) if len(src) else resolution
+    if resolution > stored:
+        raise UserError(
+            f"config data.uv_resolution={resolution} is larger than the {stored}x{stored} UV maps "
+            f"stored in {data_dir}; expected at most {stored} (maps are resampled down, never up)"
+        )
 
 
 def host_slice(n: int, process_index: int, process_count: int) -> slice:
@@ -106,6 +129,7 @@ def make_pipeline(
     augment: bool = True,
     num_epochs: int | None = None,
     image_size: int | None = None,
+    uv_resolution: int | None = None,
     shuffle: bool = True,
     source: Any = None,
     extra: Mapping[str, Any] | None = None,
@@ -137,7 +161,9 @@ def make_pipeline(
     extra = tuple(
         sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (extra or {}).items())
     )
-    options = TransformOptions(augment=augment, image_size=image_size, extra=extra)
+    options = TransformOptions(
+        augment=augment, image_size=image_size, uv_resolution=uv_resolution, extra=extra
+    )
     ds = ds.random_map(StageTransform(transform, options), seed=seed)
     ds = ds.batch(per_host, drop_remainder=True)
     it = ds.to_iter_dataset()
@@ -193,6 +219,7 @@ class CaptureData:
             augment=train and data.get("augment", True),
             num_epochs=epochs,
             image_size=data.get("image_size") or None,
+            uv_resolution=data.get("uv_resolution") or None,
             shuffle=train,
         )
         return make_pipeline(data.dir, self.transform, shard_split, **{**kw, **overrides})

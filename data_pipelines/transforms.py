@@ -12,10 +12,10 @@ photometric distortion". Here:
 
 Each stage's examples come from a module-level function `(record, rng, opts) -> {name: array}`
 in the stage's own module, named by its `STAGE` (`Stage(example=fn)`; `fica_jax/stages/NAME.py`),
-built from the pieces here: `uv_maps` (a record's UV maps) and `warp_view` (one view's image, mask
-and keypoints, cropped / scaled). `StageTransform` is the picklable Grain `RandomMap` that applies
-it. Images and UV textures are float32 in [0, 1] for every stage (one convention, SCHEMA.md
-"Value ranges").
+built from the pieces here: `uv_maps` (a record's UV maps, resampled to the config's side by
+`resize_uv`) and `warp_view` (one view's image, mask and keypoints, cropped / scaled).
+`StageTransform` is the picklable Grain `RandomMap` that applies it. Images and UV textures are
+float32 in [0, 1] for every stage (one convention, SCHEMA.md "Value ranges").
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class AugmentConfig:
 class TransformOptions:
     augment: bool = True
     image_size: int | None = None  # output image side; None keeps the stored size
+    uv_resolution: int | None = None  # UV map side (`resize_uv`); None keeps the stored size
     aug: AugmentConfig = AugmentConfig()
     extra: tuple = ()  # (key, value) pairs a stage's example function reads (hashable)
 
@@ -169,15 +170,28 @@ def float32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def uv_maps(record: Record) -> Example:
-    """The record's UV texture (in [0, 1]), geometry, normal and mask maps, float32."""
+def resize_uv(x: np.ndarray, resolution: int | None) -> np.ndarray:
+    """UV map [R, R, ...] -> [r, r, ...] by nearest texel (`warp_nearest` over the identity
+    resize), the rule for per-texel attributes: nothing is blended across the layout's seams or
+    with the background, masks stay binary, and the resized mean of maps is the mean of the
+    resized maps (`pipeline.mean_maps`: the VAE's position reference). None or R: unchanged."""
+    if not resolution or resolution == x.shape[0]:
+        return x
+    a = x.shape[0] / resolution
+    return warp_nearest(x, Affine(a, 0.0, a, 0.0), (resolution, resolution))
+
+
+def uv_maps(record: Record, resolution: int | None = None) -> Example:
+    """The record's UV texture (in [0, 1]), geometry, normal and mask maps, float32, at
+    `resolution` texels a side (`resize_uv`; None: as stored)."""
     # Every stage gets textures in [0, 1] like images (SCHEMA.md "Value ranges"); a model that
     # wants [-1, 1] (the VAE) maps them with `fica_jax.models.uv_latent.normalize_map`.
+    uv = lambda k: float32(resize_uv(np.asarray(record[k]), resolution))
     return {
-        "uv_texture": float32(record["uv_texture"]) / 255.0,
-        "uv_geometry": float32(record["uv_geometry"]),
-        "uv_normal": float32(record["uv_normal"]),
-        "uv_mask": float32(record["uv_mask"]),
+        "uv_texture": uv("uv_texture") / 255.0,
+        "uv_geometry": uv("uv_geometry"),
+        "uv_normal": uv("uv_normal"),
+        "uv_mask": uv("uv_mask"),
     }
 
 

@@ -104,9 +104,10 @@ REFERENCES = ("", "train_mean")  # cfg.model.position_reference
 
 def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
     """The run's map normalisation. `model.position_reference = "train_mean"` centres positions
-    on the mean neutral geometry of `data.dir`'s training split (read from the data, so a VAE
-    run and every cache built from it agree while the data stay in place; the cache keeps its
-    own copy and the digest), `position_extent` then being the residual's half-width."""
+    on the mean neutral geometry of `data.dir`'s training split at the run's `data.uv_resolution`
+    (read from the data, so a VAE run and every cache built from it agree while the data stay in
+    place; the cache keeps its own copy and the digest), `position_extent` then being the
+    residual's half-width."""
     stats = uv_latent.MapStats(
         position_center=tuple(cfg.model.position_center),
         position_extent=tuple(cfg.model.position_extent),
@@ -115,18 +116,21 @@ def map_stats(cfg: ml_collections.ConfigDict) -> uv_latent.MapStats:
     if ref not in REFERENCES:
         raise UserError(f"config model.position_reference={ref!r}; expected one of {REFERENCES}")
     if ref == "train_mean":
-        stats = stats.with_reference(train_mean_geometry(str(cfg.data.dir)))
+        r = cfg.data.get("uv_resolution") or None
+        stats = stats.with_reference(train_mean_geometry(str(cfg.data.dir), r))
     return stats
 
 
 @functools.lru_cache(maxsize=4)
-def train_mean_geometry(data_dir: str) -> np.ndarray:
+def train_mean_geometry(data_dir: str, resolution: int | None = None) -> np.ndarray:
+    """The training split's mean neutral geometry [R, R, 3], resampled to `resolution` as the
+    maps are (`data_pipelines.pipeline.mean_maps`; None: as stored)."""
     if not data_dir or not pathlib.Path(data_dir).is_dir():
         raise UserError(
             f"config data.dir={data_dir!r}: no such directory; model.position_reference="
             "'train_mean' reads the VAE's training data for its mean geometry"
         )
-    return mean_maps(data_dir, "train")["mean_geometry"]
+    return mean_maps(data_dir, "train", resolution=resolution)["mean_geometry"]
 
 
 # ----------------------------------------------------------------------------- decoding

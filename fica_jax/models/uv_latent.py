@@ -20,7 +20,8 @@ they must be identical at train and test time. Positions outside `center +- exte
 (the only lossy step; `from_positions` adds a margin so the data never reach it).
 
 With a per-texel *reference* map (`MapStats.with_reference`: the training split's mean neutral
-geometry, i.e. the mean-shape template in UV space) the centre is that map and `extent` is the
+geometry, i.e. the mean-shape template in UV space, at the resolution the VAE trains at; maps of
+another size are refused) the centre is that map and `extent` is the
 half-width of the residual: a head spans ~+-190 mm but identities differ from the mean shape by
 <~30 mm, so the VAE spends its [-1, 1] range on what varies and its reconstruction error in mm
 shrinks by the same factor. The map itself is not in `to_dict` (it is an array); its digest is,
@@ -129,11 +130,20 @@ class MapStats:
             self, position_reference=ref, reference_digest=reference_digest(ref)
         )
 
-    def center(self, xp=np):
-        """The normalisation centre: the reference map [R, R, 3] or the per-axis centre [3]."""
-        if self.position_reference is not None:
-            return xp.asarray(self.position_reference, xp.float32)
-        return xp.asarray(self.position_center, xp.float32)
+    def center(self, xp=np, x=None):
+        """The normalisation centre: the reference map [R, R, 3] or the per-axis centre [3].
+        With position maps `x` [..., H, W, 3] a reference must be H x W (else a `UserError`)."""
+        if self.position_reference is None:
+            return xp.asarray(self.position_center, xp.float32)
+        ref = xp.asarray(self.position_reference, xp.float32)
+        if x is not None and tuple(x.shape[-3:-1]) != ref.shape[:2]:
+            (h, w), r = x.shape[-3:-1], ref.shape[0]
+            raise UserError(
+                f"position maps of {h}x{w} texels, but their MapStats position reference is "
+                f"{r}x{r} (the VAE run's config data.uv_resolution={r}); expected {r}x{r} maps: "
+                f"resample them to {r} or train the VAE at data.uv_resolution={h}"
+            )
+        return ref
 
     @classmethod
     def from_positions(
@@ -227,7 +237,7 @@ def normalize_map(
         y = xp.asarray(x, xp.float32) / 127.5 - 1.0 if integer else 2.0 * x - 1.0
     elif kind == "position":
         extent = xp.asarray(stats.position_extent, xp.float32)
-        y = (x - stats.center(xp)) / extent
+        y = (x - stats.center(xp, x)) / extent
     elif kind == "mask":
         y = 2.0 * x - 1.0
     else:  # normal
@@ -258,7 +268,7 @@ def denormalize_map(
     if kind == "texture":
         x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
     elif kind == "position":
-        x = y * xp.asarray(stats.position_extent, xp.float32) + stats.center(xp)
+        x = y * xp.asarray(stats.position_extent, xp.float32) + stats.center(xp, y)
     elif kind == "mask":
         x = xp.clip((y + 1.0) * 0.5, 0.0, 1.0)
     else:  # decoded normals are not unit length: project back onto the sphere

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms as T
+from data_pipelines.pipeline import check_uv_resolution
 from fica_jax import config
 from fica_jax.infer.latents import map_stats, model_inputs, train_mean_geometry
 from fica_jax.models import uv_latent
@@ -66,6 +67,9 @@ def _split_metrics(recon, x, m, stats) -> dict[str, jax.Array]:
 
 
 def make_loss(cfg: ml_collections.ConfigDict):
+    # a resolution the VAE or the data cannot give is refused here, before anything compiles
+    r, f = int(cfg.data.uv_resolution), vae_config(cfg).spatial_factor
+    check_uv_resolution(cfg.data.dir, r, f)
     stats, kl_weight = map_stats(cfg), float(cfg.model.kl_weight)
 
     def loss_fn(model: AutoencoderKL, batch, rng: jax.Array):
@@ -83,8 +87,8 @@ def make_eval(cfg: ml_collections.ConfigDict):
     """Reconstruction with the posterior mode (what the DiT's targets are encoded with), the
     8x-downsample-then-bilinear-upsample baseline on the same maps and, for geometry, the
     training mean shape (the template every identity would get without its own geometry)."""
-    stats = map_stats(cfg)
-    mean_shape = train_mean_geometry(str(cfg.data.dir)) if cfg.data.dir else None
+    stats, r = map_stats(cfg), int(cfg.data.uv_resolution)
+    mean_shape = train_mean_geometry(str(cfg.data.dir), r) if cfg.data.dir else None
 
     def eval_fn(model: AutoencoderKL, batch, rng: jax.Array):
         del rng
@@ -132,12 +136,14 @@ def reference_metrics(batches, model, cfg) -> dict[str, float]:
 
 
 def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
-    """A capture record's UV maps; no augmentation (UV atlas positions are meaningful)."""
-    return T.uv_maps(record)
+    """A capture record's UV maps at `data.uv_resolution` (`T.resize_uv`); no augmentation (UV
+    atlas positions are meaningful)."""
+    return T.uv_maps(record, opts.uv_resolution)
 
 
 def fit_data(meta) -> dict:
-    """The VAE encodes the captures' UV maps at their resolution."""
+    """The VAE encodes the captures' UV maps at their resolution (a smaller `data.uv_resolution`
+    resamples them, maps and position reference alike)."""
     return {"data.uv_resolution": int(meta["uv_resolution"])}
 
 

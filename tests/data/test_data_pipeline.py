@@ -10,7 +10,8 @@ from fake_records import fake_record, write_fake_dataset
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import transforms as T
-from data_pipelines.pipeline import host_slice, make_pipeline
+from data_pipelines.pipeline import check_uv_resolution, host_slice, make_pipeline, mean_maps
+from data_pipelines.source import CaptureSource
 from fica_jax.commands.demo import portrait_example
 from fica_jax.errors import UserError
 from fica_jax.sharding import make_mesh, put_batch
@@ -231,3 +232,32 @@ def test_corrupt_record_error_crosses_worker_processes(tmp_path):
     )
     with pytest.raises(UserError, match=f"{shard} record 0: corrupt"):
         list(ds)
+
+
+def test_uv_maps_and_their_mean_resized_by_one_nearest_texel_rule(data_dir):
+    """A config's smaller data.uv_resolution: the VAE's maps are the stored ones' nearest texels
+    (texel 2i+1 of 8 for 4; masks stay binary), and the mean maps (the position reference) are
+    resized by the same rule, i.e. they are the mean of the maps the VAE sees."""
+    kw = dict(global_batch_size=4, seed=0, augment=False, shuffle=False, num_epochs=1)
+    batch = next(iter(make_pipeline(data_dir, vae_example, "train", uv_resolution=4, **kw)))
+    src = CaptureSource(data_dir, "train")
+    for k in ("uv_texture", "uv_geometry", "uv_normal", "uv_mask"):
+        stored = np.stack([np.asarray(src[i][k], np.float32) for i in range(4)])
+        want = stored[:, 1::2, 1::2] / (255.0 if k == "uv_texture" else 1.0)
+        np.testing.assert_array_equal(batch[k], want)
+    assert set(np.unique(batch["uv_mask"])) <= {0.0, 1.0}
+    stored = next(iter(make_pipeline(data_dir, vae_example, "train", **kw)))
+    assert stored["uv_geometry"].shape == (4, 8, 8, 3)  # None keeps the stored side
+    mean = mean_maps(data_dir, "train", resolution=4)
+    geo = np.mean([T.uv_maps(src[i], 4)["uv_geometry"] for i in range(len(src))], axis=0)
+    np.testing.assert_allclose(mean["mean_geometry"], geo, atol=1e-5)
+    assert mean["mean_texture"].shape == (4, 4, 3)
+
+
+def test_a_uv_resolution_the_data_or_model_cannot_give_is_refused(data_dir):
+    check_uv_resolution(data_dir, 8, 4)
+    check_uv_resolution("", 64, 8)  # no data to compare with: the factor only
+    with pytest.raises(UserError, match=r"data.uv_resolution=16 is larger than the 8x8 .*most 8"):
+        check_uv_resolution(data_dir, 16)
+    with pytest.raises(UserError, match=r"data.uv_resolution=6: expected a positive multiple of 4"):
+        check_uv_resolution(data_dir, 6, 4)

@@ -147,6 +147,17 @@ def test_position_reference_residual_round_trip_and_digest():
     )
 
 
+def test_position_maps_of_another_resolution_than_the_reference_are_refused():
+    """A reference made at one data.uv_resolution does not broadcast against maps of another: a
+    one-line UserError naming the key, numpy and jax, both directions."""
+    stats = U.MapStats(position_extent=(0.02,) * 3).with_reference(np.zeros((4, 4, 3), np.float32))
+    pos = np.zeros((2, 8, 8, 3), np.float32)
+    for x in (pos, jnp.asarray(pos)):
+        for fn in (U.normalize_map, U.denormalize_map):
+            with pytest.raises(UserError, match=r"8x8 texels.*data.uv_resolution=4.*expected 4x4"):
+                fn("position", x, stats)
+
+
 @pytest.mark.heavy
 def test_encode_decode_uv_maps_with_tiny_vae():
     vae = V.AutoencoderKL(V.VARIANTS["tiny"], rngs=nnx.Rngs(0))
