@@ -28,6 +28,9 @@ def get_config(arg: str = "tiny"):
     c.model.head_channels = 32 if arg == "tiny" else 0
     # Patch 8 + no final upsample: the x8 deconv heads then land exactly at full resolution.
     c.model.patch, c.model.final_upsample = (8, 1) if arg == "tiny" else (0, 0)
+    # A full-resolution conv branch beside the tokens (models/dense_heads.py PixelBranch); the
+    # Sapiens variants have none (their checkpoints import as they are).
+    c.model.pixel_branch = 0
     # rot / cam / expr: the head-pose / expression regressor (models/pose_head.py); all three 0
     # builds no pose head. kpt > 0 adds the landmark branch (models/landmarks.py), which then
     # gives the expression; it generalises only with many identities (thousands).
@@ -38,6 +41,8 @@ def get_config(arg: str = "tiny"):
     c.model.position_center = (0.0, -0.025, 0.02)
     c.model.position_extent = (0.19, 0.19, 0.19)
 
+    # UV resolution the eval unwraps at (predicted vs true maps; 0: none); fit_data: the data's
+    c.model.unwrap_resolution = 0
     c.data.image_size = size  # square crops; the Sapiens paper size is 1024x768
     c.data.landmarks = 68
     c.data.expression_dim = 18  # the synthetic template's blendshapes (metadata expression_dims)

@@ -51,6 +51,12 @@ def get_config(arg: str = "tiny"):
     # (C channels per map at latent resolution). Ablations (paper Table 2): ("rgb", "mask") is
     # "partial RGB only"; all four adds normal + vertex; use_image_emb adds the embedding.
     m.control_maps = ("rgb", "mask", "nrm", "vtx")
+    # How they reach the ControlMLP: "latents" = each map through the VAE (C channels per map at
+    # latent resolution); "pixels" = the normalised maps space-to-depth onto the latent grid
+    # ((R / G)^2 x 10 channels: every seen texel intact). A sparse partial map through the 8x VAE
+    # keeps little of what the portrait showed: demo DiT held-out texture <...>.
+    m.control_input = "pixels" if arg == "tiny" else "latents"
+    m.uv_resolution = 0  # the cache's (fit_data); needed by "pixels"
     m.use_image_emb = True
     m.image_emb_dim = emb  # CLIP ViT-L/14 projected embedding (tiny: the dense ViT's pooled 64)
     m.p_uncond = 0.1  # condition dropout for classifier-free guidance

@@ -36,9 +36,11 @@ def get_config(arg: str = "tiny"):
     c.model.vit_patch = 0
     # the tiny ViT starts random and must train; the paper's Sapiens backbone is frozen
     c.model.vit_trainable = arg == "tiny"
-    # input maps: "corrupt" (ground truth + stages/refiner.py corrupt_maps) or "samples" (DiT maps)
+    # input maps: "corrupt" (ground truth + stages/refiner.py corrupt_maps), "samples" (DiT maps)
+    # or "mix" (training: samples with probability sample_prob, else corrupt; held out: samples)
     c.model.input_source = "corrupt"
     c.model.samples_dir = ""
+    c.model.sample_prob = 0.5
     # blur: max Gaussian sigma (texels); color: max per-channel gain change (offset half of
     # it); offset: std-dev (m) of the low-frequency geometry offset field; shift (m, per axis)
     # and scale (relative): std-devs of the whole head's misalignment with its portrait (a

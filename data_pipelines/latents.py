@@ -8,7 +8,12 @@ captures (`shards.DatasetWriter`, format `fica-latent-cache`); the layout and ev
   geo_mean, geo_std  float32 [G, G, Ct]   the DiT grid (posterior std kept: training samples it)
   control            float32 [G, G, 4 Ct] partial UV maps [rgb, mask, nrm, vtx] through the VAE
                                           (posterior mean), one Ct-channel group per map
+  control_maps       float16 [R, R, 10]   the same maps normalised as the VAE's inputs, at UV
+                                          resolution (rgb 3, mask 1, nrm 3, vtx 3): the DiT's
+                                          control with `model.control_input="pixels"`
   image_emb          float32 [E]          portrait embedding (source named in the metadata)
+  view               int32                the capture view that served as the portrait (0: the
+                                          record's portrait; training identities lend every view)
   uv_texture uint8 [R, R, 3], uv_geometry float32 [R, R, 3], uv_mask uint8 [R, R],
   partial_uv float16 [R, R, 10]           ground truth and the control's source maps, for
                                           decoded held-out metrics and previews
@@ -35,17 +40,20 @@ from data_pipelines.transforms import Example, Record, TransformOptions
 from fica_jax.errors import UserError
 
 FORMAT = "fica-latent-cache"
-VERSION = 1
+VERSION = 2  # 2: + control_maps, view
 CONTROL_GROUPS = ("rgb", "mask", "nrm", "vtx")  # order of the `control` channel groups
+MAP_CHANNELS = (3, 1, 3, 3)  # each group's channels in `control_maps`
 BASELINES_FILE = "baselines.npz"
 KEYS = {
     "identity": "str",
     "split": "str",
+    "view": "int32",
     "tex_mean": "float32",
     "tex_std": "float32",
     "geo_mean": "float32",
     "geo_std": "float32",
     "control": "float32",
+    "control_maps": "float16",
     "image_emb": "float32",
     "uv_texture": "uint8",
     "uv_geometry": "float32",
@@ -158,24 +166,52 @@ def load_baselines(cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- examples
-def control_channels(groups: Sequence[str], token_channels: int) -> list[int]:
-    """Channel indices of the chosen control groups in a record's `control` array."""
+def control_channels(groups: Sequence[str], sizes: int | Sequence[int]) -> list[int]:
+    """Channel indices of the chosen control groups in a record's `control` array (`sizes`: the
+    token channels, every group that wide) or `control_maps` (`sizes=MAP_CHANNELS`)."""
     bad = [g for g in groups if g not in CONTROL_GROUPS]
     if bad or not groups:
         raise UserError(
             f"control maps {list(groups)}: expected a non-empty subset of {CONTROL_GROUPS}"
         )
-    return [
-        CONTROL_GROUPS.index(g) * token_channels + c for g in groups for c in range(token_channels)
-    ]
+    sizes = [sizes] * len(CONTROL_GROUPS) if isinstance(sizes, int) else list(sizes)
+    starts = np.cumsum([0, *sizes])
+    return [int(starts[CONTROL_GROUPS.index(g)]) + c for g in groups for c in range(sizes[CONTROL_GROUPS.index(g)])]  # fmt: skip
+
+
+def pixel_control(maps: np.ndarray, groups: Sequence[str], grid: int) -> np.ndarray:
+    """Normalised partial maps [..., R, R, 10] -> the chosen groups space-to-depth onto the
+    DiT's latent grid [..., G, G, (R / G)^2 x channels] (no VAE in between: a sparse map
+    through an 8x-downsampling VAE loses the texels it has)."""
+    maps = np.asarray(maps, np.float32)[..., control_channels(groups, MAP_CHANNELS)]
+    *lead, r, _, c = maps.shape
+    f = r // grid
+    if f * grid != r:
+        raise UserError(f"control maps {r}x{r}: not a multiple of the {grid}x{grid} latent grid")
+    x = maps.reshape(*lead, grid, f, grid, f, c)
+    x = np.moveaxis(x, -4, -3)  # [..., G, G, f, f, c]: the layout of layers.pixel_unshuffle
+    return x.reshape(*lead, grid, grid, f * f * c)
+
+
+def control_width(groups: Sequence[str], control_input: str, token_channels: int,
+                  factor: int) -> int:  # fmt: skip
+    """Channels of the DiT's control input: `token_channels` per group through the VAE
+    ("latents"), or the groups' map channels x factor^2 ("pixels", factor = R / G)."""
+    if control_input == "latents":
+        return len(groups) * token_channels
+    if control_input == "pixels":
+        return len(control_channels(groups, MAP_CHANNELS)) * factor * factor
+    raise UserError(f"model.control_input {control_input!r}: expected 'latents' or 'pixels'")
 
 
 def latent_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
     """DiT training example: texture/geometry latents sampled from their cached posteriors
     (z = mean + std * eps; `augment=False` takes the mean), the control groups and embedding.
 
-    `opts.extra` carries the stage's choices: `control` (channel indices), `image_emb` (False
-    zeroes the embedding: the ablation without it), `ground_truth` (add the decoded-metric maps).
+    `opts.extra` carries the stage's choices: `control` (the groups), `control_input`
+    ("latents": the VAE-encoded groups; "pixels": `pixel_control` of the maps), `image_emb`
+    (False zeroes the embedding: the ablation without it), `ground_truth` (add the decoded-metric
+    maps).
     """
     extra = dict(opts.extra)
 
@@ -191,7 +227,7 @@ def latent_example(record: Record, rng: np.random.Generator, opts: TransformOpti
     out = {
         "tex_latent": posterior("tex").astype(np.float32),
         "geo_latent": posterior("geo").astype(np.float32),
-        "control": np.asarray(record["control"], np.float32)[..., list(extra["control"])],
+        "control": _control(record, extra["control"], extra.get("control_input", "latents")),
         "image_emb": emb if extra.get("image_emb", True) else np.zeros_like(emb),
     }
     if extra.get("ground_truth"):
@@ -200,3 +236,10 @@ def latent_example(record: Record, rng: np.random.Generator, opts: TransformOpti
         out["uv_mask"] = np.asarray(record["uv_mask"], np.float32)
         out["partial_uv"] = np.asarray(record["partial_uv"], np.float32)
     return out
+
+
+def _control(record: Record, groups: Sequence[str], control_input: str) -> np.ndarray:
+    latents = np.asarray(record["control"], np.float32)
+    if control_input == "pixels":
+        return pixel_control(record["control_maps"], groups, latents.shape[0])
+    return latents[..., control_channels(groups, latents.shape[-1] // len(CONTROL_GROUPS))]

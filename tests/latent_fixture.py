@@ -39,6 +39,7 @@ def write_synthetic_cache(out, *, n_train=32, n_test=4, grid=8, channels=4, emb=
             rec = {
                 "identity": np.asarray(f"syn-{i:04d}"),
                 "split": np.asarray(split),
+                "view": np.int32(0),
                 "tex_mean": tex,
                 "tex_std": np.full_like(tex, 0.05),
                 "geo_mean": geo,
@@ -49,6 +50,20 @@ def write_synthetic_cache(out, *, n_train=32, n_test=4, grid=8, channels=4, emb=
                 "uv_geometry": np.zeros((uv, uv, 3), np.float32),
                 "uv_mask": np.ones((uv, uv), np.uint8),
                 "partial_uv": np.zeros((uv, uv, 10), np.float16),
+                # the control at UV resolution: the latent-grid control upsampled (groups rgb 3,
+                # mask 1, nrm 3, vtx 3 from the first channels of each latent group)
+                "control_maps": np.kron(
+                    np.concatenate(
+                        [
+                            control[..., :3],
+                            control[..., channels : channels + 1],
+                            control[..., 2 * channels : 2 * channels + 3],
+                            control[..., 3 * channels : 3 * channels + 3],
+                        ],
+                        -1,
+                    ),
+                    np.ones((uv // grid, uv // grid, 1)),
+                ).astype(np.float16),  # fmt: skip
             }
             w.add_encoded(split, dims, L.encode(rec), f"syn-{i:04d}", f"synthetic {i}")
         w.write_file(L.BASELINES_FILE, b"")

@@ -4,8 +4,9 @@ and the evaluation report.
 synthetic captures (portrait + dome frames) -> stage `vae` -> stage `dense` -> latent cache
 (the dense predictor's partial UV maps as control; every view of a training identity serves as
 one of its portraits) -> stage `dit` (full conditioning) and its
-ablations `dit-rgb` (partial RGB only) and `dit-maps` (+ normal & vertex maps) -> stage `refiner`
-(corruption curriculum) -> stage `upm` -> one `fica export` folder per model in `OUT/models/` ->
+ablations `dit-rgb` (partial RGB only) and `dit-maps` (+ normal & vertex maps) -> the DiT's maps
+of every portrait (`fica sample`, both splits) -> stage `refiner` (trained on those maps mixed
+with the corruption curriculum: what it will be given) -> stage `upm` -> one `fica export` folder per model in `OUT/models/` ->
 `fica generate` for held-out portraits (`OUT/avatars/<id>`, camera and expression from the capture
 as a `--pose` JSON) -> turntable and expression-sweep GIFs of the first -> `fica eval` into
 `OUT/eval` (FiCA vs the mean-texture baseline and the ablations) -> `OUT/report.json`.
@@ -66,7 +67,7 @@ SIZES = {
         # size, the DiTs' patch and held-out sampling steps (= sample_steps); learning rates
         # would go here too ("optim.lr")
         config={
-            "refiner": {"data.image_size": 32},
+            "refiner": {"data.image_size": 32, "model.input_source": "mix"},
             **dict.fromkeys(_DITS, {"model.patch": 2, "model.eval_steps": 50}),
         },
     ),  # fmt: skip
@@ -84,7 +85,7 @@ SIZES = {
         eval_samples=1,
         steps={name: 8 for name in _TRAINED},
         config={
-            "refiner": {"data.image_size": 32},
+            "refiner": {"data.image_size": 32, "model.input_source": "mix"},
             **dict.fromkeys(_DITS, {"model.patch": 1, "model.eval_steps": 4}),
         },
     ),  # fmt: skip
@@ -222,6 +223,9 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
         def run():
             src = out / ds.RUNS[name][1]  # the captures or the latent cache
             cfg = ds.stage_cfg(name, src, sizes["steps"][name], sizes, ds.data_meta(src))
+            if cfg.model.get("input_source", "corrupt") != "corrupt":  # the refiner's DiT maps
+                with cfg.unlocked():
+                    cfg.model.samples_dir = str(runs / "dit-samples" / "maps")
             ds.train(cfg, runs / name)
             return {"run": str(runs / name), "steps": int(cfg.train.steps)}
 
@@ -231,7 +235,20 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
     steps = [Step("synthesise captures", data / "metadata.json", synth)]
     steps += [train_step("vae"), train_step("dense")]
     steps.append(Step("latent cache", cache / "metadata.json", latent_cache))
-    steps += [train_step(n) for n in (*_DITS, "refiner", "upm")]
+    steps += [train_step(n) for n in _DITS]
+
+    def dit_samples():  # what the refiner trains on: the DiT's maps of every portrait
+        from fica_jax.commands.sample import sample_run
+
+        got = {split: sample_run(runs / "dit", cache, samples / split, steps=sizes["sample_steps"],
+                                 split=split, maps=samples / "maps")
+               for split in ("train", "test")}  # fmt: skip
+        write_json(samples / "done.json", got)
+        return {"dir": str(samples), **{f"{k}_identities": v["identities"] for k, v in got.items()}}
+
+    samples = runs / "dit-samples"
+    steps.append(Step("dit samples", samples / "done.json", dit_samples))
+    steps += [train_step(n) for n in ("refiner", "upm")]
     steps.append(Step("conditioning sheet", out / "conditioning.png",
                       lambda: _conditioning_sheet(out, data, sizes)))  # fmt: skip
     for name in _TRAINED:

@@ -1,11 +1,15 @@
 """`fica sample --run DIR --data CACHE --out DIR`: samples a finished `dit` run on the cache's
-held-out identities, decodes with the cache's VAE, and writes `sample_XXX.png` previews,
-`maps/<identity>_{texture,geometry}.npy` and `metrics.json` (against the baselines)."""
+held-out identities (or `--split train`), decodes with the cache's VAE, and writes
+`sample_XXX.png` previews, `maps/<identity>_{texture,geometry}.npy` and `metrics.json` (against
+the baselines). One map per identity, conditioned on its portrait (view 0): the cache's rows for
+the other views a training identity lends are skipped (they are what the DiT trained on, not
+what `fica generate` gives the refiner)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +31,10 @@ def sample_run(
     seed: int = 0,
     split: str = "test",
     ema: bool = True,
+    maps: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """`fica sample`: every identity of `split` in the cache; returns the mean metrics."""
+    """`fica sample`: every identity of `split` in the cache; returns the mean metrics. The
+    maps go to `maps` (default OUT/maps: one folder can gather both splits for the refiner)."""
     from data_pipelines.latents import cache_metadata
     from fica_jax.train.checkpoint import load_model, load_run_config
 
@@ -40,28 +46,32 @@ def sample_run(
     _, model = load_model(cfg, run, ema=ema)
     ctx = decoding_context(cfg, cache_metadata(cache), where=f"fica sample --data {cache}")
     scale = float(cfg.model.cfg_scale if cfg_scale is None else cfg_scale)
-    ensure_dir(out / "maps")
-    rows, totals, n, rng = [], {}, 0, jax.random.PRNGKey(seed)
-    names = [str(r) for r in ctx.identities(split)]
+    maps = ensure_dir(pathlib.Path(maps) if maps else out / "maps")
+    rows, totals, n, done, rng = [], {}, 0, 0, jax.random.PRNGKey(seed)
+    rows_of = ctx.identities(split)
     for k, batch in enumerate(held_out_batches(cfg, split)):
-        batch = {key: jnp.asarray(v) for key, v in batch.items()}
+        b = len(batch["tex_latent"])
+        keep = [j for j in range(b) if rows_of[n + j][1] == 0]  # portrait rows (module doc)
+        names = [rows_of[n + j][0] for j in keep]
+        n += b
+        if not keep:
+            continue
+        batch = {key: jnp.asarray(np.asarray(v)[keep]) for key, v in batch.items()}
         key = jax.random.fold_in(rng, k)
         kw = dict(steps=steps, cfg_scale=scale, shift=float(cfg.model.t_shift))
         texture, geometry = sample_maps(model, ctx.vae, ctx.stats, ctx.unshuffle, batch, key, **kw)
-        b = texture.shape[0]
         for key, v in uv_metrics(texture, geometry, batch, ctx.baselines).items():
-            totals[key] = totals.get(key, 0.0) + float(v) * b
-        for j in range(b):
-            name = names[n + j] if n + j < len(names) else f"id{n + j}"
-            for kind, maps in (("texture", texture), ("geometry", geometry)):
-                with atomic_file(out / "maps" / f"{name}_{kind}.npy") as tmp:
-                    np.save(tmp, np.asarray(maps[j]))
-        n += b
-        rows += preview_rows(batch, texture, geometry, n=b)
+            totals[key] = totals.get(key, 0.0) + float(v) * len(keep)
+        for j, name in enumerate(names):
+            for kind, arr in (("texture", texture), ("geometry", geometry)):
+                with atomic_file(maps / f"{name}_{kind}.npy") as tmp:
+                    np.save(tmp, np.asarray(arr[j]))
+        done += len(keep)
+        rows += preview_rows(batch, texture, geometry, n=len(keep))
     for i in range(0, len(rows), 8):
         write_sheet(rows[i : i + 8], out / f"sample_{i // 8:03d}.png")
-    result = {k: v / max(n, 1) for k, v in totals.items()}
-    result.update(identities=n, steps=steps, cfg_scale=scale, seed=seed, split=split)
+    result = {k: v / max(done, 1) for k, v in totals.items()}
+    result.update(identities=done, steps=steps, cfg_scale=scale, seed=seed, split=split)
     write_json(out / "metrics.json", result)
     return result
 
@@ -82,6 +92,7 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test")
+    p.add_argument("--maps", default=None, help="where the .npy maps go (default OUT/maps)")
     p.add_argument(
         "--no-ema", action="store_true", help="use the raw params even if the run keeps an EMA"
     )
@@ -96,6 +107,7 @@ def add_commands(subparsers) -> None:
             seed=args.seed,
             split=args.split,
             ema=not args.no_ema,
+            maps=args.maps,
         )
         print(json.dumps(res, indent=2))
         return 0

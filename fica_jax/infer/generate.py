@@ -184,7 +184,6 @@ class Timer:
 
 def _condition(models, portrait, dit_name: str, where: str):
     """Dense predictor -> (head mask [S, S], coverage, DiT batch of control + embedding)."""
-    from data_pipelines.latents import control_channels
     from fica_jax.infer import conditioning, latent_cache
 
     dense, dit = models["dense"], models[dit_name]
@@ -198,9 +197,9 @@ def _condition(models, portrait, dit_name: str, where: str):
             f"image, expected >= {MIN_HEAD:.0%}); use a portrait framed like the training data"
         )
     vae = _vae_bundle(models, dit_name)
-    control = latent_cache.encode_control(vae, np.asarray(cond.partial_uv))
     m = dit.cfg.model
-    control = control[..., control_channels(m.control_maps, m.latent_channels)]
+    control = latent_cache.encode_control(vae, np.asarray(cond.partial_uv), m.control_maps,
+                                          m.get("control_input", "latents"), int(m.latent_size))  # fmt: skip
     emb = np.asarray(cond.image_emb, np.float32)
     kind = dit.meta["stats"].get("embedding", "none")
     if not m.use_image_emb:

@@ -61,12 +61,21 @@ def _pack_control(mean: np.ndarray, b: int, first: int) -> np.ndarray:
     return np.concatenate([mean[(first + i) * b : (first + 1 + i) * b] for i in range(4)], -1)
 
 
-def encode_control(vae: VAEBundle, partial_uv) -> np.ndarray:
-    """Partial UV maps [B, R, R, 10] -> the 4-group control latents [B, G, G, 4C] (what the
-    cache stores as `control`, and what `fica generate` feeds the DiT)."""
+def _map_control(ctrl: list[np.ndarray]) -> np.ndarray:
+    """The 4 normalised groups -> [B, R, R, 10] `control_maps` (the mask once)."""
+    return np.concatenate([ctrl[0], ctrl[1][..., :1], ctrl[2], ctrl[3]], -1)
+
+
+def encode_control(vae: VAEBundle, partial_uv, groups, control_input: str, grid: int) -> np.ndarray:
+    """Partial UV maps [B, R, R, 10] -> the DiT's control [B, G, G, Cc] for `groups`: what the
+    cache gives the stage (`data_pipelines.latents.latent_example`) and `fica generate` feeds
+    the DiT. "latents": the groups through the VAE; "pixels": `L.pixel_control`."""
     ctrl = _control_maps(vae.stats, partial_uv)
+    if control_input == "pixels":
+        return L.pixel_control(_map_control(ctrl), groups, grid)
     mean, _ = _posterior(vae.model, jnp.asarray(np.concatenate(ctrl)), vae.unshuffle)
-    return _pack_control(np.asarray(mean), ctrl[0].shape[0], 0)
+    latents = _pack_control(np.asarray(mean), ctrl[0].shape[0], 0)
+    return latents[..., L.control_channels(groups, latents.shape[-1] // len(L.CONTROL_GROUPS))]
 
 
 def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -88,6 +97,7 @@ def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.nd
         "geo_mean": mean[b : 2 * b],
         "geo_std": std[b : 2 * b],
         "control": _pack_control(mean, b, 2),
+        "control_maps": _map_control(ctrl),
     }
 
 
@@ -281,6 +291,7 @@ def _write_rows(w: DatasetWriter, recs, chunk, enc: dict, batch: dict, emb, data
         row.update(
             identity=rec["identity"],
             split=rec["split"],
+            view=np.int32(chunk[j][2]),
             image_emb=emb[j],
             uv_texture=rec["uv_texture"],
             uv_geometry=rec["uv_geometry"],

@@ -21,7 +21,6 @@ from flax import nnx
 from data_pipelines.latents import (
     LatentSource,
     cache_metadata,
-    control_channels,
     latent_example,
     load_baselines,
 )
@@ -145,9 +144,10 @@ class DecodingContext:
     baselines: dict
     cache: str
 
-    def identities(self, split: str) -> list[str]:
+    def identities(self, split: str) -> list[tuple[str, int]]:
+        """(identity, the view it was conditioned on) of every cache row of `split`, in order."""
         src = LatentSource(self.cache, split)
-        return [str(src[i]["identity"]) for i in range(len(src))]
+        return [(str(src[i]["identity"]), int(src[i]["view"])) for i in range(len(src))]
 
 
 def decoding_context(cfg: ml_collections.ConfigDict, meta: dict, where: str) -> DecodingContext:
@@ -198,7 +198,8 @@ def latent_pipeline(
     _check_cache(cfg, cache_metadata(cfg.data.dir))
     shard_split = "test" if split == "eval" else split
     extra = {
-        "control": tuple(control_channels(cfg.model.control_maps, cfg.model.latent_channels)),
+        "control": tuple(cfg.model.control_maps),
+        "control_input": str(cfg.model.get("control_input", "latents")),
         "image_emb": bool(cfg.model.use_image_emb),
         "ground_truth": ground_truth,
     }

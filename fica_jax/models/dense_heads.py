@@ -100,6 +100,7 @@ class DenseHead(nnx.Module):
         channels: int,
         convs: int = 0,
         final_upsample: int = 2,
+        pixel_channels: int = 0,
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
@@ -109,13 +110,19 @@ class DenseHead(nnx.Module):
             [ConvTransposeX2(c_in, channels, **kw) for c_in in (din, channels, channels)]
         )
         self.convs = nnx.List([layers.conv(channels, channels, 1, **kw) for _ in range(convs)])
-        self.final = layers.conv(channels, out, 1, **kw)
+        self.final = layers.conv(channels + pixel_channels, out, 1, **kw)
         self.final_upsample = final_upsample
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, pixels: jax.Array | None = None) -> jax.Array:
+        """`pixels` [B, H, W, S]: full-resolution features (`PixelBranch`) the final conv also
+        reads; the deconv output is first brought to their resolution (bilinear)."""
         for layer in (*self.deconvs, *self.convs):
             x = nnx.silu(instance_norm(layer(x)))
             x = shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS)
+        if pixels is not None:
+            b, _, _, c = x.shape
+            x = jax.image.resize(x, (b, *pixels.shape[1:3], c), "bilinear", antialias=False)
+            return self.final(jnp.concatenate([x, pixels.astype(x.dtype)], -1)).astype(jnp.float32)
         y = self.final(x).astype(jnp.float32)
         if self.final_upsample != 1:
             b, h, w, c = y.shape
@@ -123,3 +130,32 @@ class DenseHead(nnx.Module):
             # Half-pixel-centre bilinear, as torch's interpolate(align_corners=False).
             y = jax.image.resize(y, (b, h * f, w * f, c), "bilinear", antialias=False)
         return y
+
+
+class PixelBranch(nnx.Module):
+    """Full-resolution features for the heads' final convs: a small U-Net on the image (3x3
+    convs + SiLU at 1, 1/2 and 1/4 resolution, bilinear up, skips concatenated; receptive field
+    ~40 px). Our addition, off in the Sapiens variants: with 8 px patches and a few hundred steps
+    the tokens place silhouettes and texel correspondences only to within a patch; the branch
+    gives every pixel its own edges, colours and neighbourhood."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        c = channels
+        self.down = nnx.List([layers.conv(3, c, 3, **kw), layers.conv(c, 2 * c, 3, stride=2, **kw),
+                              layers.conv(2 * c, 2 * c, 3, stride=2, **kw)])  # fmt: skip
+        self.mid = layers.conv(2 * c, 2 * c, 3, **kw)
+        self.up = nnx.List([layers.conv(4 * c, 2 * c, 3, **kw), layers.conv(3 * c, c, 3, **kw)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pin = lambda h: shd.constrain(h, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS)
+        skips = []
+        for conv in self.down:
+            x = pin(nnx.silu(conv(x)))
+            skips.append(x)
+        x = pin(nnx.silu(self.mid(x)))
+        for conv, skip in zip(self.up, skips[-2::-1], strict=True):
+            b, h, w, _ = skip.shape
+            x = jax.image.resize(x, (b, h, w, x.shape[-1]), "bilinear", antialias=False)
+            x = pin(nnx.silu(conv(jnp.concatenate([x, skip], -1))))
+        return x

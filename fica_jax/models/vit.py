@@ -32,7 +32,7 @@ from fica_jax import sharding as shd
 from fica_jax.errors import UserError
 from fica_jax.models import layers, weights
 from fica_jax.models import remat as remat_lib
-from fica_jax.models.dense_heads import DenseHead
+from fica_jax.models.dense_heads import DenseHead, PixelBranch
 from fica_jax.models.landmarks import LandmarkNet
 from fica_jax.models.pose_head import PoseHead
 
@@ -62,6 +62,7 @@ class ViTConfig:
     expression_dim: int = 0  # its expression code size (the template's blendshapes)
     pose_hidden: int = 256  # its MLP width
     landmarks: int = 0  # > 0: the landmark branch (models/landmarks.py), source of the expression
+    pixel_branch: int = 0  # > 0: a full-resolution conv branch this wide feeds every head
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -214,10 +215,15 @@ class DensePredictor(nnx.Module):
             channels=cfg.head_channels,
             convs=cfg.head_convs,
             final_upsample=cfg.final_upsample,
+            pixel_channels=cfg.pixel_branch,
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
         )
+        self.pixels = (
+            PixelBranch(cfg.pixel_branch, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            if cfg.pixel_branch else None
+        )  # fmt: skip
         self.uv = DenseHead(cfg.width, HEADS["uv"], **kw)
         self.vtx = DenseHead(cfg.width, HEADS["vtx"], **kw)
         self.nrm = DenseHead(cfg.width, HEADS["nrm"], **kw)
@@ -243,7 +249,8 @@ class DensePredictor(nnx.Module):
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         x = normalize(images)
         feats = self.backbone(x)  # [B, h, w, D]
-        out = {name: self.head(name)(feats) for name in HEADS}
+        pix = self.pixels(x) if self.pixels is not None else None
+        out = {name: self.head(name)(feats, pix) for name in HEADS}
         out["pooled"] = jnp.mean(feats, axis=(1, 2))
         if self.pose is not None:
             out.update(self.pose(feats))

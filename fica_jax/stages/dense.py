@@ -32,6 +32,7 @@ from flax import nnx
 from data_pipelines import transforms as T
 from fica_jax import config
 from fica_jax.errors import UserError
+from fica_jax.geometry.unwrap import unwrap_partial
 from fica_jax.infer.pose import camera_params, pose_stats, translation_from_params
 from fica_jax.models.pose_head import geodesic_deg, rotation_from_6d
 from fica_jax.models.vit import VARIANTS, DensePredictor
@@ -39,9 +40,9 @@ from fica_jax.train.stage import Stage
 
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DensePredictor:
-    # Non-zero `cfg.model.{width,depth,heads,patch,head_channels,final_upsample}` change the
+    # Non-zero `cfg.model.{width,...,final_upsample,pixel_branch}` change the
     # named variant (the CPU demo uses a finer patch grid than Sapiens' 16).
-    keys = ("width", "depth", "heads", "patch", "head_channels", "final_upsample")
+    keys = ("width", "depth", "heads", "patch", "head_channels", "final_upsample", "pixel_branch")
     variant = config.variant(
         VARIANTS,
         cfg.model.variant,
@@ -163,12 +164,34 @@ def pose_eval(pred: dict[str, jax.Array], batch, mean_expr) -> dict[str, jax.Arr
     }
 
 
+def unwrap_eval(images, pred: dict[str, jax.Array], batch, resolution: int) -> dict:
+    """The predicted maps' unwrap of each image vs the ground-truth maps' unwrap of the same
+    image (`fica_jax.geometry.unwrap`, what the DiT is given vs what it trains on): `coverage`
+    = texels both cover / texels the truth covers, `excess` = texels only the prediction covers /
+    texels it covers, `rgb_psnr` on the texels both cover."""
+    unwrap = jax.vmap(lambda *a: unwrap_partial(*a, resolution))
+    nrm = pred["nrm"] / jnp.maximum(jnp.linalg.norm(pred["nrm"], axis=-1, keepdims=True), 1e-6)
+    mine = unwrap(images, pred["mask_logits"][..., 0] > 0, jnp.clip(pred["uv"], 0, 1), nrm,
+                  pred["vtx"])  # fmt: skip
+    truth = unwrap(images, batch["mask"], batch["uv"], batch["nrm"], batch["vtx"])
+    got, want = mine[..., 3] > 0, truth[..., 3] > 0
+    both = (got & want).astype(jnp.float32)
+    err = jnp.sum(jnp.square(mine[..., :3] - truth[..., :3]) * both[..., None])
+    mse = err / (3.0 * jnp.sum(both) + 1e-6)
+    return {
+        "unwrap_coverage": jnp.sum(both) / (jnp.sum(want) + 1e-6),
+        "unwrap_excess": jnp.sum(got & ~want) / (jnp.sum(got) + 1e-6),
+        "unwrap_rgb_psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+    }
+
+
 def make_eval(cfg: ml_collections.ConfigDict):
     """UV error on held-out identities against the best constant predictor of the same pixels
     (the per-batch mean UV of the foreground), vertex error in mm, normal angle in degrees, and
     mask IoU; the train split's mean-rotation baseline and, with the pose head, `pose_eval` against the train
-    split's mean pose."""
+    split's mean pose; with `model.unwrap_resolution`, `unwrap_eval` at that UV resolution."""
     stats = pose_stats(cfg.data.dir, "train")
+    unwrap_res = int(cfg.model.get("unwrap_resolution", 0))
 
     def eval_fn(model: DensePredictor, batch, rng: jax.Array):
         del rng
@@ -190,6 +213,8 @@ def make_eval(cfg: ml_collections.ConfigDict):
         out["baseline_rot_deg"] = jnp.mean(
             geodesic_deg(stats["rotation"], batch["viewmat"][:, :3, :3])
         )
+        if unwrap_res:
+            out |= unwrap_eval(batch["image"], pred, batch, unwrap_res)
         if model.pose is not None:
             out |= pose_eval(pred, batch, stats["expression"])
         if model.landmarks is not None:  # mean pixel distance over the visible landmarks
@@ -239,8 +264,9 @@ def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions
 
 
 def fit_data(meta) -> dict:
-    """Train at the captures' image size."""
-    return {"data.image_size": int(np.ravel(meta["image_size"])[0])}
+    """Train at the captures' image size; score the unwrap at their UV resolution."""
+    return {"data.image_size": int(np.ravel(meta["image_size"])[0]),
+            "model.unwrap_resolution": int(meta["uv_resolution"])}  # fmt: skip
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
@@ -262,6 +288,9 @@ STAGE = Stage(
         "expr_l1": False,
         "expr_mse": False,
         "kpt_px": False,
+        "unwrap_coverage": True,
+        "unwrap_excess": False,
+        "unwrap_rgb_psnr": True,
     },
     fit_data=fit_data,
 )

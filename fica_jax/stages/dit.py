@@ -33,7 +33,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from data_pipelines.latents import LatentSource, cache_metadata, latent_example, load_baselines
+from data_pipelines.latents import (
+    LatentSource,
+    cache_metadata,
+    control_width,
+    latent_example,
+    load_baselines,
+)
 from fica_jax import config, flow
 from fica_jax.errors import UserError
 from fica_jax.infer.latents import decoding_context, latent_pipeline
@@ -53,13 +59,25 @@ def dit_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         "model.variant",
         {k: m.get(k) for k in ("width", "depth", "heads")},
         in_channels=m.latent_channels,
-        control_channels=len(m.control_maps) * m.latent_channels,
+        control_channels=_control_width(cfg),
         image_emb_dim=m.image_emb_dim,
         patch=m.patch,
         qk_norm=m.qk_norm,
         grid=m.latent_size // m.patch,
         remat=cfg.train.remat,
     )
+
+
+def _control_width(cfg: ml_collections.ConfigDict) -> int:
+    """Channels of the control input (`data_pipelines.latents.control_width`); "pixels" needs
+    the UV resolution: `model.uv_resolution`, else the cache's."""
+    m = cfg.model
+    kind, r = str(m.get("control_input", "latents")), int(m.get("uv_resolution", 0))
+    if kind == "pixels" and not r:
+        if not cfg.data.dir:
+            raise UserError("model.control_input='pixels' needs model.uv_resolution or data.dir")
+        r = int(cache_metadata(cfg.data.dir)["uv_resolution"])
+    return control_width(m.control_maps, kind, int(m.latent_channels), r // int(m.latent_size))
 
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DiT:
@@ -170,6 +188,9 @@ def make_eval(cfg: ml_collections.ConfigDict):
             ceiling = uv_metrics(recon, recon_geo, batch, ctx.baselines)
             out["vae_texture_psnr"] = ceiling["texture_psnr"]
             out["vae_geometry_l1_mm"] = ceiling["geometry_l1_mm"]
+            for part in ("visible", "unseen"):  # the texels the portrait shows / hides
+                if f"texture_psnr_{part}" in ceiling:
+                    out[f"vae_texture_psnr_{part}"] = ceiling[f"texture_psnr_{part}"]
         return out
 
     return eval_fn
@@ -226,7 +247,7 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
 def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     b, m = cfg.data.batch_size, cfg.model
     s, f32 = m.latent_size, jnp.float32
-    cc = len(m.control_maps) * m.latent_channels
+    cc = _control_width(cfg)
     return {
         "tex_latent": jax.ShapeDtypeStruct((b, s, s, m.latent_channels), f32),
         "geo_latent": jax.ShapeDtypeStruct((b, s, s, m.latent_channels), f32),
@@ -254,8 +275,10 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.nda
 
 
 def fit_data(meta) -> dict:
-    """The latent cache's grid, token channels and embedding width (its `metadata.json`)."""
+    """The latent cache's grid, token channels, embedding width and UV resolution (its
+    `metadata.json`)."""
     return {
+        "model.uv_resolution": int(meta["uv_resolution"]),
         "model.latent_size": int(meta["grid"]),
         "model.latent_channels": int(meta["token_channels"]),
         "model.image_emb_dim": int(meta["image_emb_dim"]),
@@ -281,6 +304,10 @@ STAGE = Stage(
         "geometry_l1_mm": False,
         "vae_texture_psnr": True,
         "vae_geometry_l1_mm": False,
+        "texture_psnr_visible": True,
+        "texture_psnr_unseen": True,
+        "vae_texture_psnr_visible": True,
+        "vae_texture_psnr_unseen": True,
     },
     make_sample=make_sample,
     export_stats=export_stats,

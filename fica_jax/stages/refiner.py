@@ -9,7 +9,9 @@ and dome frame 1. The input maps are `cfg.model.input_source`:
   strengths `cfg.model.corruption`); deterministic per record on the eval split.
 - "samples": the DiT's maps cached by `fica sample --split SPLIT --out OUT`, read from
   `cfg.model.samples_dir` (= OUT/maps; `ID_texture.npy`, `ID_geometry.npy`); a missing file is a
-  one-line error naming it.
+  one-line error naming it. What the refiner is given at inference.
+- "mix": training examples take the samples with probability `cfg.model.sample_prob`, else the
+  curriculum; held-out examples the samples (so "samples" and "mix" runs are scored alike).
 
 The refiner sees the portrait and a render of its input maps from the portrait's camera (ViT
 tokens for its cross-attention) and, our addition, both images pulled back into UV through the
@@ -62,7 +64,7 @@ from fica_jax.render.surfels import safe_norm, tangent
 from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
-INPUT_SOURCES = ("corrupt", "samples")
+INPUT_SOURCES = ("corrupt", "samples", "mix")
 
 
 def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
@@ -327,7 +329,11 @@ def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions
     hw = out["portrait_mask"].shape
     out["portrait_kpts_visible"] = T.float32(found & T.points_inside(out["portrait_kpts"], hw))
     del out["frame_kpts"]  # the novel view is scored by PSNR only
-    if extra.get("input_source", "corrupt") == "samples":
+    source = extra.get("input_source", "corrupt")
+    if source == "mix":  # held-out identities: always the samples
+        train = str(record["split"]) == "train"
+        source = "samples" if not train or rng.uniform() < extra["sample_prob"] else "corrupt"
+    if source == "samples":
         tex, geo = _dit_samples(record, extra.get("samples_dir", ""), m.shape[0])
     else:
         tex, geo = corrupt_maps(
@@ -346,12 +352,13 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
         raise UserError(
             f"config model.input_source={source!r} is unknown; expected one of {INPUT_SOURCES}"
         )
-    if source == "samples" and not cfg.model.samples_dir:
+    if source != "corrupt" and not cfg.model.samples_dir:
         raise UserError(
-            "config model.input_source='samples' needs model.samples_dir: the maps/ folder "
+            f"config model.input_source={source!r} needs model.samples_dir: the maps/ folder "
             "`fica sample --split SPLIT --out OUT` writes (OUT/maps)"
         )
-    extra = {"input_source": source, "samples_dir": str(cfg.model.samples_dir)}
+    extra = {"input_source": source, "samples_dir": str(cfg.model.samples_dir),
+             "sample_prob": float(cfg.model.get("sample_prob", 0.5))}  # fmt: skip
     extra |= {k: float(v) for k, v in dict(cfg.model.corruption).items()}
     read = CaptureData(example)
     return read(cfg, split, process_index, process_count, extra=extra)

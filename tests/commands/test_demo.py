@@ -87,7 +87,7 @@ CACHE_META = {"grid": 4, "token_channels": 4, "image_emb_dim": 64}
 def _meta(name, sizes):
     """What the demo's captures (`metadata.json` dims) and latent cache say about themselves."""
     if ds.RUNS[name][1] == "cache":
-        return CACHE_META
+        return {**CACHE_META, "uv_resolution": sizes["uv"]}
     return {"uv_resolution": sizes["uv"], "image_size": [sizes["image"]] * 2,
             "n_views": sizes["frames"] + 1}  # fmt: skip
 
@@ -99,26 +99,29 @@ def test_capture_metadata_reads_as_the_test_writes_it(synth_dir):
     assert {k: meta[k] for k in ("uv_resolution", "image_size", "n_views")} == _meta("vae", sizes)
 
 
-# Each run's config overrides beside the common ones, as `stage_cfg` set them with a chain of
-# `if stage == ...` before the stages declared `fit_data` (CACHE_META for the DiTs): the demo's
-# configs must not change with the move.
+# Each run's config overrides beside the common ones: what `fit_data` takes from the data
+# (CACHE_META for the DiTs) and the demo's own (`SIZES[...]["config"]`), written out here so a
+# change to either shows up as a change to this table.
 _DIT = {"model.latent_size": 4, "model.latent_channels": 4, "model.image_emb_dim": 64}
+_REFINER = {"data.image_size": 32, "model.input_source": "mix"}
 EXPECTED = {
     "default": {
         "vae": {"data.uv_resolution": 64},
-        "dense": {"data.image_size": 64},
-        **{n: {**_DIT, "model.patch": 2, "model.eval_steps": 50} for n in demo._DITS},
-        "refiner": {"data.uv_resolution": 64, "data.image_size": 32},
+        "dense": {"data.image_size": 64, "model.unwrap_resolution": 64},
+        **{n: {**_DIT, "model.uv_resolution": 64, "model.patch": 2, "model.eval_steps": 50}
+           for n in demo._DITS},
+        "refiner": {"data.uv_resolution": 64, **_REFINER},
         "upm": {"data.uv_resolution": 64, "data.image_size": 64, "model.n_cameras": 4},
     },
     "quick": {
         "vae": {"data.uv_resolution": 32},
-        "dense": {"data.image_size": 64},
-        **{n: {**_DIT, "model.patch": 1, "model.eval_steps": 4} for n in demo._DITS},
-        "refiner": {"data.uv_resolution": 32, "data.image_size": 32},
+        "dense": {"data.image_size": 64, "model.unwrap_resolution": 32},
+        **{n: {**_DIT, "model.uv_resolution": 32, "model.patch": 1, "model.eval_steps": 4}
+           for n in demo._DITS},
+        "refiner": {"data.uv_resolution": 32, **_REFINER},
         "upm": {"data.uv_resolution": 32, "data.image_size": 64, "model.n_cameras": 2},
     },
-}
+}  # fmt: skip
 
 
 def _flat(d, prefix=""):

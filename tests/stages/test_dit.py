@@ -251,6 +251,7 @@ def tiny_cfg(tmp_path_factory):
     cfg = dit_configs.get_config("tiny")
     with cfg.unlocked():
         cfg.data.dir = str(cache)
+        cfg.model.uv_resolution = 16  # the fixture's (the stage's fit_data in a real run)
     return cfg
 
 
@@ -311,23 +312,43 @@ def test_train_steps_reduce_loss(tiny_cfg):
     assert set(aux) >= {"loss_texture", "loss_geometry", "drop_frac"}
 
 
-def test_ablation_switches_pick_control_groups_and_embedding(tiny_cfg):
-    """The paper's ablations from one cache: RGB-only control, and no image embedding."""
+@pytest.mark.parametrize("control_input", ["latents", "pixels"])
+def test_ablation_switches_pick_control_groups_and_embedding(tiny_cfg, control_input):
+    """The paper's ablations from one cache: RGB-only control, and no image embedding; the
+    control either the VAE-encoded groups or the maps space-to-depth onto the latent grid."""
+    from data_pipelines.latents import LatentSource, pixel_control
     from fica_jax.config import apply_overrides
 
-    cfg = tiny_cfg.copy_and_resolve_references()
+    full_cfg = tiny_cfg.copy_and_resolve_references()
+    apply_overrides(full_cfg, [f"--config.model.control_input={control_input}"])
+    cfg = full_cfg.copy_and_resolve_references()
     apply_overrides(
         cfg, ["--config.model.control_maps=('rgb', 'mask')", "--config.model.use_image_emb=false"]
     )
     stage = get_stage("dit")
     batch = next(iter(stage.make_data(cfg, "train", 0, 1)))
-    full = next(iter(stage.make_data(tiny_cfg, "train", 0, 1)))
+    full = next(iter(stage.make_data(full_cfg, "train", 0, 1)))
     c = cfg.model.latent_channels
-    assert batch["control"].shape[-1] == 2 * c and full["control"].shape[-1] == 4 * c
-    np.testing.assert_array_equal(batch["control"], full["control"][..., : 2 * c])
+    if control_input == "latents":
+        want, want_full = 2 * c, 4 * c
+        np.testing.assert_array_equal(batch["control"], full["control"][..., : 2 * c])
+    else:  # 16^2 maps onto the 8^2 grid: 2x2 texels of (rgb 3 + mask 1) / of all 10 channels
+        want, want_full = 4 * 4, 4 * 10
+        rec = LatentSource(cfg.data.dir, "train")
+        ids = [str(rec[i]["identity"]) for i in range(len(rec))]
+        # the first example's maps, through the same space-to-depth, by identity
+        first = next(i for i in range(len(rec)) if np.array_equal(
+            pixel_control(rec[i]["control_maps"], ("rgb", "mask", "nrm", "vtx"), 8),
+            full["control"][0]))  # fmt: skip
+        assert ids[first]
+        maps = np.asarray(rec[first]["control_maps"], np.float32)
+        np.testing.assert_array_equal(full["control"][0][0, 0, :10], maps[0, 0])  # texel (0, 0)
+        np.testing.assert_array_equal(full["control"][0][0, 0, 10:20], maps[0, 1])  # (0, 1)
+        np.testing.assert_array_equal(full["control"][0][0, 0, 20:30], maps[1, 0])  # (1, 0)
+    assert batch["control"].shape[-1] == want and full["control"].shape[-1] == want_full
     assert not batch["image_emb"].any() and full["image_emb"].any()
-    assert stage.batch_spec(cfg)["control"].shape[-1] == 2 * c
-    assert dit_stage.dit_config(cfg).control_channels == 2 * c
+    assert stage.batch_spec(cfg)["control"].shape[-1] == want
+    assert dit_stage.dit_config(cfg).control_channels == want
 
 
 @pytest.mark.heavy

@@ -1,0 +1,157 @@
+"""Does FiCA improve with data? The demo's recipe at 28 identities and at ~4x that.
+
+  python benchmarks/fidelity.py --out /tmp/fidelity                     # 28 and 112 identities
+  python benchmarks/fidelity.py --out /tmp/fidelity --identities 28 56  # other sizes
+
+Each size is one `fica demo` run (`OUT/n<N>`, resumable: an interrupted size resumes, a finished
+one is read back) with every stage's steps scaled by N / 28 (the same epochs over the data;
+every 4th identity held out, so 7 and 28 held-out identities). The JSON
+(`benchmarks/results/fidelity_cpu.json`) holds, per size: the main table and the ablation of
+`fica eval`, the visible / unseen texel split (uv_texture table), the portrait row, the dense
+stage's held-out figures and the `identity` summary (`identity_summary`, the same object the
+demo record carries); the PNG plots FiCA (3DGS) and the mean texture against identities with the
+ground-truth-maps bound drawn in. The trend is stated in the JSON's `trend` line, whichever way it
+goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_result  # noqa: E402
+
+BASE = 28  # the demo's identities; steps scale from here
+
+
+def _row(table: list[dict], method: str) -> dict:
+    return next((r for r in table if r.get("method") == method), {})
+
+
+def identity_summary(tables: dict, stages: dict) -> dict:
+    """The issue-27 figures of one demo run: FiCA (3DGS) vs the mean texture and the
+    ground-truth-maps bound (share of the gap closed), SSIM, the visible-texel gain over the mean
+    texture and the distance to the VAE ceiling there, the DiT's held-out texture vs the mean
+    training texture, and the refiner's ablation step in standard errors."""
+    main, abl, uv = tables["main"], tables["ablation"], tables.get("uv_texture", [])
+    fica, mean, bound = _row(main, "3dgs"), _row(main, "mean"), _row(main, "gt_upm")
+    out = {
+        "fica_3dgs_psnr": fica.get("psnr"),
+        "mean_texture_psnr": mean.get("psnr"),
+        "gt_maps_bound_psnr": bound.get("psnr"),
+        "gap_closed": (fica["psnr"] - mean["psnr"]) / (bound["psnr"] - mean["psnr"])
+        if fica and mean and bound else None,
+        "fica_3dgs_ssim": fica.get("ssim"),
+        "mean_texture_ssim": mean.get("ssim"),
+    }  # fmt: skip
+    final, base, vae = _row(uv, "3dgs"), _row(uv, "mean"), _row(uv, "vae")
+    if final and base:
+        out["visible_texel_psnr"] = final.get("visible_psnr")
+        out["visible_texel_psnr_gain_db"] = final["visible_psnr"] - base["visible_psnr"]
+        out["unseen_texel_psnr_gain_db"] = final["unseen_psnr"] - base["unseen_psnr"]
+    if final and vae:
+        out["visible_texel_psnr_below_vae_ceiling_db"] = vae["visible_psnr"] - final["visible_psnr"]
+    dit = stages.get("dit", {}).get("vs_baseline", {}).get("texture_psnr", {})
+    out["dit_texture_psnr"], out["dit_mean_texture_psnr"] = dit.get("value"), dit.get("baseline")
+    ref = _row(abl, "3dgs")  # "+ refiner", paired with the row above it
+    if ref.get("psnr_delta") is not None and ref.get("psnr_delta_se"):
+        out["refiner_step_db"] = ref["psnr_delta"]
+        out["refiner_step_in_se"] = ref["psnr_delta"] / ref["psnr_delta_se"]
+    return out
+
+
+def fica_tables_identities(tables: dict) -> int | None:
+    return _row(tables["main"], "3dgs").get("identities")
+
+
+def run_size(out: pathlib.Path, n: int, seed: int) -> dict:
+    """One demo run at `n` identities, steps scaled by n / 28; -> its figures."""
+    from fica_jax.commands.demo import SIZES, run_demo
+
+    sizes = json.loads(json.dumps(SIZES["default"]))
+    scale = n / BASE
+    sizes["steps"] = {k: max(1, round(v * scale)) for k, v in sizes["steps"].items()}
+    t = time.time()
+    report = run_demo(out / f"n{n}", n, seed, sizes)
+    tables = json.loads((out / f"n{n}" / "eval" / "report.json").read_text())["tables"]
+    dense = report["stages"]["dense"]
+    return {
+        "identities": n,
+        "held_out": fica_tables_identities(tables),
+        "steps": sizes["steps"],
+        "seconds_this_run": round(time.time() - t, 1),
+        "seconds_total": report.get("seconds_total"),
+        "identity": identity_summary(tables, report["stages"]),
+        "dense": {k: v for k, v in dense.items() if k.startswith("eval/")},
+        "tables": tables,
+    }  # fmt: skip
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fica_jax.files import atomic_file
+
+    n = [r["identities"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for method, label, style in (("3dgs", "FiCA (3DGS)", "o-"), ("mean", "mean texture", "s--"),
+                                 ("gt_upm", "GT maps -> UPM (bound)", "k:")):  # fmt: skip
+        y = [_row(r["tables"]["main"], method).get("psnr") for r in rows]
+        e = [_row(r["tables"]["main"], method).get("psnr_se") or 0 for r in rows]
+        ax.errorbar(n, y, yerr=e, fmt=style, capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("identities (3/4 train, 1/4 held out; steps x identities / 28)")
+    ax.set_ylabel("held-out face PSNR (dB)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def trend(rows: list[dict]) -> str:
+    a, b = rows[0], rows[-1]
+    fa, fb = (_row(r["tables"]["main"], "3dgs") for r in (a, b))
+    d, se = fb["psnr"] - fa["psnr"], (fa.get("psnr_se") ** 2 + fb.get("psnr_se") ** 2) ** 0.5
+    word = "rises" if d > 2 * se else ("falls" if d < -2 * se else "does not change resolvably")
+    ga, gb = a["identity"]["gap_closed"], b["identity"]["gap_closed"]
+    return (f"FiCA (3DGS) {fa['psnr']:.2f} dB at {a['identities']} identities -> {fb['psnr']:.2f} dB at "
+            f"{b['identities']} ({d:+.2f} dB, s.e. of the difference {se:.2f}): it {word}; share "
+            f"of the mean-texture-to-bound gap closed {ga:.0%} -> {gb:.0%}")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="work folder (one demo run per size; resumable)")
+    p.add_argument("--identities", type=int, nargs="+", default=[BASE, 4 * BASE])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result", default=str(REPO / "benchmarks" / "results" / "fidelity_cpu.json"))
+    args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    rows = [run_size(out, n, args.seed) for n in sorted(args.identities)]
+    png = pathlib.Path(args.result).with_suffix(".png")
+    plot(rows, png)
+    write_result({
+        "benchmark": "fica demo recipe at several dataset sizes (issue 27)",
+        "recorded": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/fidelity.py " + " ".join(argv or sys.argv[1:]),
+        "machine": "2 CPU cores, no GPU",
+        "trend": trend(rows) if len(rows) > 1 else "one size only",
+        "plot": str(png.relative_to(REPO)) if png.is_relative_to(REPO) else str(png),
+        "rows": rows,
+    }, args.result)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
