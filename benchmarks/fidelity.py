@@ -8,8 +8,8 @@ one is read back) with every stage's steps scaled by N / 28 (the same epochs ove
 every 4th identity held out, so 7 and 28 held-out identities). The JSON
 (`benchmarks/results/fidelity_cpu.json`) holds, per size: the main table and the ablation of
 `fica eval`, the visible / unseen texel split (uv_texture table), the portrait row, the dense
-stage's held-out figures and the `identity` summary (`identity_summary`, the same object the
-demo record carries); the PNG plots FiCA (3DGS) and the mean texture against identities with the
+stage's held-out figures and the `identity` summary (`demo_steps.identity_summary`, the same
+object the demo's report carries); the PNG plots FiCA (3DGS) and the mean texture against identities with the
 ground-truth-maps bound drawn in. The trend is stated in the JSON's `trend` line, whichever way it
 goes.
 """
@@ -26,48 +26,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_result  # noqa: E402
+from fica_jax.commands.demo_steps import identity_summary, table_row  # noqa: E402
 
 BASE = 28  # the demo's identities; steps scale from here
 
 
-def _row(table: list[dict], method: str) -> dict:
-    return next((r for r in table if r.get("method") == method), {})
-
-
-def identity_summary(tables: dict, stages: dict) -> dict:
-    """The issue-27 figures of one demo run: FiCA (3DGS) vs the mean texture and the
-    ground-truth-maps bound (share of the gap closed), SSIM, the visible-texel gain over the mean
-    texture and the distance to the VAE ceiling there, the DiT's held-out texture vs the mean
-    training texture, and the refiner's ablation step in standard errors."""
-    main, abl, uv = tables["main"], tables["ablation"], tables.get("uv_texture", [])
-    fica, mean, bound = _row(main, "3dgs"), _row(main, "mean"), _row(main, "gt_upm")
-    out = {
-        "fica_3dgs_psnr": fica.get("psnr"),
-        "mean_texture_psnr": mean.get("psnr"),
-        "gt_maps_bound_psnr": bound.get("psnr"),
-        "gap_closed": (fica["psnr"] - mean["psnr"]) / (bound["psnr"] - mean["psnr"])
-        if fica and mean and bound else None,
-        "fica_3dgs_ssim": fica.get("ssim"),
-        "mean_texture_ssim": mean.get("ssim"),
-    }  # fmt: skip
-    final, base, vae = _row(uv, "3dgs"), _row(uv, "mean"), _row(uv, "vae")
-    if final and base:
-        out["visible_texel_psnr"] = final.get("visible_psnr")
-        out["visible_texel_psnr_gain_db"] = final["visible_psnr"] - base["visible_psnr"]
-        out["unseen_texel_psnr_gain_db"] = final["unseen_psnr"] - base["unseen_psnr"]
-    if final and vae:
-        out["visible_texel_psnr_below_vae_ceiling_db"] = vae["visible_psnr"] - final["visible_psnr"]
-    dit = stages.get("dit", {}).get("vs_baseline", {}).get("texture_psnr", {})
-    out["dit_texture_psnr"], out["dit_mean_texture_psnr"] = dit.get("value"), dit.get("baseline")
-    ref = _row(abl, "3dgs")  # "+ refiner", paired with the row above it
-    if ref.get("psnr_delta") is not None and ref.get("psnr_delta_se"):
-        out["refiner_step_db"] = ref["psnr_delta"]
-        out["refiner_step_in_se"] = ref["psnr_delta"] / ref["psnr_delta_se"]
-    return out
-
-
 def fica_tables_identities(tables: dict) -> int | None:
-    return _row(tables["main"], "3dgs").get("identities")
+    return table_row(tables["main"], "3dgs").get("identities")
 
 
 def run_size(out: pathlib.Path, n: int, seed: int) -> dict:
@@ -105,8 +70,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for method, label, style in (("3dgs", "FiCA (3DGS)", "o-"), ("mean", "mean texture", "s--"),
                                  ("gt_upm", "GT maps -> UPM (bound)", "k:")):  # fmt: skip
-        y = [_row(r["tables"]["main"], method).get("psnr") for r in rows]
-        e = [_row(r["tables"]["main"], method).get("psnr_se") or 0 for r in rows]
+        y = [table_row(r["tables"]["main"], method).get("psnr") for r in rows]
+        e = [table_row(r["tables"]["main"], method).get("psnr_se") or 0 for r in rows]
         ax.errorbar(n, y, yerr=e, fmt=style, capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(n, [str(v) for v in n])
@@ -122,7 +87,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 def trend(rows: list[dict]) -> str:
     a, b = rows[0], rows[-1]
-    fa, fb = (_row(r["tables"]["main"], "3dgs") for r in (a, b))
+    fa, fb = (table_row(r["tables"]["main"], "3dgs") for r in (a, b))
     d, se = fb["psnr"] - fa["psnr"], (fa.get("psnr_se") ** 2 + fb.get("psnr_se") ** 2) ** 0.5
     word = "rises" if d > 2 * se else ("falls" if d < -2 * se else "does not change resolvably")
     ga, gb = a["identity"]["gap_closed"], b["identity"]["gap_closed"]

@@ -29,8 +29,11 @@ def get_config(arg: str = "tiny"):
     # Patch 8 + no final upsample: the x8 deconv heads then land exactly at full resolution.
     c.model.patch, c.model.final_upsample = (8, 1) if arg == "tiny" else (0, 0)
     # A full-resolution conv branch beside the tokens (models/dense_heads.py PixelBranch); the
-    # Sapiens variants have none (their checkpoints import as they are).
-    c.model.pixel_branch = 0
+    # Sapiens variants have none (their checkpoints import as they are). Demo data (21 training
+    # identities, 64 px), held-out UV L1 vs 0.202 for the mean map: ViT alone 0.190 after 300
+    # steps, 0.182 at lr 3e-3; + 3-conv branch 0.177; + this U-Net branch 0.194 after 300 steps,
+    # 0.165 after 900 (mask IoU 0.63 -> 0.70).
+    c.model.pixel_branch = 16 if arg == "tiny" else 0
     # rot / cam / expr: the head-pose / expression regressor (models/pose_head.py); all three 0
     # builds no pose head. kpt > 0 adds the landmark branch (models/landmarks.py), which then
     # gives the expression; it generalises only with many identities (thousands).

@@ -51,12 +51,17 @@ def get_config(arg: str = "tiny"):
     # (C channels per map at latent resolution). Ablations (paper Table 2): ("rgb", "mask") is
     # "partial RGB only"; all four adds normal + vertex; use_image_emb adds the embedding.
     m.control_maps = ("rgb", "mask", "nrm", "vtx")
-    # How they reach the ControlMLP: "latents" = each map through the VAE (C channels per map at
+    # How they reach the model: "latents" = each map through the VAE (C channels per map at
     # latent resolution); "pixels" = the normalised maps space-to-depth onto the latent grid
-    # ((R / G)^2 x 10 channels: every seen texel intact). A sparse partial map through the 8x VAE
-    # keeps little of what the portrait showed: demo DiT held-out texture <...>.
-    m.control_input = "pixels" if arg == "tiny" else "latents"
+    # ((R / G)^2 x 10 channels: every seen texel intact); "pooled" = each latent cell's mean over
+    # the texels the portrait saw (10 channels). Demo data, ground-truth unwrap, 21 training
+    # identities, 600 steps, held-out texture PSNR (mean texture 15.05 dB; visible texels 16.41):
+    # latents 14.18 (visible 13.70), pixels 14.62 (14.52), pixels concatenated 13.92 (it
+    # memorises), pooled concatenated 15.21 (16.07); 1500 steps 15.20 (overfits: eval loss 1.5).
+    m.control_input = "pooled" if arg == "tiny" else "latents"
     m.uv_resolution = 0  # the cache's (fit_data); needed by "pixels"
+    # the control also concatenated to the noisy latent (models/dit.py DiTConfig.control_concat)
+    m.control_concat = arg == "tiny"
     m.use_image_emb = True
     m.image_emb_dim = emb  # CLIP ViT-L/14 projected embedding (tiny: the dense ViT's pooled 64)
     m.p_uncond = 0.1  # condition dropout for classifier-free guidance
@@ -72,6 +77,7 @@ def get_config(arg: str = "tiny"):
     m.vae = ""
     m.eval_steps = 50
     m.cfg_scale = 1.0
+    m.temperature = 1.0  # starting-noise scale of those samples (infer/sample.py)
 
     if ablation:
         m.control_maps, m.use_image_emb = ABLATIONS[ablation]

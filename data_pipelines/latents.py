@@ -179,15 +179,26 @@ def control_channels(groups: Sequence[str], sizes: int | Sequence[int]) -> list[
     return [int(starts[CONTROL_GROUPS.index(g)]) + c for g in groups for c in range(sizes[CONTROL_GROUPS.index(g)])]  # fmt: skip
 
 
-def pixel_control(maps: np.ndarray, groups: Sequence[str], grid: int) -> np.ndarray:
-    """Normalised partial maps [..., R, R, 10] -> the chosen groups space-to-depth onto the
-    DiT's latent grid [..., G, G, (R / G)^2 x channels] (no VAE in between: a sparse map
-    through an 8x-downsampling VAE loses the texels it has)."""
-    maps = np.asarray(maps, np.float32)[..., control_channels(groups, MAP_CHANNELS)]
-    *lead, r, _, c = maps.shape
+def pixel_control(maps: np.ndarray, groups: Sequence[str], grid: int, pooled: bool = False
+                  ) -> np.ndarray:  # fmt: skip
+    """Normalised partial maps [..., R, R, 10] -> the chosen groups on the DiT's latent grid, no
+    VAE in between (a sparse map through an 8x-downsampling VAE loses the texels it has):
+    space-to-depth [..., G, G, (R / G)^2 x channels], or with `pooled` each cell's mean over the
+    texels the portrait saw [..., G, G, channels] (the mask group: the share of them)."""
+    maps = np.asarray(maps, np.float32)
+    *lead, r, _, _ = maps.shape
     f = r // grid
     if f * grid != r:
         raise UserError(f"control maps {r}x{r}: not a multiple of the {grid}x{grid} latent grid")
+    if pooled:
+        seen = (maps[..., 3:4] > 0).astype(np.float32)
+        cells = lambda x: x.reshape(*lead, grid, f, grid, f, x.shape[-1]).sum((-4, -2))
+        n = cells(seen)
+        mean = cells(maps * seen) / np.maximum(n, 1.0)
+        mean[..., 3:4] = 2.0 * n / (f * f) - 1.0  # coverage, on the mask's [-1, 1] scale
+        return mean[..., control_channels(groups, MAP_CHANNELS)]
+    maps = maps[..., control_channels(groups, MAP_CHANNELS)]
+    c = maps.shape[-1]
     x = maps.reshape(*lead, grid, f, grid, f, c)
     x = np.moveaxis(x, -4, -3)  # [..., G, G, f, f, c]: the layout of layers.pixel_unshuffle
     return x.reshape(*lead, grid, grid, f * f * c)
@@ -196,12 +207,16 @@ def pixel_control(maps: np.ndarray, groups: Sequence[str], grid: int) -> np.ndar
 def control_width(groups: Sequence[str], control_input: str, token_channels: int,
                   factor: int) -> int:  # fmt: skip
     """Channels of the DiT's control input: `token_channels` per group through the VAE
-    ("latents"), or the groups' map channels x factor^2 ("pixels", factor = R / G)."""
+    ("latents"), the groups' map channels x factor^2 ("pixels", factor = R / G), or the groups'
+    map channels ("pooled")."""
     if control_input == "latents":
         return len(groups) * token_channels
-    if control_input == "pixels":
-        return len(control_channels(groups, MAP_CHANNELS)) * factor * factor
-    raise UserError(f"model.control_input {control_input!r}: expected 'latents' or 'pixels'")
+    if control_input in ("pixels", "pooled"):
+        n = len(control_channels(groups, MAP_CHANNELS))
+        return n * factor * factor if control_input == "pixels" else n
+    raise UserError(
+        f"model.control_input {control_input!r}: expected 'latents', 'pixels' or 'pooled'"
+    )
 
 
 def latent_example(record: Record, rng: np.random.Generator, opts: TransformOptions) -> Example:
@@ -240,6 +255,7 @@ def latent_example(record: Record, rng: np.random.Generator, opts: TransformOpti
 
 def _control(record: Record, groups: Sequence[str], control_input: str) -> np.ndarray:
     latents = np.asarray(record["control"], np.float32)
-    if control_input == "pixels":
-        return pixel_control(record["control_maps"], groups, latents.shape[0])
+    if control_input in ("pixels", "pooled"):
+        return pixel_control(record["control_maps"], groups, latents.shape[0],
+                             pooled=control_input == "pooled")  # fmt: skip
     return latents[..., control_channels(groups, latents.shape[-1] // len(CONTROL_GROUPS))]

@@ -160,6 +160,24 @@ def photometric(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
+def random_background(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[H, W, 3] in [0, 1] with every pixel outside `mask` [H, W] replaced by a random
+    background: a smooth colour field (bilinear over 2-5 random colours per side) plus pixel
+    noise of random strength. With a few dozen identities a segmenter otherwise learns their
+    backgrounds instead of the head."""
+    h, w = mask.shape
+    k = int(rng.integers(2, 6))
+    coarse = rng.uniform(0.0, 1.0, (k, k, 3)).astype(np.float32)
+    y, x = np.linspace(0, k - 1, h), np.linspace(0, k - 1, w)
+    y0, x0 = np.minimum(y.astype(int), k - 2), np.minimum(x.astype(int), k - 2)
+    fy, fx = (y - y0)[:, None, None], (x - x0)[None, :, None]
+    c = lambda dy, dx: coarse[y0[:, None] + dy, x0[None, :] + dx]
+    field = (1 - fy) * ((1 - fx) * c(0, 0) + fx * c(0, 1)) + fy * ((1 - fx) * c(1, 0) + fx * c(1, 1))
+    field = field + rng.normal(0.0, rng.uniform(0.0, 0.1), field.shape)
+    out = np.where(mask[..., None] > 0, img, np.clip(field, 0.0, 1.0))
+    return out.astype(np.float32)
+
+
 # ------------------------------------------------------------------------- examples' pieces
 def _out_hw(record: Record, opts: TransformOptions) -> tuple[int, int]:
     h, w = record["view_image"].shape[1:3]

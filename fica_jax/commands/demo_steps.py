@@ -150,3 +150,39 @@ def check_data(data_dir: pathlib.Path, identities: int, seed: int, sizes: dict) 
                 f"{data_dir}/metadata.json: {key} {have[key]}, this demo run needs {value}; "
                 "pass another --out (or the flags that wrote this one)"
             )
+
+
+def table_row(table: list[dict], method: str) -> dict:
+    return next((r for r in table if r.get("method") == method), {})
+
+
+def identity_summary(tables: dict, stages: dict) -> dict:
+    """The issue-27 figures of one demo run: FiCA (3DGS) vs the mean texture and the
+    ground-truth-maps bound (share of the gap closed), SSIM, the visible-texel gain over the mean
+    texture and the distance to the VAE ceiling there, the DiT's held-out texture vs the mean
+    training texture, and the refiner's ablation step in standard errors."""
+    main, abl, uv = tables["main"], tables["ablation"], tables.get("uv_texture", [])
+    fica, mean, bound = table_row(main, "3dgs"), table_row(main, "mean"), table_row(main, "gt_upm")
+    out = {
+        "fica_3dgs_psnr": fica.get("psnr"),
+        "mean_texture_psnr": mean.get("psnr"),
+        "gt_maps_bound_psnr": bound.get("psnr"),
+        "gap_closed": (fica["psnr"] - mean["psnr"]) / (bound["psnr"] - mean["psnr"])
+        if fica and mean and bound else None,
+        "fica_3dgs_ssim": fica.get("ssim"),
+        "mean_texture_ssim": mean.get("ssim"),
+    }  # fmt: skip
+    final, base, vae = table_row(uv, "3dgs"), table_row(uv, "mean"), table_row(uv, "vae")
+    if final and base:
+        out["visible_texel_psnr"] = final.get("visible_psnr")
+        out["visible_texel_psnr_gain_db"] = final["visible_psnr"] - base["visible_psnr"]
+        out["unseen_texel_psnr_gain_db"] = final["unseen_psnr"] - base["unseen_psnr"]
+    if final and vae:
+        out["visible_texel_psnr_below_vae_ceiling_db"] = vae["visible_psnr"] - final["visible_psnr"]
+    dit = stages.get("dit", {}).get("vs_baseline", {}).get("texture_psnr", {})
+    out["dit_texture_psnr"], out["dit_mean_texture_psnr"] = dit.get("value"), dit.get("baseline")
+    ref = table_row(abl, "3dgs")  # "+ refiner", paired with the row above it
+    if ref.get("psnr_delta") is not None and ref.get("psnr_delta_se"):
+        out["refiner_step_db"] = ref["psnr_delta"]
+        out["refiner_step_in_se"] = ref["psnr_delta"] / ref["psnr_delta_se"]
+    return out

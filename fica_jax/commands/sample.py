@@ -32,6 +32,7 @@ def sample_run(
     split: str = "test",
     ema: bool = True,
     maps: str | os.PathLike | None = None,
+    temperature: float | None = None,
 ) -> dict[str, float]:
     """`fica sample`: every identity of `split` in the cache; returns the mean metrics. The
     maps go to `maps` (default OUT/maps: one folder can gather both splits for the refiner)."""
@@ -46,6 +47,7 @@ def sample_run(
     _, model = load_model(cfg, run, ema=ema)
     ctx = decoding_context(cfg, cache_metadata(cache), where=f"fica sample --data {cache}")
     scale = float(cfg.model.cfg_scale if cfg_scale is None else cfg_scale)
+    temp = float(cfg.model.get("temperature", 1.0) if temperature is None else temperature)
     maps = ensure_dir(pathlib.Path(maps) if maps else out / "maps")
     rows, totals, n, done, rng = [], {}, 0, 0, jax.random.PRNGKey(seed)
     rows_of = ctx.identities(split)
@@ -58,7 +60,7 @@ def sample_run(
             continue
         batch = {key: jnp.asarray(np.asarray(v)[keep]) for key, v in batch.items()}
         key = jax.random.fold_in(rng, k)
-        kw = dict(steps=steps, cfg_scale=scale, shift=float(cfg.model.t_shift))
+        kw = dict(steps=steps, cfg_scale=scale, shift=float(cfg.model.t_shift), temperature=temp)
         texture, geometry = sample_maps(model, ctx.vae, ctx.stats, ctx.unshuffle, batch, key, **kw)
         for key, v in uv_metrics(texture, geometry, batch, ctx.baselines).items():
             totals[key] = totals.get(key, 0.0) + float(v) * len(keep)
@@ -71,7 +73,8 @@ def sample_run(
     for i in range(0, len(rows), 8):
         write_sheet(rows[i : i + 8], out / f"sample_{i // 8:03d}.png")
     result = {k: v / max(done, 1) for k, v in totals.items()}
-    result.update(identities=done, steps=steps, cfg_scale=scale, seed=seed, split=split)
+    result.update(identities=done, steps=steps, cfg_scale=scale, temperature=temp, seed=seed,
+                  split=split)  # fmt: skip
     write_json(out / "metrics.json", result)
     return result
 
@@ -91,6 +94,8 @@ def add_commands(subparsers) -> None:
         help="guidance scale (default: the run's model.cfg_scale)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="starting-noise scale (default: the run's model.temperature)")  # fmt: skip
     p.add_argument("--split", default="test")
     p.add_argument("--maps", default=None, help="where the .npy maps go (default OUT/maps)")
     p.add_argument(
@@ -108,6 +113,7 @@ def add_commands(subparsers) -> None:
             split=args.split,
             ema=not args.no_ema,
             maps=args.maps,
+            temperature=args.temperature,
         )
         print(json.dumps(res, indent=2))
         return 0

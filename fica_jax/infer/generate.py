@@ -237,7 +237,8 @@ def generate_maps(
     timer.lap("conditioning")
     m = models[dit].cfg.model
     scale = float(m.cfg_scale if cfg_scale is None else cfg_scale)
-    kw = dict(steps=int(steps), cfg_scale=scale, shift=float(m.t_shift))
+    kw = dict(steps=int(steps), cfg_scale=scale, shift=float(m.t_shift),
+              temperature=float(m.get("temperature", 1.0)))  # fmt: skip
     texture, geometry = sample_maps(
         models[dit].model, vae.model, vae.stats, vae.unshuffle, batch, jax.random.PRNGKey(seed),
         **kw,

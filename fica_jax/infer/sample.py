@@ -24,16 +24,19 @@ from fica_jax.quality.image import masked_psnr, masked_ssim, visible_unseen_psnr
 
 # ----------------------------------------------------------------------------- generation
 def sample_latents(
-    model, control, image_emb, rng, *, steps: int = 50, cfg_scale: float = 1.0, shift: float = 1.0
-):
+    model, control, image_emb, rng, *, steps: int = 50, cfg_scale: float = 1.0, shift: float = 1.0,
+    temperature: float = 1.0,
+):  # fmt: skip
     """-> (texture, geometry) latent grids [B, G, G, C] for B identities' conditions.
 
     control [B, G, G, Cc], image_emb [B, E]; rng: one key -> the [B, G, G, C] starting noise,
-    shared by the two domains of each identity.
+    shared by the two domains of each identity, x `temperature` (< 1 trades the samples'
+    diversity for their distance to the conditional mean: a sample's expected squared error is
+    the posterior variance more than the mean's, and a PSNR sees that).
     """
     b = control.shape[0]
     c = model.cfg.in_channels
-    noise = jax.random.normal(rng, (b, *control.shape[1:3], c), jnp.float32)
+    noise = temperature * jax.random.normal(rng, (b, *control.shape[1:3], c), jnp.float32)
     two = lambda a: jnp.concatenate([a, a], axis=0)
     domain = jnp.repeat(jnp.arange(2, dtype=jnp.int32), b)
 
@@ -54,7 +57,9 @@ def sample_latents(
 
 # Jitted once per (steps, cfg scale, shift); `sample_latents` itself is for callers already
 # inside a jit (the stage's eval step).
-sample_latents_jit = nnx.jit(sample_latents, static_argnames=("steps", "cfg_scale", "shift"))
+sample_latents_jit = nnx.jit(
+    sample_latents, static_argnames=("steps", "cfg_scale", "shift", "temperature")
+)
 
 
 def _decode(vae, tex, geo, unshuffle):
@@ -88,12 +93,13 @@ def sample_maps(
     steps: int,
     cfg_scale: float,
     shift: float,
+    temperature: float = 1.0,
     jit: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Generated (texture, geometry) maps for a batch's conditions: `sample_latents` + `decode`.
     `jit=False` from inside another jit (the stage's eval step)."""
     gen = sample_latents_jit if jit else sample_latents
-    kw = dict(steps=steps, cfg_scale=cfg_scale, shift=shift)
+    kw = dict(steps=steps, cfg_scale=cfg_scale, shift=shift, temperature=temperature)
     tex, geo = gen(model, batch["control"], batch["image_emb"], rng, **kw)
     return decode(vae, stats, unshuffle, tex, geo, batch["uv_mask"], jit=jit)
 

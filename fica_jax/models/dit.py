@@ -51,6 +51,11 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     image_emb_dim: int = 768  # CLIP ViT-L/14 projected embedding
     control_channels: int = 64  # Cc of the control map at latent resolution; 0: no control
+    # Also concatenate the control to the noisy latent's channels before the patch embedding (as
+    # inpainting diffusion models feed the masked image): every token sees what the portrait
+    # showed of its patch from the first step, beside the ControlMLP's zero-initialised path.
+    # Dropped with the other conditions (zeros) where `drop` is set.
+    control_concat: bool = False
     num_domains: int = 2  # 0 texture, 1 geometry
     qk_norm: bool = True  # Pippo's per-head QK-norm
     freq_dim: int = 256  # timestep sinusoid size
@@ -254,7 +259,8 @@ class DiT(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         d = cfg.width
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.patch_embed = layers.linear(cfg.patch**2 * cfg.in_channels, d, (None, shd.EMBED), **kw)
+        cin = cfg.in_channels + (cfg.control_channels if cfg.control_concat else 0)
+        self.patch_embed = layers.linear(cfg.patch**2 * cin, d, (None, shd.EMBED), **kw)
         self.patch_norm = layers.layer_norm(d, rngs=rngs, affine=False)
         if cfg.learned_pos:
             pos = jnp.asarray(sincos_2d(d, cfg.grid, cfg.grid), param_dtype)
@@ -306,6 +312,12 @@ class DiT(nnx.Module):
         if hh % p or ww % p:
             raise ValueError(f"latent {hh}x{ww} is not divisible by the DiT patch {p}")
         drop = jnp.zeros((b,), bool) if drop is None else drop.astype(bool)
+        if cfg.control_concat:
+            if control is None:
+                raise ValueError("this DiT concatenates its control: pass `control` [B, H, W, Cc]")
+            kept = jnp.where(drop[:, None, None, None], 0.0, control.astype(x.dtype))
+            x = jnp.concatenate([x, kept], -1)
+            cin = x.shape[-1]
 
         patches = layers.pixel_unshuffle(x, p).reshape(b, -1, p * p * cin).astype(self.dtype)
         tokens = (

@@ -245,10 +245,14 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     }
 
 
+BACKGROUND_P = 0.5  # share of training examples shown on a random background
+
+
 def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions) -> T.Example:
     """One random view of a capture record with its per-pixel targets and the pose regressor's:
     the crop's K (the crop changes K, never the camera's rotation or position), the view's
-    viewmat and expression code. Crop / scale and photometric distortion when augmenting."""
+    viewmat and expression code. Crop / scale, a random background (`BACKGROUND_P`) and
+    photometric distortion when augmenting."""
     v = int(rng.integers(record["view_image"].shape[0]))
     ex, aff = T.warp_view(record, v, rng, opts, geometric=True)
     hw = ex["mask"].shape
@@ -258,6 +262,8 @@ def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions
     ex["viewmat"] = T.float32(record["view_viewmat"][v])
     ex["expression"] = T.float32(record["view_expression"][v])
     if opts.augment:
+        if rng.random() < BACKGROUND_P:
+            ex["image"] = T.random_background(ex["image"], ex["mask"], rng)
         ex["image"] = T.photometric(ex["image"], rng, opts.aug)
     ex["view"] = np.int32(v)
     return ex

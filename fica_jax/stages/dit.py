@@ -63,6 +63,7 @@ def dit_config(cfg: ml_collections.ConfigDict) -> DiTConfig:
         image_emb_dim=m.image_emb_dim,
         patch=m.patch,
         qk_norm=m.qk_norm,
+        control_concat=bool(m.get("control_concat", False)),
         grid=m.latent_size // m.patch,
         remat=cfg.train.remat,
     )
@@ -73,9 +74,9 @@ def _control_width(cfg: ml_collections.ConfigDict) -> int:
     the UV resolution: `model.uv_resolution`, else the cache's."""
     m = cfg.model
     kind, r = str(m.get("control_input", "latents")), int(m.get("uv_resolution", 0))
-    if kind == "pixels" and not r:
+    if kind in ("pixels", "pooled") and not r:
         if not cfg.data.dir:
-            raise UserError("model.control_input='pixels' needs model.uv_resolution or data.dir")
+            raise UserError(f"model.control_input={kind!r} needs model.uv_resolution or data.dir")
         r = int(cache_metadata(cfg.data.dir)["uv_resolution"])
     return control_width(m.control_maps, kind, int(m.latent_channels), r // int(m.latent_size))
 
@@ -139,6 +140,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
         float(cfg.model.cfg_scale),
         float(cfg.model.t_shift),
     )
+    temp = float(cfg.model.get("temperature", 1.0))
     uncond = float(cfg.model.p_uncond) > 0  # the null condition is trained
 
     def eval_fn(model: DiT, batch, rng: jax.Array):
@@ -166,7 +168,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
         }
         if ctx is not None:
             vae = nnx.merge(vae_def, vae_state)
-            kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
+            kw = dict(steps=steps, cfg_scale=scale, shift=shift, temperature=temp, jit=False)
             texture, geometry = sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
             out.update(uv_metrics(texture, geometry, batch, ctx.baselines))
             if uncond:  # the same noise without any condition: what the conditioning adds
@@ -206,6 +208,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
         float(cfg.model.cfg_scale),
         float(cfg.model.t_shift),
     )
+    temp = float(cfg.model.get("temperature", 1.0))
 
     vae_def, vae_state = nnx.split(ctx.vae)
 
@@ -214,7 +217,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
     @nnx.jit
     def maps(model, batch, rng):
         vae = nnx.merge(vae_def, vae_state)
-        kw = dict(steps=steps, cfg_scale=scale, shift=shift, jit=False)
+        kw = dict(steps=steps, cfg_scale=scale, shift=shift, temperature=temp, jit=False)
         return sample_maps(model, vae, ctx.stats, ctx.unshuffle, batch, rng, **kw)
 
     def sample_fn(model: DiT, batch, rng, workdir, step: int) -> None:
