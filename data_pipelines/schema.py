@@ -25,7 +25,7 @@ import numpy as np
 
 from fica_jax.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: partial_uv by fica_jax.geometry.unwrap (SCHEMA.md history)
 
 # Partial UV maps (FiCA Sec. 2.1): [UV_RGB (3), UV_mask (1), UV_nrm (3), UV_vtx (3)].
 PARTIAL_UV_CHANNELS = (("rgb", 3), ("mask", 1), ("nrm", 3), ("vtx", 3))

@@ -261,3 +261,43 @@ def test_a_uv_resolution_the_data_or_model_cannot_give_is_refused(data_dir):
         check_uv_resolution(data_dir, 16)
     with pytest.raises(UserError, match=r"data.uv_resolution=6: expected a positive multiple of 4"):
         check_uv_resolution(data_dir, 6, 4)
+
+
+def test_pooled_control_is_each_cells_mean_over_its_seen_texels():
+    """`latents.pixel_control(pooled=True)` on a hand-made 4x4 map onto a 2x2 grid: rgb, normal
+    and position averaged over the seen texels of each cell only; the mask channel the seen
+    share on [-1, 1]; an unseen cell zero with mask -1. Space-to-depth keeps every texel."""
+    from data_pipelines.latents import pixel_control
+
+    maps = np.full((4, 4, 10), 0.7, np.float32)  # unseen texels carry a background value
+    maps[..., 3] = -1.0
+    maps[0, 0, :3], maps[0, 0, 3] = (0.2, 0.4, 0.6), 1.0  # cell (0, 0): two seen texels
+    maps[1, 1, :3], maps[1, 1, 3] = (0.4, 0.0, 0.2), 1.0
+    maps[2:, 2:, 3] = 1.0  # cell (1, 1): all four seen, their values 0.7
+    out = pixel_control(maps, ("rgb", "mask", "nrm", "vtx"), grid=2, pooled=True)
+    assert out.shape == (2, 2, 10)
+    np.testing.assert_allclose(out[0, 0, :3], [0.3, 0.2, 0.4], atol=1e-6)
+    np.testing.assert_allclose(out[0, 0, 3], 2 * 2 / 4 - 1)
+    np.testing.assert_allclose(out[0, 0, 4:], 0.7, atol=1e-6)
+    np.testing.assert_allclose(out[0, 1], [0, 0, 0, -1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(
+        out[1, 1], [0.7, 0.7, 0.7, 1, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7], atol=1e-6
+    )
+    rgb = pixel_control(maps, ("rgb",), grid=2, pooled=True)
+    np.testing.assert_array_equal(rgb, out[..., :3])
+    full = pixel_control(maps, ("rgb", "mask"), grid=2)
+    assert full.shape == (2, 2, 16)
+    np.testing.assert_array_equal(full[0, 0].reshape(2, 2, 4), maps[:2, :2, :4])
+
+
+def test_random_background_replaces_only_the_background():
+    from data_pipelines.transforms import random_background
+
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 5:10] = 1
+    out = random_background(img, mask, rng)
+    np.testing.assert_array_equal(out[mask > 0], img[mask > 0])
+    assert np.abs(out[mask == 0] - img[mask == 0]).mean() > 0.05
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1

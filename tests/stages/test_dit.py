@@ -242,6 +242,31 @@ def test_sharding_annotations_and_sharded_forward(trained_like):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.heavy
+def test_control_concat_sharded_equals_unsharded_and_drops_with_the_condition():
+    """`control_concat`: the control reaches the tokens from the first step (a fresh model's
+    output is 0, the patch embedding is not: its tokens change with the control), the sharded
+    forward equals the unsharded one, and `drop` removes it with the other conditions."""
+    cfg = dataclasses.replace(TINY, control_concat=True)
+    init = lambda: perturb(dit.DiT(cfg, rngs=nnx.Rngs(0)), seed=2)
+    a = inputs(b=4, cfg=cfg)
+    fresh = dit.DiT(cfg, rngs=nnx.Rngs(0))
+    tok = lambda **kw: fresh.embed(**{**a, **kw})[0]
+    assert float(jnp.abs(tok() - tok(control=a["control"] + 1.0)).max()) > 1e-3
+    ref = init()(**a)
+    other = {**a, "control": a["control"] * -3.0}
+    assert float(jnp.abs(init()(**other) - ref).max()) > 1e-3
+    drop = jnp.ones((4,), bool)
+    np.testing.assert_allclose(init()(**a, drop=drop), init()(**other, drop=drop), atol=1e-6)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = shd.rules_for("dit")
+    model = shd.sharded_init(init, mesh, rules)
+    with jax.set_mesh(mesh), shd.axis_rules(rules):
+        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in a.items()}
+        out = nnx.jit(lambda m, b: m(**b))(model, batch)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- stage
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):

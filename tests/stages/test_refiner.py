@@ -254,6 +254,28 @@ def test_samples_source_reads_the_dit_maps(synth_dir, tmp_path):
         ref_stage.make_data(_cfg(synth_dir, "--config.model.input_source=samples"), "eval", 0, 1)
 
 
+def test_mix_source_samples_some_training_examples_and_every_held_out_one(synth_dir, tmp_path):
+    """input_source 'mix': a training identity gets the DiT's maps with probability sample_prob
+    and the corruption curriculum otherwise; a held-out identity always the DiT's maps."""
+    recs = {split: open_source(synth_dir, split)[0] for split in ("train", "test")}
+    for rec in recs.values():
+        r = rec["uv_mask"].shape[0]
+        for kind in ("texture", "geometry"):
+            np.save(tmp_path / f"{rec['identity']}_{kind}.npy", np.full((r, r, 3), 0.25))
+    extra = (("input_source", "mix"), ("samples_dir", str(tmp_path)), ("sample_prob", 0.5))
+    opts = transforms.TransformOptions(augment=True, extra=extra)
+    picks = [
+        np.all(ref_stage.example(recs["train"], np.random.default_rng(i), opts)["input_texture"]
+               == 0.25)
+        for i in range(16)
+    ]  # fmt: skip
+    assert 3 <= sum(picks) <= 13  # both sources, about half each
+    held = ref_stage.example(recs["test"], np.random.default_rng(0), opts)
+    np.testing.assert_array_equal(held["input_texture"], 0.25)
+    with pytest.raises(UserError, match="input_source='mix' needs model.samples_dir"):
+        ref_stage.make_data(_cfg(synth_dir, "--config.model.input_source=mix"), "eval", 0, 1)
+
+
 @pytest.mark.parametrize(
     "flag,expect",
     [("--config.model.variant=huge", "model.variant='huge' is unknown"),

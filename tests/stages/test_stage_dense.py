@@ -165,6 +165,31 @@ def test_unwrapping_ground_truth_maps_reproduces_the_stored_partial_uv(synth_dir
     assert close.mean() > 0.95
 
 
+def test_unwrap_eval_scores_the_predicted_unwrap_against_the_true_one(synth_dir):
+    """`dense.unwrap_eval`: the true maps as the prediction cover everything the truth covers,
+    nothing more, at the colours; UVs off by 8% of the atlas cover less, add texels and get the
+    colours wrong; a mask missing the head's left half covers less and adds nothing."""
+    record = open_source(synth_dir, "train")[0]
+    f32 = lambda k: jnp.asarray(record[k][:1], jnp.float32)
+    img = f32("view_image") / 255.0
+    batch = {"uv": f32("view_uv"), "vtx": f32("view_vtx"), "nrm": f32("view_nrm"),
+             "mask": f32("view_mask")}  # fmt: skip
+    pred = {"uv": batch["uv"], "vtx": batch["vtx"], "nrm": batch["nrm"],
+            "mask_logits": (20.0 * batch["mask"] - 10.0)[..., None]}  # fmt: skip
+    r = record["uv_texture"].shape[0]
+    same = {k: float(v) for k, v in dense_stage.unwrap_eval(img, pred, batch, r).items()}
+    assert same["unwrap_coverage"] > 0.999 and same["unwrap_excess"] == 0.0
+    assert same["unwrap_rgb_psnr"] > 60
+    moved = {**pred, "uv": jnp.clip(pred["uv"] + 0.08, 0.0, 1.0)}
+    off = {k: float(v) for k, v in dense_stage.unwrap_eval(img, moved, batch, r).items()}
+    assert off["unwrap_coverage"] < 0.9 and off["unwrap_excess"] > 0.1
+    assert off["unwrap_rgb_psnr"] < same["unwrap_rgb_psnr"] - 20
+    cols = jnp.arange(img.shape[2])[None, None, :, None]
+    half = {**pred, "mask_logits": jnp.where(cols < img.shape[2] // 2, -10.0, pred["mask_logits"])}
+    part = {k: float(v) for k, v in dense_stage.unwrap_eval(img, half, batch, r).items()}
+    assert part["unwrap_coverage"] < 0.9 and part["unwrap_excess"] == 0.0
+
+
 @pytest.mark.heavy
 def test_condition_reports_which_embedding_it_used():
     import dataclasses
