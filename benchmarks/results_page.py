@@ -32,7 +32,7 @@ CONDITIONS = ("what", "recorded", "device", "machine", "backend", "jax_backend",
               "compiler", "jax", "jax_version", "torch", "torch_threads", "gsplat", "python",
               "dtype", "cpu_count", "cpu_cores_available", "devices", "load_avg_1m",
               "load_avg_1m_at_end", "loadavg_1m_start", "repeats", "timing", "command")  # fmt: skip
-DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "id_csim": 3}
+DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "id_csim": 3, "visible_psnr": 2, "unseen_psnr": 2}
 
 
 # ------------------------------------------------------------------------------------- formatting
@@ -179,6 +179,17 @@ def demo(name: str, d: dict, link: str) -> list[str]:
         if tables.get("ablation"):
             out += [f"Ablation{what}, in the paper's order; Δ against the row above:", ""]
             out += eval_table(tables["ablation"], "row above")
+        if tables.get("portrait"):
+            out += [f"Portrait row{what}: each avatar rendered from its portrait's own camera, "
+                    "expression and gaze vs the portrait, face region:", ""]  # fmt: skip
+            out += eval_table(tables["portrait"], "mean texture")
+        if tables.get("uv_texture"):
+            out += [f"UV texture{what} on the texels the portrait shows (visible) and the rest "
+                    "(unseen), against the ground-truth texture:", ""]  # fmt: skip
+            out += eval_table(tables["uv_texture"], "mean texture")
+    if d.get("identity"):
+        out += ["Identity figures (`identity`, issue 27):", ""]
+        out += table(["figure", "value"], [[k, v] for k, v in d["identity"].items()])
     if report.get("stages"):
         out += [
             "Each stage's held-out figures against its own baselines (`report.json`, "
