@@ -22,6 +22,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -59,30 +61,46 @@ def run_size(out: pathlib.Path, n: int, seed: int) -> dict:
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PSNR against identities (log2 axis): FiCA (3DGS), the mean texture and the ground-truth
+    maps bound, each with +- one standard error (PIL, as `fica eval`'s charts: no plotting
+    library is a dependency)."""
+    from PIL import Image, ImageDraw
 
     from fica_jax.files import atomic_file
 
+    series = (("3dgs", "FiCA (3DGS)", "#4c72b0"), ("mean", "mean texture", "#999999"),
+              ("gt_upm", "GT maps -> UPM (bound)", "#c44e52"))  # fmt: skip
+    pts = {m: [(r["identities"], table_row(r["tables"]["main"], m)) for r in rows]
+           for m, *_ in series}  # fmt: skip
+    ys = [
+        v["psnr"] + s * (v.get("psnr_se") or 0) for p in pts.values() for _, v in p for s in (-1, 1)
+    ]
+    lo, hi = min(ys) - 0.5, max(ys) + 0.5
     n = [r["identities"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for method, label, style in (("3dgs", "FiCA (3DGS)", "o-"), ("mean", "mean texture", "s--"),
-                                 ("gt_upm", "GT maps -> UPM (bound)", "k:")):  # fmt: skip
-        y = [table_row(r["tables"]["main"], method).get("psnr") for r in rows]
-        e = [table_row(r["tables"]["main"], method).get("psnr_se") or 0 for r in rows]
-        ax.errorbar(n, y, yerr=e, fmt=style, capsize=3, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(n, [str(v) for v in n])
-    ax.set_xlabel("identities (3/4 train, 1/4 held out; steps x identities / 28)")
-    ax.set_ylabel("held-out face PSNR (dB)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    w, h, left, top = 420, 260, 50, 30
+    im = Image.new("RGB", (w + 170, h + 70), "white")
+    d = ImageDraw.Draw(im)
+    d.text((4, 4), "held-out face PSNR (dB) vs identities (steps x identities / 28)", fill="black")
+    lx = lambda v: left + (w - left - 20) * (0.5 if len(set(n)) == 1 else
+                                             (np.log2(v) - np.log2(min(n))) / (np.log2(max(n)) - np.log2(min(n))))  # fmt: skip
+    ly = lambda v: top + h - (h - 10) * (v - lo) / (hi - lo)
+    for t in np.linspace(lo, hi, 5):
+        d.line((left, ly(t), w, ly(t)), fill="#dddddd")
+        d.text((4, ly(t) - 5), f"{t:.1f}", fill="black")
+    for v in n:
+        d.text((lx(v) - 6, top + h + 4), str(v), fill="black")
+    for k, (m, name, colour) in enumerate(series):
+        xy = [(lx(c), ly(v["psnr"])) for c, v in pts[m]]
+        if len(xy) > 1:
+            d.line(xy, fill=colour, width=2)
+        for (_, v), (x, y) in zip(pts[m], xy, strict=True):
+            se = v.get("psnr_se") or 0
+            d.line((x, ly(v["psnr"] - se), x, ly(v["psnr"] + se)), fill=colour)
+            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        d.rectangle((w + 10, top + 16 * k, w + 20, top + 16 * k + 10), fill=colour)
+        d.text((w + 24, top + 16 * k), name, fill="black")
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        im.save(tmp, format="PNG")
 
 
 def trend(rows: list[dict]) -> str:
