@@ -133,5 +133,5 @@ def test_record_with_old_schema_version_in_shard(tmp_path):
 
     buf = io.BytesIO()
     np.savez(buf, **rec)
-    with pytest.raises(UserError, match="r.bin: schema version 0, expected 1"):
+    with pytest.raises(UserError, match="r.bin: schema version 0, expected 2"):
         schema.decode(buf.getvalue(), where="r.bin")
