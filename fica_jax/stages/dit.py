@@ -22,7 +22,11 @@ domains with `cfg.model.eval_steps` guided Euler steps, decodes them and reports
 SSIM on the UV mask against the mean training texture and geometry L1 (mm) against the mean
 training neutral geometry, and (when condition dropout trained the null condition) against the
 same model sampled from the same noise with every condition dropped (`baseline_uncond_*`: what
-the conditioning adds); `make_sample` writes the preview sheet and a TensorBoard image.
+the conditioning adds); texture PSNR is also split into the texels the control covers
+(`*_visible`: the cache's `partial_uv` mask, i.e. the dense predictor's unwrap in a
+`--control dense` cache; `fica eval` splits by the ground-truth unwrap) and the rest
+(`*_unseen`), for the samples, the mean texture and the VAE's reconstruction (the ceiling);
+`make_sample` writes the preview sheet and a TensorBoard image.
 """
 
 from __future__ import annotations
