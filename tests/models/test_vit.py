@@ -294,6 +294,31 @@ def test_sharded_on_fake_mesh():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.heavy
+def test_dense_predictor_with_pixel_branch_sharded_equals_unsharded():
+    """The tiny config's `pixel_branch` (a U-Net beside the tokens, read by every head's last
+    conv): the maps keep their shapes, and the sharded forward equals the unsharded one."""
+    cfg = dataclasses.replace(TINY, pixel_branch=8, head_channels=16)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4})
+    rules = shd.rules_for("vit")
+    init = lambda: vit.DensePredictor(cfg, rngs=nnx.Rngs(5))
+    images = jnp.asarray(_images(n=8))
+    ref = init()(images)
+    plain = vit.DensePredictor(dataclasses.replace(cfg, pixel_branch=0), rngs=nnx.Rngs(5))(images)
+    assert ref["uv"].shape == plain["uv"].shape == (8, 64, 48, 2)
+    model = shd.sharded_init(init, mesh, rules)
+
+    @nnx.jit
+    def forward(m, x):
+        with shd.axis_rules(rules):
+            return m(shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS))
+
+    with jax.set_mesh(mesh):
+        out = forward(model, shd.put_batch({"x": np.asarray(images)}, mesh)["x"])
+    for k in ("uv", "vtx", "nrm", "mask_logits"):
+        np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
+
+
 @pytest.mark.parametrize(
     "name,lo,hi", [("0.3b", 0.30e9, 0.31e9), ("1b", 1.12e9, 1.14e9), ("2b", 2.1e9, 2.2e9)]
 )
