@@ -78,7 +78,7 @@ def _control_width(cfg: ml_collections.ConfigDict) -> int:
     the UV resolution: `model.uv_resolution`, else the cache's."""
     m = cfg.model
     kind, r = str(m.get("control_input", "latents")), int(m.get("uv_resolution", 0))
-    if kind in ("pixels", "pooled") and not r:
+    if kind == "pixels" and not r:  # "pooled" is as wide at any resolution
         if not cfg.data.dir:
             raise UserError(f"model.control_input={kind!r} needs model.uv_resolution or data.dir")
         r = int(cache_metadata(cfg.data.dir)["uv_resolution"])

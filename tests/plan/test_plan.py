@@ -59,7 +59,8 @@ def _dit_forward_flops(c, batch: int, side: int) -> int:
     d, p, hid, cin = c.width, c.patch, int(c.width * c.mlp_ratio), c.in_channels
     n = (side // p) ** 2  # tokens
     lin = lambda rows, din, dout: 2 * rows * din * dout  # a Linear on `rows` rows
-    f = lin(batch * n, p * p * cin, d)  # patch_embed
+    emb_in = cin + (c.control_channels if c.control_concat else 0)  # + the concatenated control
+    f = lin(batch * n, p * p * emb_in, d)  # patch_embed
     f += lin(batch, c.freq_dim, d) + lin(batch, d, d)  # t_embed (per sample)
     f += lin(batch, c.image_emb_dim, d)  # image_proj; domain_embed is a gather
     block = lin(batch, d, 6 * d)  # adaLN modulation (per sample)
