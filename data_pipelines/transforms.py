@@ -172,7 +172,9 @@ def random_background(img: np.ndarray, mask: np.ndarray, rng: np.random.Generato
     y0, x0 = np.minimum(y.astype(int), k - 2), np.minimum(x.astype(int), k - 2)
     fy, fx = (y - y0)[:, None, None], (x - x0)[None, :, None]
     c = lambda dy, dx: coarse[y0[:, None] + dy, x0[None, :] + dx]
-    field = (1 - fy) * ((1 - fx) * c(0, 0) + fx * c(0, 1)) + fy * ((1 - fx) * c(1, 0) + fx * c(1, 1))
+    field = (1 - fy) * ((1 - fx) * c(0, 0) + fx * c(0, 1)) + fy * (
+        (1 - fx) * c(1, 0) + fx * c(1, 1)
+    )
     field = field + rng.normal(0.0, rng.uniform(0.0, 0.1), field.shape)
     out = np.where(mask[..., None] > 0, img, np.clip(field, 0.0, 1.0))
     return out.astype(np.float32)

@@ -1,6 +1,5 @@
 """Procedural synthetic capture generator (data_pipelines.synthetic)."""
 
-
 import numpy as np
 import pytest
 
