@@ -44,7 +44,7 @@ def get_config(arg: str = "tiny"):
     c.model.position_center = (0.0, -0.025, 0.02)
     c.model.position_extent = (0.19, 0.19, 0.19)
 
-    # UV resolution the eval unwraps at (predicted vs true maps; 0: none); fit_data: the data's
+    # UV resolution the eval unwraps at (predicted vs true maps); 0: the captures' own
     c.model.unwrap_resolution = 0
     c.data.image_size = size  # square crops; the Sapiens paper size is 1024x768
     c.data.landmarks = 68

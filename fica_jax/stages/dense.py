@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms as T
+from data_pipelines.shards import read_metadata
 from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.geometry.unwrap import unwrap_partial
@@ -189,9 +190,11 @@ def make_eval(cfg: ml_collections.ConfigDict):
     """UV error on held-out identities against the best constant predictor of the same pixels
     (the per-batch mean UV of the foreground), vertex error in mm, normal angle in degrees, and
     mask IoU; the train split's mean-rotation baseline and, with the pose head, `pose_eval` against the train
-    split's mean pose; with `model.unwrap_resolution`, `unwrap_eval` at that UV resolution."""
+    split's mean pose; `unwrap_eval` at `model.unwrap_resolution` (0: the captures')."""
     stats = pose_stats(cfg.data.dir, "train")
-    unwrap_res = int(cfg.model.get("unwrap_resolution", 0))
+    unwrap_res = int(cfg.model.get("unwrap_resolution", 0)) or int(
+        read_metadata(cfg.data.dir).get("uv_resolution", 0)
+    )  # 0 in the config: the captures' own
 
     def eval_fn(model: DensePredictor, batch, rng: jax.Array):
         del rng
