@@ -259,6 +259,18 @@ def test_scan_compiles_one_block_and_remat_keeps_gradients():
 
 
 @pytest.mark.heavy
+def _sharded_forward(model, images, mesh, rules):
+    """`model(images)` jitted on `mesh` with the images batch-sharded."""
+
+    @nnx.jit
+    def forward(m, x):
+        with shd.axis_rules(rules):
+            return m(shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS))
+
+    with jax.set_mesh(mesh):
+        return forward(model, shd.put_batch({"x": np.asarray(images)}, mesh)["x"])
+
+
 def test_sharded_on_fake_mesh():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
     rules = shd.rules_for("vit")
@@ -281,14 +293,7 @@ def test_sharded_on_fake_mesh():
     assert len({s.device for s in blocks.attn.q.kernel[...].addressable_shards}) == 8
 
     x = vit.normalize(jnp.asarray(_images(n=8)))
-
-    @nnx.jit
-    def forward(m, x):
-        with shd.axis_rules(rules):
-            return m(shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS))
-
-    with jax.set_mesh(mesh):
-        out = forward(model, shd.put_batch({"x": np.asarray(x)}, mesh)["x"])
+    out = _sharded_forward(model, x, mesh, rules)
     assert out.sharding.spec[0] == ("data", "fsdp")
     ref = vit.ViT(TINY, rngs=nnx.Rngs(3))(x)
     np.testing.assert_allclose(out, ref, atol=1e-5)
@@ -306,15 +311,7 @@ def test_dense_predictor_with_pixel_branch_sharded_equals_unsharded():
     ref = init()(images)
     plain = vit.DensePredictor(dataclasses.replace(cfg, pixel_branch=0), rngs=nnx.Rngs(5))(images)
     assert ref["uv"].shape == plain["uv"].shape == (8, 64, 48, 2)
-    model = shd.sharded_init(init, mesh, rules)
-
-    @nnx.jit
-    def forward(m, x):
-        with shd.axis_rules(rules):
-            return m(shd.constrain(x, shd.BATCH, shd.HEIGHT, shd.WIDTH, shd.CHANNELS))
-
-    with jax.set_mesh(mesh):
-        out = forward(model, shd.put_batch({"x": np.asarray(images)}, mesh)["x"])
+    out = _sharded_forward(shd.sharded_init(init, mesh, rules), images, mesh, rules)
     for k in ("uv", "vtx", "nrm", "mask_logits"):
         np.testing.assert_allclose(out[k], ref[k], atol=1e-4, err_msg=k)
 
