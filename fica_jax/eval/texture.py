@@ -20,11 +20,11 @@ from fica_jax.eval.protocol import UV_TEXTURE
 def vae_texture(rec, models) -> np.ndarray:
     """The record's ground-truth UV texture through the exported VAE (posterior mean, the DiT's
     latent statistics and packing) -> [R, R, 3] in [0, 1]."""
-    from fica_jax.infer.generate import _vae_bundle
+    from fica_jax.infer.generate import vae_bundle
     from fica_jax.infer.latent_cache import encode_maps
     from fica_jax.infer.sample import decode
 
-    vae = _vae_bundle(models)
+    vae = vae_bundle(models)
     keys = ("uv_texture", "uv_geometry", "uv_mask", "partial_uv")
     batch = {k: np.asarray(rec[k])[None] for k in keys}
     z = encode_maps(vae, batch)

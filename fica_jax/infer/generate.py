@@ -79,7 +79,7 @@ def read_portrait(path: str | os.PathLike, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0
 
 
-def _vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
+def vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
     """The exported VAE set up as the DiT's cache used it (statistics, latent scale, packing)."""
     from fica_jax.infer import latents
     from fica_jax.models import uv_latent
@@ -196,7 +196,7 @@ def _condition(models, portrait, dit_name: str, where: str):
             f"{where}: no head found (the dense predictor's mask covers {cover:.1%} of the "
             f"image, expected >= {MIN_HEAD:.0%}); use a portrait framed like the training data"
         )
-    vae = _vae_bundle(models, dit_name)
+    vae = vae_bundle(models, dit_name)
     m = dit.cfg.model
     control = latent_cache.encode_control(vae, np.asarray(cond.partial_uv), m.control_maps,
                                           m.get("control_input", "latents"), int(m.latent_size))  # fmt: skip
