@@ -10,7 +10,7 @@ captures (`shards.DatasetWriter`, format `fica-latent-cache`); the layout and ev
                                           (posterior mean), one Ct-channel group per map
   control_maps       float16 [R, R, 10]   the same maps normalised as the VAE's inputs, at UV
                                           resolution (rgb 3, mask 1, nrm 3, vtx 3): the DiT's
-                                          control with `model.control_input="pixels"`
+                                          control with `model.control_input` "pixels" / "pooled"
   image_emb          float32 [E]          portrait embedding (source named in the metadata)
   view               int32                the capture view that served as the portrait (0: the
                                           record's portrait; training identities lend every view)
@@ -224,7 +224,7 @@ def latent_example(record: Record, rng: np.random.Generator, opts: TransformOpti
     (z = mean + std * eps; `augment=False` takes the mean), the control groups and embedding.
 
     `opts.extra` carries the stage's choices: `control` (the groups), `control_input`
-    ("latents": the VAE-encoded groups; "pixels": `pixel_control` of the maps), `image_emb`
+    ("latents": the VAE-encoded groups; "pixels" / "pooled": `pixel_control` of the maps), `image_emb`
     (False zeroes the embedding: the ablation without it), `ground_truth` (add the decoded-metric
     maps).
     """
