@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import schema
+from data_pipelines.crops import crop_image, crop_intrinsics, crop_nearest
 from data_pipelines.shards import DEFAULT_RECORDS_PER_SHARD, DatasetWriter
 from fica_jax.errors import UserError
 from fica_jax.geometry.unwrap import unwrap_partial
@@ -105,8 +106,10 @@ def depth_from_vtx(vtx: np.ndarray, viewmat: np.ndarray, mask: np.ndarray) -> np
 
 
 # ----------------------------------------------------------------------------- one identity
-def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
-    """Reads `d` (one identity folder) into a schema record."""
+def convert_identity(d: Path, split: str, align: bool = False) -> dict[str, np.ndarray]:
+    """Reads `d` (one identity folder) into a schema record; with `align`, the portrait (and its
+    mask, dense maps, keypoints and K) is cropped as `fica generate` crops a photo
+    (`fica_jax.quality.align`)."""
     _check_required(d)
     portrait, alpha = read_rgb(d / "portrait.png")
     H, W = portrait.shape[:2]
@@ -117,6 +120,8 @@ def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
     Ks, vms = _read_cameras(d / "cameras.json", V)
     expr, gaze, kpts, vis = _read_annotations(d / "annotations.json", V)
     maps = _read_dense(d, masks, (H, W))
+    if align:
+        _align_portrait(d, images, masks, maps, Ks, kpts, vis)
     posed = np.repeat(geom[None], V, 0)
     for v in range(V):
         p = d / "uv_geometry_posed" / f"{v:03d}.npy"
@@ -157,6 +162,26 @@ def convert_identity(d: Path, split: str) -> dict[str, np.ndarray]:
     }
     schema.validate(rec, where=str(d))
     return rec
+
+
+def _align_portrait(d: Path, images, masks, maps, Ks, kpts, vis) -> None:
+    """View 0 re-cropped in place by the face detector's rule, at its own size."""
+    from fica_jax.quality.align import align_portrait
+
+    h, w = images[0].shape[:2]
+    if h != w:
+        raise UserError(f"{d / 'portrait.png'}: --align keeps the portrait's size and needs a "
+                        f"square one, got {w}x{h}")  # fmt: skip
+    _, (x0, y0, x1, _) = align_portrait(images[0], h, where=str(d / "portrait.png"))
+    box = (float(x0), float(y0), float(x1 - x0))
+    images[0] = crop_image(images[0], box, h)
+    masks[0] = crop_nearest(masks[0], box, h)
+    for k in maps:
+        maps[k][0] = crop_nearest(maps[k][0], box, h)
+    Ks[0] = crop_intrinsics(Ks[0], box, h)
+    s = h / box[2]
+    kpts[0] = (kpts[0] - np.array([box[0], box[1]])) * s
+    vis[0] *= np.all((kpts[0] >= 0) & (kpts[0] < h), -1)
 
 
 def _check_required(d: Path) -> None:
@@ -287,8 +312,10 @@ def convert_capture(
     *,
     overwrite: bool = False,
     records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+    align: bool = False,
 ) -> int:
-    """Converts every identity folder of `src` into shards at `out`; returns the count."""
+    """Converts every identity folder of `src` into shards at `out`; returns the count. `align`
+    crops each portrait by the face detector's rule (`convert_identity`)."""
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"{src}: capture folder does not exist")
@@ -301,5 +328,5 @@ def convert_capture(
         out, overwrite=overwrite, records_per_shard=records_per_shard, generator=gen
     ) as w:
         for i in ids:
-            w.add(convert_identity(src / i, splits[i]), where=str(src / i))
+            w.add(convert_identity(src / i, splits[i], align), where=str(src / i))
     return len(ids)

@@ -25,6 +25,8 @@ import numpy as np
 from data_pipelines import schema
 from fica_jax.errors import UserError
 from fica_jax.files import check_writable
+from fica_jax.geometry import template_store
+from fica_jax.geometry.template import HeadTemplate
 
 METADATA_FILE = "metadata.json"
 SHARD_SUFFIX = ".array_record"
@@ -93,6 +95,7 @@ class DatasetWriter:
         records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
         generator: Mapping[str, Any] | None = None,
         template: Mapping[str, Any] | None = None,
+        head: HeadTemplate | None = None,
         kind: str = "fica-capture",
         version: int = schema.SCHEMA_VERSION,
         info: Mapping[str, Any] | None = None,
@@ -110,7 +113,13 @@ class DatasetWriter:
         check_writable(self.out_dir)  # a location that cannot be written: one UserError, now
         self.records_per_shard = records_per_shard
         self.generator = dict(generator or {})
+        # the head template: its arrays go to template.npz, its facts into metadata["template"]
+        # (a procedural name in `template` is enough: the template is rebuilt from it)
         self.template = dict(template or {})
+        self.head = head or template_store.procedural(self.template.get("template", ""))
+        if self.head is not None:
+            self.template = template_store.metadata(self.head) | self.template
+            self.template["key"] = template_store.key(self.head)
         # Other record kinds (the latent cache) reuse the writer with their own format tag,
         # version and extra metadata.
         self.kind, self.version, self.info = kind, version, dict(info or {})
@@ -215,6 +224,8 @@ class DatasetWriter:
             "created_by": _created_by(),
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
+        if self.head is not None:
+            template_store.save(self.head, self._tmp)
         (self._tmp / METADATA_FILE).write_text(json.dumps(jsonable(meta), indent=1) + "\n")
         # Swap in: move an old output aside first so a crash between the renames never leaves
         # a mix of old and new shards under out_dir.
@@ -268,14 +279,23 @@ def read_metadata(data_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def dataset_template(data_dir: str | os.PathLike) -> HeadTemplate | None:
+    """The head template `data_dir` is laid out on (registered under its key), None for a
+    folder-layout conversion that names none."""
+    meta = read_metadata(data_dir)
+    where = str(Path(data_dir) / METADATA_FILE)
+    return template_store.from_metadata(meta.get("template", {}), data_dir, where)
+
+
 def template_stats(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     """What a model laid out on `data_dir`'s head template carries into its `fica export`: the
-    template's metadata and its expression names (empty where the folder holds no metadata)."""
+    template (metadata and arrays, `template_store.export_stats`) and its expression names
+    (empty where the folder holds no metadata or no template)."""
     try:
-        template = read_metadata(data_dir).get("template", {})
+        head = dataset_template(data_dir)
+        info = read_metadata(data_dir).get("template", {})
     except (UserError, OSError):
-        template = {}
-    return {
-        "template": template,
-        "expression_names": list(template.get("expression_names", [])),
-    }, {}
+        head, info = None, {}
+    stats, arrays = template_store.export_stats(head) if head is not None else ({}, {})
+    stats["template"] = info | stats.get("template", {})
+    return stats | {"expression_names": list(info.get("expression_names", []))}, arrays

@@ -34,9 +34,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="default: first split with records")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("convert", help="convert a real-capture folder (SCHEMA.md) into shards")
-    p.add_argument("--src", required=True, help="capture folder: SRC/<identity>/...")
+    p = sub.add_parser("convert", help="convert real captures (SCHEMA.md, Ava-256, Multiface)")
+    p.add_argument("--src", required=True, help="capture folder: SRC/<identity>/... (folder), "
+                   "SRC/<capture>/decoder/ (ava256) or SRC/<subject>/KRT (multiface)")  # fmt: skip
     p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--format", default="folder", choices=("folder", "ava256", "multiface"))
+    p.add_argument("--topology", default=None,
+                   help="ava256/multiface: the meshes' topology OBJ with UVs (the template; "
+                   "default: the one the capture ships, Multiface's tracked-mesh OBJ)")  # fmt: skip
+    p.add_argument("--landmarks", default=None,
+                   help="optional: >= 68 topology vertex ids, iBUG-68 order (keypoints)")  # fmt: skip
+    p.add_argument("--frames", type=int, default=None, help="dome views per identity (4)")
+    p.add_argument("--resolution", type=int, default=None, help="UV map resolution R (64)")
+    p.add_argument("--image-size", type=int, default=None, help="square crop side H = W (64)")
+    p.add_argument("--expression-dims", type=int, default=None,
+                   help="PCA expression components kept (16)")  # fmt: skip
+    p.add_argument("--portrait-camera", default=None, help="default: the most frontal camera")
+    p.add_argument("--align", action="store_true",
+                   help="folder: crop each portrait by the face detector's rule (fica generate's)")  # fmt: skip
+    p.add_argument("--process-index", type=int, default=0, help="this host, of --process-count")
+    p.add_argument("--process-count", type=int, default=1)
     p.add_argument("--records-per-shard", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
@@ -127,10 +144,43 @@ def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _convert(args: argparse.Namespace, extra: list[str]) -> int:
-    from data_pipelines.convert import convert_capture
+    if args.format == "folder":
+        from data_pipelines.convert import convert_capture
 
-    n = convert_capture(args.src, args.out, overwrite=args.overwrite, **_shard_kw(args))
-    print(f"converted {n} identities from {args.src} to {args.out}")
+        n = convert_capture(args.src, args.out, overwrite=args.overwrite, align=args.align,
+                            **_shard_kw(args))  # fmt: skip
+        print(f"converted {n} identities from {args.src} to {args.out}")
+        return 0
+    import pathlib
+
+    from data_pipelines import multiview
+    from fica_jax.errors import UserError
+
+    if not 0 <= args.process_index < args.process_count:
+        raise UserError(f"--process-index {args.process_index}: expected 0.."
+                        f"{args.process_count - 1} (--process-count {args.process_count})")  # fmt: skip
+    src = pathlib.Path(args.src)
+    template = multiview.load_topology(args.format, src, args.topology, args.landmarks)
+    given = {"n_frames": args.frames, "uv_resolution": args.resolution,
+             "image_size": args.image_size, "expression_dims": args.expression_dims,
+             "portrait_camera": args.portrait_camera}  # fmt: skip
+    opts = dataclasses.replace(
+        multiview.MultiviewOptions(), **{k: v for k, v in given.items() if v is not None}
+    )
+    res = multiview.convert_multiview(
+        args.format, src, args.out, template, opts, overwrite=args.overwrite,
+        process_index=args.process_index, process_count=args.process_count, **_shard_kw(args),
+    )  # fmt: skip
+    if not res["written"]:
+        print(f"converted {res['converted_here']} identities; waiting for "
+              f"{len(res['missing'])} from other hosts (rerun once they finish)")  # fmt: skip
+        return 0
+    fit = res["expression_basis"]
+    held = fit["heldout"]
+    tail = (f"; held-out frames {held['pca_mm']:.2f} mm rebuilt vs {held['neutral_mm']:.2f} mm "
+            "at neutral" if held else "")  # fmt: skip
+    print(f"converted {res['identities']} {args.format} identities to {args.out} "
+          f"({fit['dims']} PCA expression codes{tail})")  # fmt: skip
     return 0
 
 

@@ -38,6 +38,8 @@ def cmd_train(args, extra) -> int:
 
     stage = get_stage(args.stage)  # unknown stage -> UserError before loading anything heavy
     cfg = load_config(args.config, extra)
+    if args.fit_data and stage.fit_data is not None:
+        cfg = load_config(args.config, _fitted(cfg, stage) + list(extra))
     if get_stage(cfg.stage) is not stage:
         raise UserError(
             f"config {args.config} is for stage {cfg.stage!r}, not {args.stage!r}; "
@@ -50,6 +52,19 @@ def cmd_train(args, extra) -> int:
         profile_steps=_profile_steps(args.profile_steps),
     )
     return 0
+
+
+def _fitted(cfg, stage) -> list[str]:
+    """`--config.KEY=VALUE` overrides from the stage's `fit_data` of `data.dir`'s metadata (what
+    the data fix: UV resolution, image size, code and landmark sizes, the head template)."""
+    import pathlib
+
+    from data_pipelines.shards import METADATA_FILE, read_metadata_file
+
+    if not cfg.data.get("dir"):
+        raise UserError("--fit-data needs --config.data.dir=DIR")
+    meta = read_metadata_file(pathlib.Path(cfg.data.dir) / METADATA_FILE)
+    return [f"--config.{k}={v}" for k, v in stage.fit_data(meta).items()]
 
 
 def cmd_plan(args, extra) -> int:
@@ -71,6 +86,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--config", required=True, help="FILE[:ARG] config, e.g. configs/toy.py:tiny")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and profiles go here")
     p.add_argument("--init_from", default=None, help="another run's workdir: take its params")
+    p.add_argument("--fit-data", action="store_true",
+                   help="set what the data fix (UV and image sizes, code and landmark sizes, "
+                   "template) from data.dir's metadata; explicit --config.* still win")  # fmt: skip
     p.add_argument("--profile_steps", default=None, help="A,B: profiler trace of steps A..B")
     p.set_defaults(func=cmd_train)
 

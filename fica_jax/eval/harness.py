@@ -93,12 +93,12 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _mesh_render(texture, geometry, mask, frame, template_name: str) -> np.ndarray:
+def _mesh_render(texture, geometry, mask, frame, template_key: str) -> np.ndarray:
     from fica_jax.infer.generate import expression_offset
     from fica_jax.render.surfels import render_surfels
 
     r = mask.shape[0]
-    off = expression_offset(template_name, frame["expression"], r) * mask[..., None]
+    off = expression_offset(template_key, frame["expression"], r) * mask[..., None]
     h, w = frame["size"]
     out = render_surfels(
         jnp.asarray(texture), jnp.asarray(geometry + off), jnp.asarray(frame["viewmat"])[None],
@@ -185,9 +185,11 @@ def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, po
     portrait itself (view 0: its camera, expression and gaze; "portrait") and the UV textures
     (`texture.texture_rows`, "uv_texture")."""
     from fica_jax.eval.texture import texture_rows
+    from fica_jax.geometry import template_store
     from fica_jax.quality.face import record_face_masks
 
     faces = record_face_masks(rec, template)
+    tkey = template_store.key(template)
     maps = _identity_maps(rec, models, steps=steps, seed=seed, pose=pose, cfg_scale=cfg_scale)
     dome, portrait = _frames(rec, frames), _frame(rec, 0)
     rows, renders = [], {}
@@ -196,7 +198,7 @@ def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, po
         av = None if mesh else _avatar(models["upm"], m, backend, tmp / method)
         for f in ([portrait] if method in dict(MAIN) else []) + dome:
             if mesh:
-                img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, template.name)
+                img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, tkey)
             else:
                 img = _upm_render(av, f, backend)
             s = scorer(img, f["image"], faces[f["view"]], f["kpts"])
@@ -243,7 +245,7 @@ def evaluate(
     out = ensure_dir(out_dir)
     t0 = time.time()
     models = load_models(models_dir)
-    template = _face_template(data_dir)
+    template = _face_template(data_dir, models)
     src = open_source(data_dir, split)
     ids = list(range(len(src)))[: limit or None]
     mine = ids[host_slice(len(ids), pi, pc)]
@@ -272,17 +274,21 @@ def _check_options(backend: str, samples: int, pose: str) -> None:
         raise UserError(f"--pose {pose!r}: expected 'gt' (the capture's camera) or 'regressor'")
 
 
-def _face_template(data_dir):
-    """The procedural template the dataset was made with (the face-region masks need it)."""
-    from data_pipelines.shards import read_metadata
-    from fica_jax.geometry.template import make_head_template
+def _face_template(data_dir, models):
+    """The head template the dataset is laid out on (the face-region masks need it), checked
+    against the one the models were trained on."""
+    from data_pipelines.shards import dataset_template, read_metadata
+    from fica_jax.geometry import template_store
 
-    name = read_metadata(data_dir).get("template", {}).get("template", "")
-    prefix = "fica-procedural-head-r"
-    if not name.startswith(prefix):
-        raise UserError(f"--data {data_dir}: template {name!r}; the face-region masks need a "
-                        f"procedural template ({prefix}N)")  # fmt: skip
-    return make_head_template(int(name[len(prefix) :]))
+    template = dataset_template(data_dir)
+    if template is None:
+        raise UserError(f"--data {data_dir}: its metadata.json names no head template; the "
+                        "face-region masks need one (convert with --topology)")  # fmt: skip
+    mine = read_metadata(data_dir).get("template", {})
+    for name, m in models.items():
+        theirs = m.meta.get("stats", {}).get("template", {})
+        template_store.check_same(mine, theirs, f"--data {data_dir}", f"--models {name}")
+    return template
 
 
 def _evaluate_slice(src, mine, models, scorer, template, seed, samples, progress, kw):

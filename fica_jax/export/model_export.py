@@ -34,6 +34,7 @@ from fica_jax import __version__
 from fica_jax.errors import UserError
 from fica_jax.export.manifest import read_arrays, read_manifest
 from fica_jax.files import atomic_dir, check_writable, write_json
+from fica_jax.geometry import template_store
 
 FORMAT, VERSION = "fica-export", 1
 DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", None)}
@@ -263,6 +264,9 @@ def load_exported(directory: str | os.PathLike, stage: str | None = None):
 
     meta, arrays = read_export(directory, stage)
     cfg = ml_collections.ConfigDict(meta["run_config"])
+    stats = {k[len("stats.") :]: v for k, v in arrays.items() if k.startswith("stats.")}
+    # the head template it carries: its config names it by key (the UPM's eye texels)
+    template_store.register_export(meta.get("stats", {}), stats, f"{directory}/model.safetensors")
     model = nnx.eval_shape(lambda: get_stage(cfg.stage).make_model(cfg, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     entries = param_names(state.to_pure_dict())
@@ -275,5 +279,4 @@ def load_exported(directory: str | os.PathLike, stage: str | None = None):
     pure = _nest([(keys, v) for (_, keys, _), v in zip(entries, values, strict=True)])
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    stats = {k[len("stats.") :]: v for k, v in arrays.items() if k.startswith("stats.")}
     return cfg, model, stats, meta

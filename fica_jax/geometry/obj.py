@@ -113,12 +113,14 @@ def _load_landmarks(path: Path, n_pos: int) -> np.ndarray:
 
 def load_obj_template(
     obj_path: str | Path,
-    landmarks_path: str | Path,
+    landmarks_path: str | Path | None = None,
     bases_path: str | Path | None = None,
     name: str | None = None,
 ) -> HeadTemplate:
-    """Reads an OBJ head (+ landmarks, optional bases) into a HeadTemplate."""
-    obj_path, landmarks_path = Path(obj_path), Path(landmarks_path)
+    """Reads an OBJ head (+ landmarks, optional bases) into a HeadTemplate; without a landmark
+    file the template has none (a capture topology: no keypoints, the whole head is the face
+    region)."""
+    obj_path = Path(obj_path)
     pos, uv, corners, face_part = _parse_obj(obj_path)
     pair = corners[..., 0].astype(np.int64) * len(uv) + corners[..., 1]  # [F, 3]
     keys, first, inverse = np.unique(pair.reshape(-1), return_index=True, return_inverse=True)
@@ -133,7 +135,8 @@ def load_obj_template(
     part_pos[corners[..., 0].reshape(-1)] = np.repeat(face_part, 3)
     vpart = part_pos[weld]
 
-    lm_pos = _load_landmarks(landmarks_path, len(pos))
+    lm_pos = (np.zeros(0, np.int64) if landmarks_path is None
+              else _load_landmarks(Path(landmarks_path), len(pos)))  # fmt: skip
     first_vertex = np.full(len(pos), -1, np.int64)
     first_vertex[weld[::-1]] = np.arange(len(weld))[::-1]
     if (first_vertex[lm_pos] < 0).any():

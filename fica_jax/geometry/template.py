@@ -246,13 +246,3 @@ def uv_regions(template: HeadTemplate, resolution: int) -> dict[str, np.ndarray]
             inside = np.asarray(r.interpolate(jnp.asarray(m, jnp.float32)[:, None]))[..., 0]
             out[name] = r.mask & (inside > 0.999)
     return out
-
-
-@lru_cache(maxsize=8)
-def named_uv_regions(name: str, resolution: int) -> dict[str, np.ndarray]:
-    """`uv_regions` of a procedural template named as in capture metadata
-    ("fica-procedural-head-r48"); cached."""
-    prefix = "fica-procedural-head-r"
-    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
-        raise ValueError(f"template {name!r}: expected '{prefix}N' (a procedural head template)")
-    return uv_regions(make_head_template(int(name[len(prefix) :])), resolution)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fica_jax.errors import UserError
+from fica_jax.geometry import template_store
 
 REQUIRED, OPTIONAL = ("dense", "vae", "dit", "upm"), ("refiner", "dit-rgb", "dit-maps")
 MIN_HEAD = 0.05  # fraction of the portrait the dense predictor's mask must cover
@@ -59,7 +60,17 @@ def load_models(models_dir: str | os.PathLike) -> dict[str, Exported]:
                 f"{d}/{name}` for each of {', '.join(REQUIRED)} (refiner optional)"
             )
         out[name] = Exported(*load_exported(d / name, stage=name.split("-")[0]))
+    seen = [(n, m.meta.get("stats", {}).get("template", {})) for n, m in out.items()]
+    for (na, ta), (nb, tb) in zip(seen, seen[1:], strict=False):
+        template_store.check_same(ta, tb, f"--models {d / na}", f"{d / nb}")
     return out
+
+
+def template_key(models: dict[str, Exported]) -> str:
+    """The key of the head template the avatar's maps lie on: the UPM export's, else (older
+    exports) its eye template's."""
+    upm = models["upm"]
+    return upm.meta.get("stats", {}).get("template", {}).get("key") or upm.model.cfg.eye_template
 
 
 def read_portrait(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -124,22 +135,21 @@ def _pose(models, portrait, pose_path, size: int):
 
 
 @functools.lru_cache(maxsize=4)
-def _template_raster(name: str, r: int):
-    from fica_jax.geometry.template import make_head_template
+def _template_raster(template_key: str, r: int):
     from fica_jax.geometry.uvmaps import uv_raster
 
-    t = make_head_template(int(name.rsplit("r", 1)[-1]))
+    t = template_store.resolve(template_key)
     return t, uv_raster(t.uvs, t.faces, r)
 
 
-def expression_offset(name: str, expression, r: int) -> np.ndarray:
-    """An expression code as a UV offset map [R, R, 3] from the blendshapes of the procedural
-    template `name` (zero without a template name or expression)."""
-    if expression is None or not name:
+def expression_offset(template_key: str, expression, r: int) -> np.ndarray:
+    """An expression code as a UV offset map [R, R, 3] through the expression basis of the
+    template `template_key` (`template_store.resolve`; zero without a template or expression)."""
+    if expression is None or not template_key:
         return np.zeros((r, r, 3), np.float32)
     from fica_jax.geometry.uvmaps import position_map
 
-    t, raster = _template_raster(name, r)
+    t, raster = _template_raster(template_key, r)
     e = np.asarray(expression, np.float32)[: t.n_expr]
     delta = np.einsum("e,evc->vc", e, t.expr_basis[: len(e)])
     return np.asarray(position_map(raster, jnp.asarray(delta)), np.float32)
@@ -158,7 +168,7 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose_path):
     img = np.asarray(jax.image.resize(jnp.asarray(portrait), (s, s, 3), "bilinear"))
     hm = np.asarray(jax.image.resize(jnp.asarray(head_mask), (s, s), "bilinear"))
     K, viewmat, expression = _pose(models, portrait, pose_path, s)
-    offset = expression_offset(models["upm"].model.cfg.eye_template, expression, mask.shape[0])
+    offset = expression_offset(template_key(models), expression, mask.shape[0])
     batch = {
         "input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
         "portrait_image": img[None], "portrait_mask": hm[None], "portrait_K": K[None],

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from fica_jax import sharding as shd
-from fica_jax.geometry.template import named_uv_regions
+from fica_jax.geometry.template_store import named_uv_regions
 from fica_jax.models import layers
 from fica_jax.models.upm_geometry import eye_centres, surface_frames, turn_eyes
 from fica_jax.render import rasterization

@@ -131,8 +131,11 @@ def _inside(pts: np.ndarray, poly: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def face_vertices(template: HeadTemplate) -> np.ndarray:
-    """[V] bool: the template's face-region vertices (module docstring), from the rest pose."""
+    """[V] bool: the template's face-region vertices (module docstring), from the rest pose;
+    every vertex for a template without the 68 landmarks (a capture topology without them)."""
     v = template.verts.astype(np.float64)
+    if max(OUTLINE_68) >= len(template.landmark_ids):
+        return np.ones(len(v), bool)
     outline = v[template.landmark_ids[list(OUTLINE_68)]]
     front = (v[:, 2] >= outline[:, 2].min()) | (template.part_ids != PART_SKIN)
     return _inside(v[:, :2], outline[:, :2]) & front

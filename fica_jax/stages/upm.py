@@ -33,6 +33,7 @@ writes the same renders as a preview sheet every `sample_every` steps.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,10 @@ def upm_config(cfg: ml_collections.ConfigDict) -> UPMConfig:
 
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UPM:
+    if cfg.data.get("dir") and pathlib.Path(cfg.data.dir, "metadata.json").is_file():
+        from data_pipelines.shards import dataset_template
+
+        dataset_template(cfg.data.dir)  # registers the template its eye_template key names
     return UPM(upm_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
 
 
@@ -314,12 +319,43 @@ def frame_example(
 
 
 def fit_data(meta) -> dict:
-    """The captures' UV resolution and image size, and one colour correction per camera."""
+    """The captures' UV resolution, image size and expression code size, one colour correction
+    per camera, and the eyeballs of their head template (none where it has no eye parts)."""
     return {
         "data.uv_resolution": int(meta["uv_resolution"]),
         "data.image_size": int(np.ravel(meta["image_size"])[0]),
+        "data.expression_dim": int(meta.get("expression_dim", 0)),
+        "data.landmarks": int(meta.get("landmark_dim", 0)),
         "model.n_cameras": int(meta["n_views"]),
+        "model.eye_template": data_eye_template(meta.get("template", {})),
     }
+
+
+def data_eye_template(template: dict) -> str:
+    """The `model.eye_template` a dataset's template metadata asks for ("" without eyeballs)."""
+    if template.get("has_eyes", True) is False:
+        return ""
+    return str(template.get("key") or template.get("template", ""))
+
+
+def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
+              **kw):  # fmt: skip
+    """Capture shards through `example`, once the config's eye template is checked against the
+    data's (eye texels of one UV layout on another's atlas would be silently wrong)."""
+    from data_pipelines.pipeline import CaptureData
+    from data_pipelines.shards import dataset_template, read_metadata
+
+    if cfg.data.dir:
+        info = read_metadata(cfg.data.dir).get("template", {})
+        dataset_template(cfg.data.dir)  # registers it: the model resolves its key
+        want, have = data_eye_template(info), str(cfg.model.eye_template)
+        if info and have and have != want:
+            raise UserError(
+                f"config model.eye_template {have!r}, but {cfg.data.dir} is laid out on template "
+                f"{info.get('key') or info.get('template')!r}: pass "
+                f"--config.model.eye_template={want!r}"
+            )
+    return CaptureData(example)(cfg, split, process_index, process_count, **kw)
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
@@ -334,7 +370,8 @@ STAGE = Stage(
     rules="upm",
     make_model=make_model,
     make_loss=make_loss,
-    example=example,  # over capture shards (make_data: CaptureData(example))
+    example=example,
+    make_data=make_data,  # CaptureData(example), the eye template checked
     batch_spec=batch_spec,
     make_eval=make_eval,
     metrics={"psnr": True, "ssim": True, "isect_overflow": False},
