@@ -1,7 +1,10 @@
 """`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
 
-The maps come from `fica_jax.infer.generate.generate_maps` (dense -> unwrap -> DiT -> VAE decode
--> refiner); this command puts them through the UPM's identity encoder and writes the bundle
+The image is first framed like a training portrait: the largest face OpenCV's cascades find
+decides the square (`fica_jax.infer.align`), `--no-align` keeps the centred square; either way
+`avatar.json`'s info records `crop_box` and `aligned`. The maps come from
+`fica_jax.infer.generate.generate_maps` (dense -> unwrap -> DiT -> VAE decode -> refiner); this
+command puts them through the UPM's identity encoder and writes the bundle
 (a temp folder renamed at the end): `avatar.safetensors` + `avatar.json` (`fica_jax.avatar.bundle`),
 `avatar.ply` (the neutral frame, standard 3DGS layout), `maps.npz` (generated and refined UV
 maps) and `preview.png` (portrait | front | side | back).
@@ -20,7 +23,15 @@ import numpy as np
 from fica_jax import __version__
 from fica_jax.errors import UserError
 from fica_jax.files import atomic_dir, check_writable, write_json
-from fica_jax.infer.generate import Exported, Timer, generate_maps, load_models, read_portrait
+from fica_jax.geometry import template_store
+from fica_jax.infer.generate import (
+    Exported,
+    Timer,
+    frame_portrait,
+    generate_maps,
+    load_models,
+    template_key,
+)
 
 
 def generate_avatar(
@@ -34,13 +45,20 @@ def generate_avatar(
     pose: str | os.PathLike | None = None,
     refine: bool = True,
     models: dict[str, Exported] | None = None,
+    align: bool = True,
 ) -> dict:
-    """Writes the avatar bundle to `out`; returns its info (with per-stage seconds)."""
+    """Writes the avatar bundle to `out`; returns its info (with per-stage seconds, and the
+    portrait's `crop_box` [x0, y0, x1, y1] in the image's pixels, which may reach past the image
+    where the aligned square was padded, and `aligned`). `align=False`: the centred square, for
+    images already framed like the training portraits."""
     from fica_jax.avatar.bundle import Avatar
     from fica_jax.avatar.drive import write_preview
+    from fica_jax.infer.align import crop_square
 
     out = check_writable(out)  # before loading the models
     timer = Timer()
+    img, framing = frame_portrait(image, align=align)  # a bad image fails before the models load
+    timer.lap("align")
     models = models or load_models(models_dir)
     timer.lap("load")
     upm = models["upm"]
@@ -49,12 +67,14 @@ def generate_avatar(
         raise UserError(
             f"--models: the DiT makes {r}^2 UV maps, the UPM takes {upm.model.cfg.uv_resolution}^2"
         )
-    portrait = read_portrait(image, int(models["dense"].cfg.data.image_size))
+    size = int(models["dense"].cfg.data.image_size)
+    portrait = crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0
     maps, info = generate_maps(
         portrait, models, steps=steps, cfg_scale=cfg_scale, seed=seed, pose=pose, refine=refine,
-        timer=timer, where=f"--image {image}",
+        timer=timer, where=f"--image {image}", framing=framing,
     )  # fmt: skip
     info |= {
+        "crop_box": framing["crop_box"], "aligned": framing["aligned"],
         "source_image": str(pathlib.Path(image).resolve()), "models": str(models_dir),
         "pose": str(pose) if pose else ("regressor" if info["refined"] else None),
         "fica_jax_version": __version__,
@@ -62,8 +82,12 @@ def generate_avatar(
     }  # fmt: skip
     avatar = Avatar.create(upm.model, maps["texture"], maps["geometry"], maps["mask"], info=info)
     timer.lap("upm")
+    template = template_store.procedural(key := template_key(models)) or (
+        template_store.resolve(key) if "@" in key else None)  # fmt: skip
     with atomic_dir(out) as tmp:
         avatar.save(tmp)
+        if template is not None:  # what `fica render --meshes` fits expression codes with
+            template_store.save(template, tmp)
         avatar.save_ply(tmp / "avatar.ply")
         np.savez(tmp / "maps.npz", **maps)
         tile = np.asarray(jax.image.resize(jnp.asarray(portrait), (256, 256, 3), "bilinear"))
@@ -88,11 +112,15 @@ def add_commands(subparsers) -> None:
         "--pose", default=None, help="JSON with K, viewmat, expression (fica_jax.infer.pose)"
     )
     p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
+    p.add_argument(
+        "--no-align", action="store_true",
+        help="take the centred square as is (default: find the face and frame it like training)",
+    )  # fmt: skip
 
     def run_cmd(args, extra) -> int:
         info = generate_avatar(
             args.image, args.models, args.out, steps=args.steps, cfg_scale=args.cfg,
-            seed=args.seed, pose=args.pose, refine=not args.no_refine,
+            seed=args.seed, pose=args.pose, refine=not args.no_refine, align=not args.no_align,
         )  # fmt: skip
         secs = ", ".join(f"{k} {v:.2f} s" for k, v in info["seconds"].items())
         print(f"avatar -> {args.out} ({secs})")

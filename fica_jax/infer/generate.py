@@ -1,10 +1,11 @@
 """`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
 
-portrait -> dense predictor (UV, vertices, normals, mask) -> partial UV maps + image embedding
--> VAE-encoded control latents -> DiT + ControlMLP, `--steps` Euler steps with guidance `--cfg`
--> VAE decode -> complete UV texture + geometry -> refiner (when `MODELS/refiner` exists; it needs
-the portrait's camera: `--pose JSON` from the user's tracker, else the dense predictor's pose
-regressor) -> UPM identity encoder -> avatar bundle.
+image -> face found and framed like a training portrait (`fica_jax.infer.align`; `--no-align`:
+the centred square) -> portrait -> dense predictor (UV, vertices, normals, mask) -> partial UV
+maps + image embedding -> VAE-encoded control latents -> DiT + ControlMLP, `--steps` Euler steps
+with guidance `--cfg` -> VAE decode -> complete UV texture + geometry -> refiner (when
+`MODELS/refiner` exists; it needs the portrait's camera: `--pose JSON` from the user's tracker,
+else the dense predictor's pose regressor) -> UPM identity encoder -> avatar bundle.
 
 `--models DIR` holds one `fica export` folder per stage: `dense/`, `vae/`, `dit/`, `upm/` and
 optionally `refiner/` (`fica export --run RUN --out DIR/NAME`). The DiT's export carries the
@@ -73,21 +74,49 @@ def template_key(models: dict[str, Exported]) -> str:
     return upm.meta.get("stats", {}).get("template", {}).get("key") or upm.model.cfg.eye_template
 
 
-def read_portrait(path: str | os.PathLike, size: int) -> np.ndarray:
-    """An image file -> [size, size, 3] float in [0, 1] (centre-cropped to a square)."""
-    from PIL import Image, UnidentifiedImageError
+def frame_portrait(path: str | os.PathLike, *, align: bool = True) -> tuple[np.ndarray, dict]:
+    """An image file -> (the image [H, W, 3] uint8, upright by its EXIF turn; framing).
+
+    framing = {"crop_box": [x0, y0, x1, y1] in those pixels, "aligned": bool, "image_size":
+    [H, W]}. `align`: the square that frames the largest face found like a training portrait
+    (`fica_jax.infer.align`; it may reach past the image, where cropping repeats the edge pixels);
+    else the centred square. An unreadable, tiny or blank image, or (aligning) one without a
+    face, is one `UserError` line naming the file. Cheap: `fica generate` calls it before it
+    loads any model."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from fica_jax.infer import align as align_lib
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            # phones store portraits sideways with an EXIF turn: the detector needs them upright
+            img = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"--image {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"--image {path}: not a readable image ({e})") from None
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return np.asarray(im.resize((size, size), Image.BILINEAR), np.float32) / 255.0
+    where = f"--image {path}"
+    align_lib.check_portrait(img, where)
+    box = align_lib.centre_box(*img.shape[:2])
+    if align:
+        try:
+            box = align_lib.find_crop(img, where)
+        except align_lib.NoFace as e:
+            raise UserError(f"{e}; pass --no-align to use the centre square") from None
+    framing = {"crop_box": [int(v) for v in box], "aligned": bool(align),
+               "image_size": [int(img.shape[0]), int(img.shape[1])]}  # fmt: skip
+    return img, framing
+
+
+def read_portrait(
+    path: str | os.PathLike, size: int, *, align: bool = True
+) -> tuple[np.ndarray, dict]:
+    """An image file -> ([size, size, 3] float in [0, 1], framing): `frame_portrait`'s square
+    cut out and resized."""
+    from fica_jax.infer.align import crop_square
+
+    img, framing = frame_portrait(path, align=align)
+    return crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0, framing
 
 
 def vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
@@ -109,19 +138,27 @@ def vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
     return latents.with_scale(bundle, float(st["latent_scale"]))
 
 
-def _pose(models, portrait, pose_path, size: int):
+def _pose(models, portrait, pose_path, size: int, framing: dict | None = None):
     """(K [3, 3] at `size` px, viewmat [4, 4], expression [E] or None) of the portrait: from the
-    user's JSON (its K refers to the image as given; we centre-crop it to a square, so the
-    principal point shifts by the crop) or from the dense predictor's pose regressor."""
+    user's JSON (its K refers to the image as given: it is rescaled to `framing`'s image size, then
+    shifted and scaled by the crop `read_portrait` took, the centred square without `framing`) or
+    from the dense predictor's pose regressor."""
     from fica_jax.infer import pose as pose_lib
+    from fica_jax.infer.align import centre_box
 
     if pose_path:
         p = pose_path if isinstance(pose_path, dict) else pose_lib.load_pose_json(pose_path)
         h, w = p["image_size"]
-        side = min(h, w)
         K = np.asarray(p["K"], np.float64).copy()
-        K[0, 2] -= (w - side) // 2
-        K[1, 2] -= (h - side) // 2
+        if framing:
+            ih, iw = framing["image_size"]
+            K = np.diag([iw / w, ih / h, 1.0]) @ K
+            x0, y0, x1, _ = framing["crop_box"]
+        else:
+            x0, y0, x1, _ = centre_box(h, w)
+        side = x1 - x0
+        K[0, 2] -= x0
+        K[1, 2] -= y0
         K = np.diag([size / side, size / side, 1.0]) @ K
         return K.astype(np.float32), p["viewmat"], p["expression"]
     # the regressor head when the dense model has one (its held-out error is in the dense
@@ -162,12 +199,12 @@ def _refine_jit():
     return nnx.jit(refine_lib.refine)  # traced once per shape, not per call
 
 
-def _refine(models, texture, geometry, mask, portrait, head_mask, pose_path):
+def _refine(models, texture, geometry, mask, portrait, head_mask, pose_path, framing):
     ref = models["refiner"]
     s, n_kpts = int(ref.cfg.data.image_size), int(ref.cfg.data.landmarks)
     img = np.asarray(jax.image.resize(jnp.asarray(portrait), (s, s, 3), "bilinear"))
     hm = np.asarray(jax.image.resize(jnp.asarray(head_mask), (s, s), "bilinear"))
-    K, viewmat, expression = _pose(models, portrait, pose_path, s)
+    K, viewmat, expression = _pose(models, portrait, pose_path, s, framing)
     offset = expression_offset(template_key(models), expression, mask.shape[0])
     batch = {
         "input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
@@ -237,9 +274,11 @@ def generate_maps(
     dit: str = "dit",  # which DiT export (ablation variants: "dit-rgb", "dit-maps")
     timer: Timer | None = None,
     where: str = "--image",
+    framing: dict | None = None,  # read_portrait's crop of the image a --pose JSON refers to
 ) -> tuple[dict[str, np.ndarray], dict]:
     """The portrait's UV maps: {"texture", "geometry", "mask", "dit_texture", "dit_geometry"} and
-    an info dict (guidance scale, refined, head coverage)."""
+    an info dict (guidance scale, refined, head coverage). Without `framing` a pose's K is taken
+    to refer to an image whose centred square is the portrait."""
     from fica_jax.infer.sample import sample_maps
 
     timer = timer or Timer()
@@ -259,7 +298,7 @@ def generate_maps(
     timer.lap("dit")
     refined = bool(refine and "refiner" in models)
     if refined:
-        texture, geometry = _refine(models, texture, geometry, mask, portrait, head, pose)
+        texture, geometry = _refine(models, texture, geometry, mask, portrait, head, pose, framing)
         texture = jnp.clip(texture, 0.0, 1.0)
         timer.lap("refiner")
     maps |= {"texture": np.asarray(texture[0]), "geometry": np.asarray(geometry[0]), "mask": mask}
