@@ -109,7 +109,7 @@ def depth_from_vtx(vtx: np.ndarray, viewmat: np.ndarray, mask: np.ndarray) -> np
 def convert_identity(d: Path, split: str, align: bool = False) -> dict[str, np.ndarray]:
     """Reads `d` (one identity folder) into a schema record; with `align`, the portrait (and its
     mask, dense maps, keypoints and K) is cropped as `fica generate` crops a photo
-    (`fica_jax.quality.align`)."""
+    (`data_pipelines.align`)."""
     _check_required(d)
     portrait, alpha = read_rgb(d / "portrait.png")
     H, W = portrait.shape[:2]
@@ -166,7 +166,7 @@ def convert_identity(d: Path, split: str, align: bool = False) -> dict[str, np.n
 
 def _align_portrait(d: Path, images, masks, maps, Ks, kpts, vis) -> None:
     """View 0 re-cropped in place by the face detector's rule, at its own size."""
-    from fica_jax.quality.align import align_portrait
+    from data_pipelines.align import align_portrait
 
     h, w = images[0].shape[:2]
     if h != w:
@@ -174,7 +174,7 @@ def _align_portrait(d: Path, images, masks, maps, Ks, kpts, vis) -> None:
                         f"square one, got {w}x{h}")  # fmt: skip
     _, (x0, y0, x1, _) = align_portrait(images[0], h, where=str(d / "portrait.png"))
     box = (float(x0), float(y0), float(x1 - x0))
-    images[0] = crop_image(images[0], box, h)
+    images[0] = crop_image(images[0], box, h, pad="edge")  # as `fica generate` crops
     masks[0] = crop_nearest(masks[0], box, h)
     for k in maps:
         maps[k][0] = crop_nearest(maps[k][0], box, h)

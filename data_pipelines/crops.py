@@ -21,17 +21,29 @@ def crop_box(xy: np.ndarray, fill: float) -> tuple[float, float, float]:
     return float(c[0] - side / 2), float(c[1] - side / 2), side
 
 
-def crop_image(img: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
-    """The square `box` of `img` (continuous pixel coordinates, black beyond the image) resized
-    to size x size with antialiasing."""
+def crop_image(img: np.ndarray, box: tuple[float, float, float], size: int,
+               pad: str = "constant") -> np.ndarray:  # fmt: skip
+    """The square `box` of `img` [H, W, 3] uint8 (continuous pixel coordinates; beyond the image
+    black, or with `pad="edge"` its edge pixels repeated) resized to size x size, area-weighted
+    when shrinking."""
     x0, y0, side = box
     h, w = img.shape[:2]
-    pad = int(np.ceil(max(0.0, -x0, -y0, x0 + side - w, y0 + side - h))) + 1
-    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
-    im = Image.fromarray(padded)
-    out = im.resize((size, size), Image.Resampling.BOX if side > 2 * size else
-                    Image.Resampling.BILINEAR,
-                    box=(x0 + pad, y0 + pad, x0 + pad + side, y0 + pad + side))  # fmt: skip
+    # the whole pixels the box touches, padded where they leave the image; then the filter
+    # reads only those (an integer box is cut exactly and resized whole)
+    ix0, iy0 = int(np.floor(x0)), int(np.floor(y0))
+    ix1, iy1 = int(np.ceil(x0 + side)), int(np.ceil(y0 + side))
+    cut = img[max(iy0, 0) : max(min(iy1, h), 0), max(ix0, 0) : max(min(ix1, w), 0)]
+    pads = ((max(-iy0, 0), max(iy1 - max(h, iy0), 0)), (max(-ix0, 0), max(ix1 - max(w, ix0), 0)))
+    if cut.size == 0:  # wholly outside: nothing to repeat
+        cut, pad = np.zeros((1, 1, 3), np.uint8), "constant"
+        pads = ((0, iy1 - iy0 - 1), (0, ix1 - ix0 - 1))
+    cut = np.pad(cut, (*pads, (0, 0)), mode=pad)
+    # PIL's bilinear filter widens its support when shrinking (area-weighted, no aliasing)
+    out = Image.fromarray(cut).resize(
+        (size, size),
+        Image.Resampling.BILINEAR,
+        box=(x0 - ix0, y0 - iy0, x0 - ix0 + side, y0 - iy0 + side),
+    )
     return np.asarray(out, np.uint8)
 
 

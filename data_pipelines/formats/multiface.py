@@ -46,6 +46,7 @@ from data_pipelines.formats.common import (
     parse_matrix,
     rigid_4x4,
 )
+from data_pipelines.formats.meshes import read_vertices
 
 NEUTRAL_EXPRESSION = "E001_Neutral_Eyes_Open"
 
@@ -150,27 +151,7 @@ class MultifaceCapture:
         """[N, 3] float64 head-local vertices in metres, from <frame>.bin (or <frame>.obj)."""
         self._check_frame(frame)
         path = self._mesh(frame).with_suffix(".bin")
-        if not path.is_file():
-            return self._obj_vertices(self._mesh(frame).with_suffix(".obj"))
-        data = path.read_bytes()
-        if not data or len(data) % 12:
-            raise bad(path, f"{len(data)} bytes, expected float32 x, y, z triples (12 bytes each)")
-        v = np.frombuffer(data, dtype="<f4").reshape(-1, 3).astype(np.float64)
-        if not np.isfinite(v).all():
-            raise bad(path, "non-finite vertex coordinates")
-        return v * MM
-
-    def _obj_vertices(self, path: Path) -> np.ndarray:
-        rows = []
-        for n, line in enumerate(_read_text(path, "an OBJ mesh").splitlines(), 1):
-            if line.startswith("v "):
-                try:
-                    rows.append([float(t) for t in line.split()[1:4]])
-                except ValueError:
-                    raise bad(path, f"line {n}: cannot parse {line.strip()!r}") from None
-        if not rows or any(len(r) != 3 for r in rows):
-            raise bad(path, "expected 'v x y z' lines")
-        return np.asarray(rows, dtype=np.float64) * MM
+        return read_vertices(path if path.is_file() else path.with_suffix(".obj")) * MM
 
     def head_to_world(self, frame: str) -> np.ndarray:
         """[4, 4] float64 head-local -> world, metres."""

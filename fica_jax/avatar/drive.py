@@ -135,8 +135,9 @@ def make_avatar(run, data, out, *, split: str = "test", identity: str | None = N
     """`fica avatar`: the trained UPM of `run` on one identity of `data` -> the bundle in `out`."""
     from data_pipelines.contact_sheet import select_record
     from data_pipelines.pipeline import open_source
-    from data_pipelines.shards import read_metadata
+    from data_pipelines.shards import dataset_template, read_metadata
     from fica_jax.avatar.bundle import Avatar
+    from fica_jax.geometry import template_store
     from fica_jax.train.checkpoint import load_model, load_run_config
 
     out = check_writable(out)
@@ -156,8 +157,11 @@ def make_avatar(run, data, out, *, split: str = "test", identity: str | None = N
     av = Avatar.create(
         model, rec["uv_texture"] / 255.0, rec["uv_geometry"], rec["uv_mask"], info=info
     )
+    template = dataset_template(data)
     with atomic_dir(out) as tmp:
         av.save(tmp)
+        if template is not None:  # what `fica render --meshes` fits expression codes with
+            template_store.save(template, tmp)
         write_preview(av, tmp / "preview.png")
     return info
 
@@ -183,9 +187,32 @@ def load_for_backend(avatar_dir, backend: str = "jax", device: str = "auto"):
     return av, {"backend": "gsplat" if use == "cuda" else "cpu"}
 
 
+def mesh_frames(avatar_dir, folder, neutral=None, unit: float = 1e-3, r: int = 64) -> list[dict]:
+    """Frames driven by a tracked mesh sequence in the avatar's template topology: each mesh's
+    delta from `neutral` (a mesh file; default the sequence's first) as codes on the template's
+    expression basis (`expression_pca.mesh_codes`). `unit`: metres per file unit (mm: 1e-3)."""
+    from data_pipelines.formats.meshes import read_sequence, read_vertices
+    from fica_jax.geometry import expression_pca, template_store
+
+    path = pathlib.Path(avatar_dir) / template_store.TEMPLATE_FILE
+    if not path.is_file():
+        raise UserError(f"--avatar {avatar_dir}: no {path.name} (avatars from `fica avatar` or "
+                        "`fica generate` on data with a stored template carry one)")  # fmt: skip
+    template = template_store.load(path)
+    names, meshes = read_sequence(pathlib.Path(folder))
+    base = read_vertices(pathlib.Path(neutral)) if neutral else meshes[0]
+    n_pos = int(template.weld.max()) + 1
+    if meshes.shape[1] != n_pos or base.shape != (n_pos, 3):
+        raise UserError(f"--meshes {folder}: {meshes.shape[1]} vertices (neutral {len(base)}), "
+                        f"the avatar's template {template.name!r} has {n_pos}")  # fmt: skip
+    codes = expression_pca.mesh_codes(template, meshes * unit, base * unit, r)
+    return [{"expression": c, "label": n} for c, n in zip(codes, names, strict=True)]
+
+
 def render_avatar(
-    avatar_dir, out, *, mode: str, codes=None, size=256, fps=12.0, backend="jax", device="auto"
-) -> dict:
+    avatar_dir, out, *, mode: str, codes=None, size=256, fps=12.0, backend="jax", device="auto",
+    neutral=None, mesh_unit: float = 1e-3,
+) -> dict:  # fmt: skip
     out = pathlib.Path(out)
     if out.suffix.lower() not in (".gif", ".png", ".mp4"):
         raise UserError(f"--out {out}: expected a .gif, .mp4 or .png file")
@@ -196,6 +223,12 @@ def render_avatar(
         frames = turntable()
     elif mode == "sweep":
         frames = sweep(av.info.get("expression_names", []), e_dim)
+    elif mode == "meshes":
+        r = int(av.cfg["uv_resolution"] if isinstance(av.cfg, dict) else av.cfg.uv_resolution)
+        frames = mesh_frames(avatar_dir, codes, neutral, mesh_unit, r)
+        if len(frames[0]["expression"]) != e_dim:
+            raise UserError(f"--meshes: the template's basis has {len(frames[0]['expression'])} "
+                            f"codes, the avatar's UPM takes {e_dim}")  # fmt: skip
     elif mode == "arkit":
         from fica_jax.avatar.arkit import read_arkit_csv
 

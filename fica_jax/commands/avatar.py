@@ -32,6 +32,12 @@ def add_commands(subparsers) -> None:
     mode.add_argument("--sweep", action="store_true", help="each blendshape, then the gaze")
     mode.add_argument("--expressions", help="[T, E] .npy of expression codes, one per frame")
     mode.add_argument("--arkit", help="ARKit-52 blendshape CSV (Live Link Face layout)")
+    mode.add_argument("--meshes", help="folder of tracked meshes (*.ply/*.bin/*.obj, name "
+                      "order) in the avatar's template topology: codes fitted to each")  # fmt: skip
+    p.add_argument("--neutral", default=None,
+                   help="--meshes: the neutral mesh the deltas start from (default: the first)")  # fmt: skip
+    p.add_argument("--mesh-unit", default="mm", choices=("mm", "m"),
+                   help="--meshes: the files' length unit (Ava-256 and Multiface: mm)")  # fmt: skip
     p.add_argument("--size", type=int, default=256, help="image side in px (default 256)")
     p.add_argument("--fps", type=float, default=12.0)
     p.add_argument("--backend", default="jax", choices=("jax", "torch"),
@@ -41,10 +47,11 @@ def add_commands(subparsers) -> None:
 
     def render_cmd(args, extra) -> int:
         which = ("turntable" if args.turntable else "sweep" if args.sweep
-                 else "arkit" if args.arkit else "codes")  # fmt: skip
+                 else "arkit" if args.arkit else "meshes" if args.meshes else "codes")  # fmt: skip
         res = render_avatar(
-            args.avatar, args.out, mode=which, codes=args.arkit or args.expressions,
+            args.avatar, args.out, mode=which, codes=args.arkit or args.meshes or args.expressions,
             size=args.size, fps=args.fps, backend=args.backend, device=args.device,
+            neutral=args.neutral, mesh_unit=1e-3 if args.mesh_unit == "mm" else 1.0,
         )  # fmt: skip
         print(f"{res['frames']} frames at {res['size']} px in {res['seconds']} s -> {res['out']}")
         return 0

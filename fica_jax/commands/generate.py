@@ -1,7 +1,7 @@
 """`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
 
 The image is first framed like a training portrait: the largest face OpenCV's cascades find
-decides the square (`fica_jax.infer.align`), `--no-align` keeps the centred square; either way
+decides the square (`data_pipelines.align`), `--no-align` keeps the centred square; either way
 `avatar.json`'s info records `crop_box` and `aligned`. The maps come from
 `fica_jax.infer.generate.generate_maps` (dense -> unwrap -> DiT -> VAE decode -> refiner); this
 command puts them through the UPM's identity encoder and writes the bundle
@@ -51,9 +51,9 @@ def generate_avatar(
     portrait's `crop_box` [x0, y0, x1, y1] in the image's pixels, which may reach past the image
     where the aligned square was padded, and `aligned`). `align=False`: the centred square, for
     images already framed like the training portraits."""
+    from data_pipelines.align import crop_square
     from fica_jax.avatar.bundle import Avatar
     from fica_jax.avatar.drive import write_preview
-    from fica_jax.infer.align import crop_square
 
     out = check_writable(out)  # before loading the models
     timer = Timer()

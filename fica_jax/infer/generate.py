@@ -1,6 +1,6 @@
 """`fica generate`: one portrait in, a drivable avatar bundle out (FiCA Sec. 2, no optimisation).
 
-image -> face found and framed like a training portrait (`fica_jax.infer.align`; `--no-align`:
+image -> face found and framed like a training portrait (`data_pipelines.align`; `--no-align`:
 the centred square) -> portrait -> dense predictor (UV, vertices, normals, mask) -> partial UV
 maps + image embedding -> VAE-encoded control latents -> DiT + ControlMLP, `--steps` Euler steps
 with guidance `--cfg` -> VAE decode -> complete UV texture + geometry -> refiner (when
@@ -79,13 +79,13 @@ def frame_portrait(path: str | os.PathLike, *, align: bool = True) -> tuple[np.n
 
     framing = {"crop_box": [x0, y0, x1, y1] in those pixels, "aligned": bool, "image_size":
     [H, W]}. `align`: the square that frames the largest face found like a training portrait
-    (`fica_jax.infer.align`; it may reach past the image, where cropping repeats the edge pixels);
+    (`data_pipelines.align`; it may reach past the image, where cropping repeats the edge pixels);
     else the centred square. An unreadable, tiny or blank image, or (aligning) one without a
     face, is one `UserError` line naming the file. Cheap: `fica generate` calls it before it
     loads any model."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from fica_jax.infer import align as align_lib
+    from data_pipelines import align as align_lib
 
     try:
         with Image.open(path) as im:
@@ -113,7 +113,7 @@ def read_portrait(
 ) -> tuple[np.ndarray, dict]:
     """An image file -> ([size, size, 3] float in [0, 1], framing): `frame_portrait`'s square
     cut out and resized."""
-    from fica_jax.infer.align import crop_square
+    from data_pipelines.align import crop_square
 
     img, framing = frame_portrait(path, align=align)
     return crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0, framing
@@ -143,8 +143,8 @@ def _pose(models, portrait, pose_path, size: int, framing: dict | None = None):
     user's JSON (its K refers to the image as given: it is rescaled to `framing`'s image size, then
     shifted and scaled by the crop `read_portrait` took, the centred square without `framing`) or
     from the dense predictor's pose regressor."""
+    from data_pipelines.align import centre_box
     from fica_jax.infer import pose as pose_lib
-    from fica_jax.infer.align import centre_box
 
     if pose_path:
         p = pose_path if isinstance(pose_path, dict) else pose_lib.load_pose_json(pose_path)

@@ -1,6 +1,7 @@
 """Real-capture converter: documented folder layout -> shards; clear errors for bad files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,28 @@ def test_minimal_identity(tmp_path):
     assert rec["view_image"].shape == (1, H, H, 3) and rec["view_mask"].all()
     assert rec["view_kpts"].shape == (1, 0, 2) and rec["view_expression"].shape == (1, 0)
     assert rec["uv_mask"].all()  # non-zero geometry everywhere
+
+
+def test_align_crops_a_real_portrait_like_fica_generate(tmp_path):
+    """`--align`: the astronaut photo as a folder capture's portrait is re-cropped by the face
+    detector's rule (the same square `fica generate` takes), its K and mask with it."""
+    from data_pipelines.align import align_portrait
+
+    photo = np.asarray(Image.open(Path(__file__).parent / "astronaut.jpg").convert("RGB"))
+    s = min(photo.shape[:2])
+    photo = np.ascontiguousarray(photo[:s, :s])
+    src = tmp_path / "capture"
+    _identity(src / "astro", np.random.default_rng(1), full=False)
+    for v in range(V):  # every view the photo's size: views share H, W
+        img = photo if v == 0 else np.zeros_like(photo)
+        name = "portrait.png" if v == 0 else f"frames/{v - 1:03d}.png"
+        Image.fromarray(img).save(src / "astro" / name)
+    assert main(["data", "convert", "--src", str(src), "--out", str(tmp_path / "ds"),
+                 "--align"]) == 0  # fmt: skip
+    rec = CaptureSource(tmp_path / "ds", "train")[0]
+    want, (x0, y0, x1, y1) = align_portrait(photo, s)
+    np.testing.assert_array_equal(rec["view_image"][0], want)
+    assert x1 - x0 < 0.6 * s  # a face-sized square, not the whole photo
+    k = rec["view_K"][0]  # the raw portrait had fx = 10, cx = 0: scaled and shifted
+    np.testing.assert_allclose(k[0, 0], 10 * s / (x1 - x0), rtol=1e-5)
+    np.testing.assert_allclose(k[0, 2], -x0 * s / (x1 - x0), rtol=1e-5, atol=1e-3)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from data_pipelines.formats.ply import write_ply_vertices
 from data_pipelines.pipeline import open_source
 from data_pipelines.shards import dataset_template, read_metadata
+from fica_jax.avatar.drive import mesh_frames
 from fica_jax.commands.main import main
 from tests.data.capture_fixtures import (
     MARKER,
@@ -178,7 +181,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_converted_data_trains_upm_and_vae_two_steps(fmt, tmp_path_factory, tmp_path, capsys):
     """~1.5 min per layout on 2 cores (two compiles); Multiface's run is in the slow tier (the
     layouts differ only in their readers, which the tests above cover in the default run)."""
-    _, root, _ = _converted(fmt, tmp_path_factory)
+    _, root, truths = _converted(fmt, tmp_path_factory)
     assert main(["data", "inspect", str(root / "ds"), "--png", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000
     common = ["--fit-data", f"--config.data.dir={root / 'ds'}", "--config.train.steps=2",
@@ -193,6 +196,24 @@ def test_converted_data_trains_upm_and_vae_two_steps(fmt, tmp_path_factory, tmp_
     # the UPM took the template's eyes (none) and code size from the data
     cfg = json.loads((tmp_path / "upm" / "config.json").read_text())
     assert cfg["model"]["eye_template"] == "" and cfg["data"]["expression_dim"] == 4
+    # an avatar of a held-out identity, driven by its own tracked meshes (PLY, mm)
+    av = tmp_path / "avatar"
+    assert main(["avatar", "--run", str(tmp_path / "upm"), "--data", str(root / "ds"),
+                 "--out", str(av)]) == 0  # fmt: skip
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    truth = truths[-1]
+    for f in truth["frames"]:
+        (meshes / f"{f}.ply").write_bytes(write_ply_vertices(truth["vertices"][f] * 1e3))
+    neutral = meshes / f"{truth['neutral']}.ply"
+    gif = tmp_path / "driven.gif"
+    argv = ["render", "--avatar", str(av), "--meshes", str(meshes), "--neutral", str(neutral)]
+    assert main([*argv, "--out", str(gif), "--size", "48"]) == 0
+    with Image.open(gif) as im:
+        assert im.n_frames == len(truth["frames"])
+    codes = mesh_frames(av, meshes, neutral, r=32)
+    moved = {c["label"]: np.abs(c["expression"]).max() for c in codes}
+    assert moved.pop(neutral.name) < 1e-6 and min(moved.values()) > 1e-3
     # a config naming another template's eyes is refused in one line
     capsys.readouterr()
     bad = ["--config.model.eye_template=fica-procedural-head-r48"]

@@ -37,8 +37,8 @@ import functools
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from data_pipelines.crops import crop_image
 from fica_jax.errors import UserError
 
 MIN_SIDE = 32  # px: below this an image cannot carry a face the predictor could use
@@ -143,15 +143,10 @@ def centre_box(h: int, w: int) -> tuple[int, int, int, int]:
 
 
 def crop_square(image: np.ndarray, box, size: int) -> np.ndarray:  # [H, W, 3] uint8 -> [S, S, 3]
-    """`box` cut out of `image` (edge pixels repeated where it leaves the image), resized to
-    `size` x `size` with PIL's bilinear filter (area-weighted when shrinking)."""
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = (int(v) for v in box)
-    cut = image[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)]
-    pad = ((max(-y0, 0), max(y1 - h, 0)), (max(-x0, 0), max(x1 - w, 0)), (0, 0))
-    if any(a or b for a, b in pad):
-        cut = np.pad(cut, pad, mode="edge")
-    return np.asarray(Image.fromarray(cut).resize((size, size), Image.BILINEAR), np.uint8)
+    """`box` [x0, y0, x1, y1] cut out of `image` (edge pixels repeated where it leaves the
+    image), resized to `size` x `size` (`crops.crop_image`)."""
+    x0, y0, x1, _ = (float(v) for v in box)
+    return crop_image(image, (x0, y0, x1 - x0), size, pad="edge")
 
 
 def check_portrait(image: np.ndarray, where: str = "portrait") -> None:
@@ -218,7 +213,7 @@ def measure_framing(identities: int = 200, image_size: int = 64, seed: int = 0) 
     return out
 
 
-if __name__ == "__main__":  # python -m fica_jax.infer.align: re-measure the rule
+if __name__ == "__main__":  # python -m data_pipelines.align: re-measure the rule
     import json
 
     print(json.dumps(measure_framing(), indent=1))

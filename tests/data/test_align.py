@@ -1,4 +1,4 @@
-"""Finding and framing the face of an in-the-wild portrait (`fica_jax.infer.align`), and the
+"""Finding and framing the face of an in-the-wild portrait (`data_pipelines.align`), and the
 `fica generate` image path around it (`fica_jax.infer.generate.read_portrait`)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import align
 from fica_jax.errors import UserError
-from fica_jax.infer import align
 from fica_jax.infer.generate import _pose, read_portrait
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
