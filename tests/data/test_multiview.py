@@ -209,9 +209,10 @@ def test_converted_data_trains_upm_and_vae_two_steps(fmt, tmp_path_factory, tmp_
     gif = tmp_path / "driven.gif"
     argv = ["render", "--avatar", str(av), "--meshes", str(meshes), "--neutral", str(neutral)]
     assert main([*argv, "--out", str(gif), "--size", "48"]) == 0
-    with Image.open(gif) as im:
-        assert im.n_frames == len(truth["frames"])
+    with Image.open(gif) as im:  # (the GIF writer merges frames an untrained UPM draws alike)
+        assert im.n_frames > 1
     codes = mesh_frames(av, meshes, neutral, r=32)
+    assert len(codes) == len(truth["frames"])
     moved = {c["label"]: np.abs(c["expression"]).max() for c in codes}
     assert moved.pop(neutral.name) < 1e-6 and min(moved.values()) > 1e-3
     # a config naming another template's eyes is refused in one line
