@@ -46,6 +46,7 @@ import numpy as np
 
 from data_pipelines.formats.common import (
     MM,
+    CaptureFile,
     FrameZip,
     RawCamera,
     bad,
@@ -114,7 +115,7 @@ def _read_calibration(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.
     return out
 
 
-class Ava256Capture:
+class Ava256Capture(CaptureFile):
     """Open Ava-256 capture; zips stay open until `close()`. See the module docstring."""
 
     def __init__(self, path: str | Path):
@@ -242,19 +243,10 @@ class Ava256Capture:
             )
         return tex
 
-    def topology_obj(self) -> Path | None:
-        return None
-
     def close(self) -> None:
         for z in self._zips:
             z.close()
         self._zips = []
-
-    def __enter__(self) -> Ava256Capture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_ava256(path: str | Path) -> Ava256Capture:

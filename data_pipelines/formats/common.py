@@ -74,6 +74,22 @@ class RawCapture(Protocol):
     def close(self) -> None: ...
 
 
+class CaptureFile:
+    """What both readers share: a context manager that closes what the capture holds open."""
+
+    def topology_obj(self) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class FrameZip:
     """A zip of one member per frame, kept open while the capture is open.
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from data_pipelines.formats.common import (
     MM,
+    CaptureFile,
     RawCamera,
     bad,
     decode_rgb,
@@ -90,7 +91,7 @@ def _read_krt(path: Path) -> dict[str, RawCamera]:
     return cams
 
 
-class MultifaceCapture:
+class MultifaceCapture(CaptureFile):  # nothing held open: loose files
     """Open Multiface subject. See the module docstring for layout and conventions."""
 
     def __init__(self, path: str | Path):
@@ -200,15 +201,6 @@ class MultifaceCapture:
             if self._mesh(f).with_suffix(".obj").is_file():
                 return self._mesh(f).with_suffix(".obj")
         return None
-
-    def close(self) -> None:
-        """Nothing is held open (Multiface stores loose files); kept for the protocol."""
-
-    def __enter__(self) -> MultifaceCapture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_multiface(path: str | Path) -> MultifaceCapture:

@@ -59,24 +59,24 @@ def test_check_same_names_both_sides():
 
 
 # ----------------------------------------------------------------------------- PCA
-def _frames(t, rng, n):
-    """Posed meshes of the procedural template under random expressions: tracked 'frames'."""
+def _tracked(seed: int, n: int):
+    """The procedural template (24 rows) posed by `n` random expressions, as tracked 'frames':
+    -> (template, UV raster at 32, uv_map(verts), neutral [V, 3], frames [n, V, 3], their UV
+    deltas from neutral)."""
+    t, rng = make_head_template(24), np.random.default_rng(seed)
+    uvr = uv_raster(t.uvs, t.faces, 32)
+    uv_map = lambda v: np.asarray(position_map(uvr, jnp.asarray(v)), np.float64)
+    zero, neutral = jnp.zeros(t.n_shape), t.verts.astype(np.float64)
     codes = rng.normal(0, 0.5, (n, t.n_expr)).astype(np.float32)
-    zero = jnp.zeros(t.n_shape)
-    verts = np.stack([np.asarray(pose_vertices(t, zero, jnp.asarray(c), jnp.zeros(2)))
-                      for c in codes])  # fmt: skip
-    return codes, verts
+    frames = np.stack([np.asarray(pose_vertices(t, zero, jnp.asarray(c), jnp.zeros(2)))
+                       for c in codes])  # fmt: skip
+    d_uv = np.stack([uv_map(v) - uv_map(neutral) for v in frames])
+    return t, uvr, uv_map, neutral, frames, d_uv
 
 
 def test_pca_basis_rebuilds_held_out_frames_and_matches_its_vertex_basis():
-    t, r = make_head_template(24), 32
-    rng = np.random.default_rng(0)
-    uvr = uv_raster(t.uvs, t.faces, r)
-    uv_map = lambda v: np.asarray(position_map(uvr, jnp.asarray(v)), np.float64)
-    neutral = t.verts.astype(np.float64)
-    _, train = _frames(t, rng, 40)
-    _, test = _frames(t, rng, 10)
-    d_uv = np.stack([uv_map(v) - uv_map(neutral) for v in train])
+    t, uvr, uv_map, neutral, frames, d_all = _tracked(0, 50)
+    train, d_uv, held = frames[:40], d_all[:40], d_all[40:]
     basis = expression_pca.fit_basis(d_uv, train - neutral, uvr.mask, dims=t.n_expr)
     # at most one direction per blendshape (fewer where two coincide on this coarse atlas)
     assert 12 <= basis.dims <= t.n_expr and basis.explained[-1] > 0.999
@@ -84,7 +84,6 @@ def test_pca_basis_rebuilds_held_out_frames_and_matches_its_vertex_basis():
     for k in range(basis.dims):
         np.testing.assert_allclose(uv_map(basis.vertices[k]) * uvr.mask[..., None], basis.uv[k],
                                    atol=1e-5)  # fmt: skip
-    held = np.stack([uv_map(v) - uv_map(neutral) for v in test])
     fit = expression_pca.reconstruction_rmse(held, basis.uv, uvr.mask)
     assert fit["pca_mm"] < 0.01 * fit["neutral_mm"] and fit["neutral_mm"] > 0.5
     # a truncated basis still beats the neutral face, by less
@@ -94,13 +93,8 @@ def test_pca_basis_rebuilds_held_out_frames_and_matches_its_vertex_basis():
 
 
 def test_mesh_codes_equal_the_projection_of_their_uv_deltas():
-    t, r = make_head_template(24), 32
-    rng = np.random.default_rng(1)
-    uvr = uv_raster(t.uvs, t.faces, r)
-    uv_map = lambda v: np.asarray(position_map(uvr, jnp.asarray(v)), np.float64)
-    neutral = t.verts.astype(np.float64)
-    _, train = _frames(t, rng, 30)
-    d_uv = np.stack([uv_map(v) - uv_map(neutral) for v in train])
+    t, uvr, _, neutral, train, d_uv = _tracked(1, 30)
+    r = uvr.resolution
     basis = expression_pca.fit_basis(d_uv, train - neutral, uvr.mask, dims=6)
     fitted = dataclasses.replace(t, expr_basis=basis.vertices)
     n_pos = int(t.weld.max()) + 1
