@@ -61,9 +61,9 @@ def load_models(models_dir: str | os.PathLike) -> dict[str, Exported]:
                 f"{d}/{name}` for each of {', '.join(REQUIRED)} (refiner optional)"
             )
         out[name] = Exported(*load_exported(d / name, stage=name.split("-")[0]))
-    seen = [(n, m.meta.get("stats", {}).get("template", {})) for n, m in out.items()]
-    for (na, ta), (nb, tb) in zip(seen, seen[1:], strict=False):
-        template_store.check_same(ta, tb, f"--models {d / na}", f"{d / nb}")
+    seen = [(n, t) for n, m in out.items() if (t := m.meta.get("stats", {}).get("template"))]
+    for name, t in seen[1:]:  # exports that record their template must all name the same one
+        template_store.check_same(seen[0][1], t, f"--models {d / seen[0][0]}", f"{d / name}")
     return out
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import latents as L
+from data_pipelines import shards
 from data_pipelines.pipeline import host_slice, mean_maps, open_source
 from data_pipelines.shards import DatasetWriter
 from fica_jax.errors import UserError
@@ -164,8 +165,12 @@ def build_cache(
         "data": str(pathlib.Path(data_dir).resolve()),
     }
     bar = Progress(len(todo), 0, True, label="cache", log_every=max(1, len(todo) // 10))
+    # the head template the maps lie on travels on to the DiT's export (`fica generate` checks
+    # that every export agrees); the capture's own template.npz stays with the capture
+    capture = shards.read_metadata(data_dir).get("template", {})
+    template = {k: v for k, v in capture.items() if k != "file"}
     with DatasetWriter(
-        target, overwrite=overwrite, kind=L.FORMAT, version=L.VERSION, info=info
+        target, overwrite=overwrite, kind=L.FORMAT, version=L.VERSION, info=info, template=template
     ) as w:
         for k in range(0, len(todo), BATCH):
             chunk = todo[k : k + BATCH]

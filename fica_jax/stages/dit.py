@@ -268,7 +268,8 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.nda
     layout, the UV mask the maps decode under and the mean-texture / mean-shape baselines."""
     meta = cache_metadata(cfg.data.dir)
     keep = ("map_stats", "latent_scale", "unshuffle", "vae", "grid", "token_channels",
-            "image_emb_dim", "embedding", "control_groups", "control_source", "uv_resolution")  # fmt: skip
+            "image_emb_dim", "embedding", "control_groups", "control_source", "uv_resolution",
+            "template")  # fmt: skip
     arrays = {"stats.uv_mask": np.asarray(LatentSource(cfg.data.dir, "train")[0]["uv_mask"])}
     try:
         base = load_baselines(cfg.data.dir)

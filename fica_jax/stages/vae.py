@@ -28,6 +28,7 @@ from flax import nnx
 
 from data_pipelines import transforms as T
 from data_pipelines.pipeline import check_uv_resolution
+from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.infer.latents import map_stats, model_inputs, train_mean_geometry
 from fica_jax.models import uv_latent
@@ -148,10 +149,13 @@ def fit_data(meta) -> dict:
 
 
 def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, np.ndarray]]:
-    """The map normalisation the VAE was trained with (and its position reference map)."""
+    """The map normalisation the VAE was trained with (and its position reference map), and the
+    head template of the maps it encodes."""
     s = map_stats(cfg)
     ref = s.position_reference
-    return {"map_stats": s.to_dict()}, {} if ref is None else {"stats.position_reference": ref}
+    template = template_stats(cfg.data.dir)[0]["template"]  # its facts; the UPM carries arrays
+    arrays = {} if ref is None else {"stats.position_reference": ref}
+    return {"map_stats": s.to_dict(), "template": template}, arrays
 
 
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
