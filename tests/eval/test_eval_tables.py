@@ -138,3 +138,17 @@ def test_report_tables_portrait_and_uv_texture(evaluated, tmp_path):
     for s in ("### Portrait (view 0", "### UV texture", "PSNR unseen texels (dB) ↑",
               "GT maps through the VAE (ceiling)"):  # fmt: skip
         assert s in text, s
+
+
+def test_eval_refuses_models_laid_out_on_another_template(synth_dir):
+    """`fica eval`'s data and models must share a head template (one line naming both)."""
+    from types import SimpleNamespace
+
+    from fica_jax.errors import UserError
+    from fica_jax.eval.harness import _face_template
+
+    same = SimpleNamespace(meta={"stats": {"template": {"key": "fica-procedural-head-r48"}}})
+    assert _face_template(synth_dir, {"upm": same}).name == "fica-procedural-head-r48"
+    other = SimpleNamespace(meta={"stats": {"template": {"key": "ava256-topology@0123456789ab"}}})
+    with pytest.raises(UserError, match=r"--data .* 'fica-procedural-head-r48', --models upm .*"):
+        _face_template(synth_dir, {"dense": same, "upm": other})
