@@ -89,14 +89,19 @@ def _meta(name, sizes):
     if ds.RUNS[name][1] == "cache":
         return {**CACHE_META, "uv_resolution": sizes["uv"]}
     return {"uv_resolution": sizes["uv"], "image_size": [sizes["image"]] * 2,
-            "n_views": sizes["frames"] + 1}  # fmt: skip
+            "n_views": sizes["frames"] + 1, "expression_dim": 18, "landmark_dim": 68,
+            "template": {"key": "fica-procedural-head-r48", "has_eyes": True}}  # fmt: skip
 
 
 def test_capture_metadata_reads_as_the_test_writes_it(synth_dir):
     # synth_dir: 32^2 UV maps, 32 px images, one dome frame
     meta = ds.data_meta(synth_dir)
     sizes = {"uv": 32, "image": 32, "frames": 1}
-    assert {k: meta[k] for k in ("uv_resolution", "image_size", "n_views")} == _meta("vae", sizes)
+    want = _meta("vae", sizes)
+    assert {k: meta[k] for k in want if k != "template"} == {
+        k: v for k, v in want.items() if k != "template"
+    }
+    assert {k: meta["template"][k] for k in want["template"]} == want["template"]
 
 
 # Each run's config overrides beside the common ones: what `fit_data` takes from the data
