@@ -93,12 +93,13 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- rendering
-def _mesh_render(texture, geometry, mask, frame, template_key: str) -> np.ndarray:
+def _mesh_render(texture, geometry, mask, frame, template) -> np.ndarray:
+    from fica_jax.geometry import template_store
     from fica_jax.infer.generate import expression_offset
     from fica_jax.render.surfels import render_surfels
 
     r = mask.shape[0]
-    off = expression_offset(template_key, frame["expression"], r) * mask[..., None]
+    off = expression_offset(template_store.key(template), frame["expression"], r) * mask[..., None]
     h, w = frame["size"]
     out = render_surfels(
         jnp.asarray(texture), jnp.asarray(geometry + off), jnp.asarray(frame["viewmat"])[None],
@@ -185,11 +186,9 @@ def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, po
     portrait itself (view 0: its camera, expression and gaze; "portrait") and the UV textures
     (`texture.texture_rows`, "uv_texture")."""
     from fica_jax.eval.texture import texture_rows
-    from fica_jax.geometry import template_store
     from fica_jax.quality.face import record_face_masks
 
     faces = record_face_masks(rec, template)
-    tkey = template_store.key(template)
     maps = _identity_maps(rec, models, steps=steps, seed=seed, pose=pose, cfg_scale=cfg_scale)
     dome, portrait = _frames(rec, frames), _frame(rec, 0)
     rows, renders = [], {}
@@ -198,7 +197,7 @@ def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, po
         av = None if mesh else _avatar(models["upm"], m, backend, tmp / method)
         for f in ([portrait] if method in dict(MAIN) else []) + dome:
             if mesh:
-                img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, tkey)
+                img = _mesh_render(m["texture"], m["geometry"], m["mask"], f, template)
             else:
                 img = _upm_render(av, f, backend)
             s = scorer(img, f["image"], faces[f["view"]], f["kpts"])

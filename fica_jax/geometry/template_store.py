@@ -71,6 +71,7 @@ def digest(t: HeadTemplate) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=16)  # templates are immutable and hash by identity
 def key(t: HeadTemplate) -> str:
     """How configs and metadata name `t` (module docstring)."""
     if t.name.startswith(PROCEDURAL) and procedural(t.name) is not None:
