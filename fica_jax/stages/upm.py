@@ -319,16 +319,17 @@ def frame_example(
 
 
 def fit_data(meta) -> dict:
-    """The captures' UV resolution, image size and expression code size, one colour correction
-    per camera, and the eyeballs of their head template (none where it has no eye parts)."""
-    return {
+    """The captures' UV resolution and image size, one colour correction per camera, and where
+    the metadata says them, the expression code and landmark sizes and the eyeballs of their head
+    template (none where it has no eye parts)."""
+    fit = {
         "data.uv_resolution": int(meta["uv_resolution"]),
         "data.image_size": int(np.ravel(meta["image_size"])[0]),
-        "data.expression_dim": int(meta.get("expression_dim", 0)),
-        "data.landmarks": int(meta.get("landmark_dim", 0)),
         "model.n_cameras": int(meta["n_views"]),
-        "model.eye_template": data_eye_template(meta.get("template", {})),
     }
+    said = {"data.expression_dim": ("expression_dim", int), "data.landmarks": ("landmark_dim", int),
+            "model.eye_template": ("template", data_eye_template)}  # fmt: skip
+    return fit | {k: f(meta[m]) for k, (m, f) in said.items() if m in meta}
 
 
 def data_eye_template(template: dict) -> str:

@@ -52,6 +52,12 @@ def test_every_stage_declares_its_examples_metrics_and_data_fit():
     # what the data fix, from their metadata.json: one colour correction per camera
     fit = get_stage("upm").fit_data({"uv_resolution": 32, "image_size": [64, 64], "n_views": 4})
     assert fit == {"data.uv_resolution": 32, "data.image_size": 64, "model.n_cameras": 4}
+    # and where the metadata says them, the code and landmark sizes and the template's eyes
+    said = {"expression_dim": 4, "landmark_dim": 0, "template": {"key": "t@1", "has_eyes": False}}
+    fit = get_stage("upm").fit_data({"uv_resolution": 32, "image_size": [64, 64], "n_views": 4,
+                                     **said})  # fmt: skip
+    assert (fit["data.expression_dim"], fit["data.landmarks"], fit["model.eye_template"]) == (
+        4, 0, "")  # fmt: skip
 
 
 def test_figures_resolve_to_declared_metrics_and_an_undeclared_one_is_an_error():
