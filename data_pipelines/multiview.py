@@ -184,7 +184,7 @@ def convert_identity(raw, template: HeadTemplate, opts: MultiviewOptions, identi
                         f"{sorted(raw.cameras)[:8]}...")  # fmt: skip
     views = {k: [] for k in ("image", "mask", "uv", "vtx", "nrm", "depth", "kpts", "kpts_visible",
                              "K", "viewmat", "uv_geometry")}  # fmt: skip
-    for cam_name, frame in view_plan(raw, portrait, neutral, opts, where):
+    for cam_name, frame in view_plan(raw, portrait, neutral, opts, identity):
         c = raw.cameras[cam_name]
         verts = vn if frame == neutral else _mesh(raw, template, frame, where)
         viewmat = np.asarray(c.world_to_cam) @ np.asarray(raw.head_to_world(frame))
