@@ -27,6 +27,7 @@ from fica_jax.geometry import template_store
 from fica_jax.infer.generate import (
     Exported,
     Timer,
+    cut_portrait,
     frame_portrait,
     generate_maps,
     load_models,
@@ -51,7 +52,6 @@ def generate_avatar(
     portrait's `crop_box` [x0, y0, x1, y1] in the image's pixels, which may reach past the image
     where the aligned square was padded, and `aligned`). `align=False`: the centred square, for
     images already framed like the training portraits."""
-    from data_pipelines.align import crop_square
     from fica_jax.avatar.bundle import Avatar
     from fica_jax.avatar.drive import write_preview
 
@@ -68,7 +68,7 @@ def generate_avatar(
             f"--models: the DiT makes {r}^2 UV maps, the UPM takes {upm.model.cfg.uv_resolution}^2"
         )
     size = int(models["dense"].cfg.data.image_size)
-    portrait = crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0
+    portrait = cut_portrait(img, framing, size)
     maps, info = generate_maps(
         portrait, models, steps=steps, cfg_scale=cfg_scale, seed=seed, pose=pose, refine=refine,
         timer=timer, where=f"--image {image}", framing=framing,

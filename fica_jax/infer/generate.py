@@ -112,11 +112,16 @@ def read_portrait(
     path: str | os.PathLike, size: int, *, align: bool = True
 ) -> tuple[np.ndarray, dict]:
     """An image file -> ([size, size, 3] float in [0, 1], framing): `frame_portrait`'s square
-    cut out and resized."""
+    cut out and resized (`cut_portrait`)."""
+    img, framing = frame_portrait(path, align=align)
+    return cut_portrait(img, framing, size), framing
+
+
+def cut_portrait(img: np.ndarray, framing: dict, size: int) -> np.ndarray:
+    """`frame_portrait`'s square of `img` resized to [size, size, 3] float in [0, 1]."""
     from data_pipelines.align import crop_square
 
-    img, framing = frame_portrait(path, align=align)
-    return crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0, framing
+    return crop_square(img, framing["crop_box"], size).astype(np.float32) / 255.0
 
 
 def vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
