@@ -292,8 +292,9 @@ def template_stats(data_dir: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     template (metadata and arrays, `template_store.export_stats`) and its expression names
     (empty where the folder holds no metadata or no template)."""
     try:
-        head = dataset_template(data_dir)
         info = read_metadata(data_dir).get("template", {})
+        where = str(Path(data_dir) / METADATA_FILE)
+        head = template_store.from_metadata(info, data_dir, where)
     except (UserError, OSError):
         head, info = None, {}
     stats, arrays = template_store.export_stats(head) if head is not None else ({}, {})

@@ -344,11 +344,10 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
     """Capture shards through `example`, once the config's eye template is checked against the
     data's (eye texels of one UV layout on another's atlas would be silently wrong)."""
     from data_pipelines.pipeline import CaptureData
-    from data_pipelines.shards import dataset_template, read_metadata
+    from data_pipelines.shards import read_metadata
 
-    if cfg.data.dir:
+    if cfg.data.dir:  # (`make_model` registered the template itself)
         info = read_metadata(cfg.data.dir).get("template", {})
-        dataset_template(cfg.data.dir)  # registers it: the model resolves its key
         want, have = data_eye_template(info), str(cfg.model.eye_template)
         if info and have and have != want:
             raise UserError(
