@@ -162,7 +162,8 @@ def identity_summary(tables: dict, stages: dict) -> dict:
     """The issue-27 figures of one demo run: FiCA (3DGS) vs the mean texture and the
     ground-truth-maps bound (share of the gap closed), SSIM, the visible-texel gain over the mean
     texture and the distance to the VAE ceiling there, the DiT's held-out texture vs the mean
-    training texture, and the refiner's ablation step in standard errors."""
+    training texture, and the refiner's and the visible-texel transfer's ablation steps in
+    standard errors."""
     main, abl, uv = tables["main"], tables["ablation"], tables.get("uv_texture", [])
     fica, mean, bound = table_row(main, "3dgs"), table_row(main, "mean"), table_row(main, "gt_upm")
     out = {
@@ -183,8 +184,10 @@ def identity_summary(tables: dict, stages: dict) -> dict:
         out["visible_texel_psnr_below_vae_ceiling_db"] = vae["visible_psnr"] - final["visible_psnr"]
     dit = stages.get("dit", {}).get("vs_baseline", {}).get("texture_psnr", {})
     out["dit_texture_psnr"], out["dit_mean_texture_psnr"] = dit.get("value"), dit.get("baseline")
-    ref = table_row(abl, "3dgs")  # "+ refiner", paired with the row above it
-    if ref.get("psnr_delta") is not None and ref.get("psnr_delta_se"):
-        out["refiner_step_db"] = ref["psnr_delta"]
-        out["refiner_step_in_se"] = ref["psnr_delta"] / ref["psnr_delta_se"]
+    # each ablation step is paired with the row above it
+    for name, method in (("refiner", "abl_ref"), ("transfer", "3dgs")):
+        step = table_row(abl, method)
+        if step.get("psnr_delta") is not None and step.get("psnr_delta_se"):
+            out[f"{name}_step_db"] = step["psnr_delta"]
+            out[f"{name}_step_in_se"] = step["psnr_delta"] / step["psnr_delta_se"]
     return out

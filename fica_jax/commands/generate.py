@@ -47,6 +47,7 @@ def generate_avatar(
     refine: bool = True,
     models: dict[str, Exported] | None = None,
     align: bool = True,
+    transfer: bool = True,
 ) -> dict:
     """Writes the avatar bundle to `out`; returns its info (with per-stage seconds, and the
     portrait's `crop_box` [x0, y0, x1, y1] in the image's pixels, which may reach past the image
@@ -71,7 +72,7 @@ def generate_avatar(
     portrait = cut_portrait(img, framing, size)
     maps, info = generate_maps(
         portrait, models, steps=steps, cfg_scale=cfg_scale, seed=seed, pose=pose, refine=refine,
-        timer=timer, where=f"--image {image}", framing=framing,
+        transfer=transfer, timer=timer, where=f"--image {image}", framing=framing,
     )  # fmt: skip
     info |= {
         "crop_box": framing["crop_box"], "aligned": framing["aligned"],
@@ -113,6 +114,11 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
     p.add_argument(
+        "--no-transfer", action="store_true",
+        help="keep the refined texture as is (default: the portrait's de-lit colours on the "
+        "texels it shows, fica_jax/infer/transfer.py)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-align", action="store_true",
         help="take the centred square as is (default: find the face and frame it like training)",
     )  # fmt: skip
@@ -121,6 +127,7 @@ def add_commands(subparsers) -> None:
         info = generate_avatar(
             args.image, args.models, args.out, steps=args.steps, cfg_scale=args.cfg,
             seed=args.seed, pose=args.pose, refine=not args.no_refine, align=not args.no_align,
+            transfer=not args.no_transfer,
         )  # fmt: skip
         secs = ", ".join(f"{k} {v:.2f} s" for k, v in info["seconds"].items())
         print(f"avatar -> {args.out} ({secs})")

@@ -11,7 +11,8 @@ on the face region only (`fica_jax.quality.face`). Rows (docs/evaluation.md):
   mesh, posed by the template's blendshapes), FiCA (3DGS) (the UPM avatar), and the ground-truth
   UV maps through the same UPM (an upper bound isolating the generator's error from the decoder's);
 - ablation table (paper Table 2 order), each through the UPM: partial RGB only (`dit-rgb`),
-  + normal & vertex UV (`dit-maps`), + image embedding (`dit`, unrefined), + refiner.
+  + normal & vertex UV (`dit-maps`), + image embedding (`dit`, unrefined), + refiner, and ours,
+  + visible-texel transfer (`infer/transfer.py`; the final maps, FiCA (3DGS)).
   A row whose export is absent reads "not trained";
 - portrait table: the main table's rows rendered from the portrait's own camera, expression and
   gaze (view 0) against the portrait itself: how much of its input the avatar keeps;
@@ -172,6 +173,9 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
                    "geometry": np.asarray(rec["uv_geometry"], np.float32), "mask": mask},
         "abl_emb": {"texture": full["dit_texture"], "geometry": full["dit_geometry"], "mask": mask},
     }  # fmt: skip
+    if "refined_texture" in full:  # the refined maps before the visible-texel transfer
+        out["abl_ref"] = {"texture": full["refined_texture"], "geometry": full["geometry"],
+                          "mask": mask}  # fmt: skip
     for key, name in ABLATION_DIT.items():
         if name in models:
             maps, _ = generate_maps(portrait, models, refine=False, dit=name, **kw)

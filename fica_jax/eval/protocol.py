@@ -8,9 +8,11 @@ prints them; both read them here."""
 # same rows, rendered from the portrait's own camera (view 0) instead of the dome frames.
 MAIN = (("mean", "Mean texture (template geometry)"), ("mesh", "FiCA (Mesh)"),
         ("3dgs", "FiCA (3DGS)"), ("gt_upm", "GT UV maps -> UPM (upper bound)"))  # fmt: skip
-# The paper's ablation (Table 3), each row adding one input to the row above.
+# The paper's ablation (Table 3), each row adding one input to the row above; the last row is
+# ours (`infer/transfer.py`: the portrait's de-lit colours on the texels it shows).
 ABLATION = (("abl_rgb", "Partial RGB only"), ("abl_maps", "+ normal & vertex UV"),
-            ("abl_emb", "+ image embedding"), ("3dgs", "+ refiner"))  # fmt: skip
+            ("abl_emb", "+ image embedding"), ("abl_ref", "+ refiner"),
+            ("3dgs", "+ visible-texel transfer"))  # fmt: skip
 # The exports (`--models DIR/<name>`) the two conditioning ablations sample from.
 ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
 # The completed UV textures against the capture's, on the texels the portrait shows and on the
@@ -19,7 +21,8 @@ ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
 UV_TEXTURE = (("mean", "Mean texture (baseline)"), ("abl_rgb", "DiT: partial RGB only"),
               ("abl_maps", "DiT: + normal & vertex UV"),
               ("abl_emb", "DiT: + image embedding (unrefined)"),
-              ("3dgs", "FiCA: DiT + refiner (final maps)"),
+              ("abl_ref", "FiCA: DiT + refiner"),
+              ("3dgs", "FiCA: + visible-texel transfer (final maps)"),
               ("vae", "GT maps through the VAE (ceiling)"))  # fmt: skip
 # metric -> True where higher is better (PSNR, SSIM, identity cosine), False for LPIPS.
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "id_csim": True,

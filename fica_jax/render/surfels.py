@@ -65,6 +65,17 @@ def tangent(pos: jax.Array, valid: jax.Array, axis: int) -> jax.Array:
     )
 
 
+def normal_maps(geometry: jax.Array, mask: jax.Array) -> jax.Array:
+    """Unit normals [B, R, R, 3] of geometry maps from their UV tangents (0 where undefined)."""
+
+    def one(p, m):
+        n = jnp.cross(tangent(p, m > 0.5, 1), tangent(p, m > 0.5, 0))
+        norm = safe_norm(n)
+        return jnp.where(norm > 1e-12, n / jnp.maximum(norm, 1e-12), 0.0)
+
+    return jax.vmap(one)(geometry, mask)
+
+
 def surfel_gaussians(
     texture: jax.Array,  # [R, R, 3] in [0, 1]
     position: jax.Array,  # [R, R, 3] UV position map

@@ -51,16 +51,17 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import transforms as T
-from data_pipelines.pipeline import CaptureData
+from data_pipelines.pipeline import CaptureData, open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.refine import refine, render_view
+from fica_jax.infer.transfer import exposure_gain
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
-from fica_jax.render.surfels import safe_norm, tangent
+from fica_jax.render.surfels import normal_maps
 from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
@@ -85,17 +86,6 @@ def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
 
 def make_model(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Refiner:
     return Refiner(refiner_config(cfg), rngs=rngs, dtype=jnp.dtype(cfg.train.compute_dtype))
-
-
-def normal_maps(geometry: jax.Array, mask: jax.Array) -> jax.Array:
-    """Unit normals [B, R, R, 3] of geometry maps from their UV tangents (0 where undefined)."""
-
-    def one(p, m):
-        n = jnp.cross(tangent(p, m > 0.5, 1), tangent(p, m > 0.5, 0))
-        norm = safe_norm(n)
-        return jnp.where(norm > 1e-12, n / jnp.maximum(norm, 1e-12), 0.0)
-
-    return jax.vmap(one)(geometry, mask)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -370,6 +360,18 @@ def fit_data(meta) -> dict:
     return {"data.uv_resolution": int(meta["uv_resolution"])}
 
 
+def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """What `fica generate` needs beside the weights: the template the maps lie on and the
+    training portraits' shading level (`infer.transfer.exposure_gain`, `transfer_gain`)."""
+    stats, arrays = template_stats(cfg.data.dir)
+    try:
+        src = open_source(cfg.data.dir, "train")
+    except (UserError, OSError):  # no training captures beside the run: no transfer
+        return stats, arrays
+    gain = exposure_gain(src[i] for i in range(len(src)))
+    return stats | {"transfer_gain": [float(g) for g in gain]}, arrays
+
+
 # name, sharding rule table, model, loss, data, batch spec (see fica_jax/train/stage.py).
 def renders(cfg: ml_collections.ConfigDict) -> list[RenderCall]:
     """Per example: the input maps' portrait-view surfel render (forward: `refine`'s cue), and
@@ -389,7 +391,7 @@ STAGE = Stage(
     make_eval=make_eval,
     metrics={"psnr": True, "kpt_err": False, "novel_psnr": True},
     make_sample=make_sample,
-    export_stats=lambda cfg: template_stats(cfg.data.dir),  # the template the maps lie on
+    export_stats=export_stats,
     fit_data=fit_data,
     renders=renders,
 )

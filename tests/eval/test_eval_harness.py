@@ -59,11 +59,14 @@ def test_report_has_every_row_and_the_ablation_table(report):
         assert isinstance(r["lpips"], float) and r["lpips"] >= 0
         assert r["id_csim"].startswith("unavailable (no weights at")
     abl = {r["method"]: r for r in rep["tables"]["ablation"]}
-    assert list(abl) == ["abl_rgb", "abl_maps", "abl_emb", "3dgs"]
+    assert list(abl) == ["abl_rgb", "abl_maps", "abl_emb", "abl_ref", "3dgs"]
     assert isinstance(abl["abl_rgb"]["psnr"], float) and abl["abl_maps"]["psnr"] == "not trained"
+    # the refined maps before the visible-texel transfer, paired with the unrefined row above
+    assert isinstance(abl["abl_ref"]["psnr"], float) and "psnr_delta" in abl["abl_ref"]
     text = (out / "report.md").read_text()
     for label in ("FiCA (Mesh)", "FiCA (3DGS)", "Mean texture", "upper bound", "Partial RGB only",
-                  "+ refiner", "unavailable (no weights at", "not trained"):  # fmt: skip
+                  "+ refiner", "+ visible-texel transfer", "unavailable (no weights at",
+                  "not trained"):  # fmt: skip
         assert label in text, label
     for f in ("metrics.csv", "per_identity.csv", "per_identity.png", "frames.png", "report.json"):
         assert (out / f).stat().st_size > 0, f
@@ -85,9 +88,9 @@ def test_portrait_and_uv_texture_tables(report):
     assert list(portrait) == ["mean", "mesh", "3dgs", "gt_upm"]
     assert all(isinstance(r["psnr"], float) and r["identities"] >= 1 for r in portrait.values())
     uv = {r["method"]: r for r in rep["tables"]["uv_texture"]}
-    assert list(uv) == ["mean", "abl_rgb", "abl_maps", "abl_emb", "3dgs", "vae"]
+    assert list(uv) == ["mean", "abl_rgb", "abl_maps", "abl_emb", "abl_ref", "3dgs", "vae"]
     assert uv["abl_maps"]["visible_psnr"] == "not trained"
-    for m in ("mean", "abl_rgb", "abl_emb", "3dgs", "vae"):
+    for m in ("mean", "abl_rgb", "abl_emb", "abl_ref", "3dgs", "vae"):
         assert isinstance(uv[m]["visible_psnr"], float) and isinstance(uv[m]["unseen_psnr"], float)
         assert 0 < uv[m]["visible_psnr"] < 100 and 0 < uv[m]["unseen_psnr"] < 100, uv[m]
     assert "unseen_psnr_delta" in uv["vae"] and "unseen_psnr_delta" not in uv["mean"]

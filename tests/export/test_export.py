@@ -115,8 +115,13 @@ def test_generate_writes_a_complete_bundle_whose_ply_reloads(bundle):
         assert (bundle / f).is_file(), f
     info = json.loads((bundle / "avatar.json").read_text())["info"]
     assert info["refined"] and {"conditioning", "dit", "refiner", "upm"} <= set(info["seconds"])
+    # the refiner export carries the training portraits' shading level: the transfer ran
+    assert info["transferred"] and "transfer" in info["seconds"]
     maps = np.load(bundle / "maps.npz")
     assert not np.allclose(maps["texture"], maps["dit_texture"]), "the refiner ran"
+    moved = maps["transfer_weight"] > 0
+    assert moved.any() and not moved.all()
+    np.testing.assert_array_equal(maps["texture"][~moved], maps["refined_texture"][~moved])
     av = Avatar.load(bundle)
     g = {k: np.asarray(v) for k, v in av.drive().items()}
     keep = np.asarray(av.mask).reshape(-1) > 0.5
