@@ -53,6 +53,9 @@ def get_config(arg: str = "tiny"):
     # a texel counts as seen in the portrait when its camera depth is within this (m) of the
     # input render's depth (`stages/refiner.py` uv_cues; ~1 texel spacing at 32^2)
     c.model.visibility_tolerance = 0.01 if arg == "tiny" else 0.003
+    # the photometric loss renders the texture under the portrait's fitted shading
+    # (stages/refiner.py portrait_shading): the texture stays albedo
+    c.model.shaded_photo = True
     # FiCA supp.: 2.0 photo + 0.5 mask + 0.01 keypoints + 1.0 reg (reg's parts are ours). Both
     # photo and reg_texture are L1 means, over pixels and texels: with ~1 portrait pixel per
     # visible texel (tiny: 32 px, 32^2 UV) a texel's photo gradient is about its texture

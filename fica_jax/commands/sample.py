@@ -17,7 +17,7 @@ import numpy as np
 
 from fica_jax.files import atomic_file, check_writable, ensure_dir, write_json
 from fica_jax.infer.latents import decoding_context, held_out_batches
-from fica_jax.infer.sample import preview_rows, sample_maps, uv_metrics
+from fica_jax.infer.sample import preview_rows, sample_maps, temperatures, uv_metrics
 from fica_jax.preview import write_sheet
 
 
@@ -47,7 +47,7 @@ def sample_run(
     _, model = load_model(cfg, run, ema=ema)
     ctx = decoding_context(cfg, cache_metadata(cache), where=f"fica sample --data {cache}")
     scale = float(cfg.model.cfg_scale if cfg_scale is None else cfg_scale)
-    temp = float(cfg.model.get("temperature", 1.0) if temperature is None else temperature)
+    temp = temperatures(cfg.model.get("temperature", 1.0) if temperature is None else temperature)
     maps = ensure_dir(pathlib.Path(maps) if maps else out / "maps")
     rows, totals, n, done, rng = [], {}, 0, 0, jax.random.PRNGKey(seed)
     rows_of = ctx.identities(split)

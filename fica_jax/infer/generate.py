@@ -308,7 +308,7 @@ def generate_maps(
     """The portrait's UV maps: {"texture", "geometry", "mask", "dit_texture", "dit_geometry"} and
     an info dict (guidance scale, refined, head coverage). Without `framing` a pose's K is taken
     to refer to an image whose centred square is the portrait."""
-    from fica_jax.infer.sample import sample_maps
+    from fica_jax.infer.sample import sample_maps, temperatures
 
     timer = timer or Timer()
     head, cover, batch, vae = _condition(models, portrait, dit, where)
@@ -316,7 +316,7 @@ def generate_maps(
     m = models[dit].cfg.model
     scale = float(m.cfg_scale if cfg_scale is None else cfg_scale)
     kw = dict(steps=int(steps), cfg_scale=scale, shift=float(m.t_shift),
-              temperature=float(m.get("temperature", 1.0)))  # fmt: skip
+              temperature=temperatures(m.get("temperature", 1.0)))  # fmt: skip
     texture, geometry = sample_maps(
         models[dit].model, vae.model, vae.stats, vae.unshuffle, batch, jax.random.PRNGKey(seed),
         **kw,

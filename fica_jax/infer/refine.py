@@ -67,9 +67,9 @@ def uv_cues(geometry, mask, render, batch, tolerance: float) -> jax.Array:
 def refine(model: Refiner, batch, tolerance: float = 0.01) -> dict[str, jax.Array]:
     """The refiner on the batch's input maps, conditioned on the portrait, a render of the
     input maps from its camera and both pulled back into UV (`uv_cues`) -> refined texture,
-    geometry [B, R, R, 3] and the input render."""
+    geometry [B, R, R, 3], the input render and the cues."""
     tex, geo, m = batch["input_texture"], batch["input_geometry"], batch["uv_mask"]
     before = render_view(tex, geo, m, batch, "portrait")
     cues = uv_cues(geo, m, before, batch, tolerance)
     texture, geometry = model(tex, geo, m, batch["portrait_image"], before["image"], cues)
-    return {"texture": texture, "geometry": geometry, "before": before["image"]}
+    return {"texture": texture, "geometry": geometry, "before": before["image"], "cues": cues}

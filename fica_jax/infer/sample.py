@@ -23,20 +23,30 @@ from fica_jax.quality.image import masked_psnr, masked_ssim, visible_unseen_psnr
 
 
 # ----------------------------------------------------------------------------- generation
+def temperatures(value) -> tuple[float, float]:
+    """A config's `model.temperature`: one scale for both domains or (texture, geometry)."""
+    t = tuple(float(v) for v in np.ravel(value))
+    if len(t) not in (1, 2):
+        raise ValueError(f"model.temperature {value!r}: expected a number or (texture, geometry)")
+    return (t[0], t[-1])
+
+
 def sample_latents(
     model, control, image_emb, rng, *, steps: int = 50, cfg_scale: float = 1.0, shift: float = 1.0,
-    temperature: float = 1.0,
+    temperature: float | tuple[float, float] = 1.0,
 ):  # fmt: skip
     """-> (texture, geometry) latent grids [B, G, G, C] for B identities' conditions.
 
     control [B, G, G, Cc], image_emb [B, E]; rng: one key -> the [B, G, G, C] starting noise,
-    shared by the two domains of each identity, x `temperature` (< 1 trades the samples'
-    diversity for their distance to the conditional mean: a sample's expected squared error is
-    the posterior variance more than the mean's, and a PSNR sees that).
+    shared by the two domains of each identity, x `temperature` (one number, or (texture,
+    geometry); < 1 trades the samples' diversity for their distance to the conditional mean: a
+    sample's expected squared error is the posterior variance more than the mean's, and a PSNR
+    sees that).
     """
     b = control.shape[0]
     c = model.cfg.in_channels
-    noise = temperature * jax.random.normal(rng, (b, *control.shape[1:3], c), jnp.float32)
+    noise = jax.random.normal(rng, (b, *control.shape[1:3], c), jnp.float32)
+    t_tex, t_geo = temperatures(temperature)
     two = lambda a: jnp.concatenate([a, a], axis=0)
     domain = jnp.repeat(jnp.arange(2, dtype=jnp.int32), b)
 
@@ -49,8 +59,9 @@ def sample_latents(
         m = nnx.merge(graphdef, st)
         return m(x, t, rep(image_emb), jnp.tile(domain, k), rep(control), drop)
 
+    start = jnp.concatenate([t_tex * noise, t_geo * noise], axis=0)
     x = flow.euler_sample(
-        velocity, two(noise), steps=steps, cfg_scale=cfg_scale, shift=shift, state=state
+        velocity, start, steps=steps, cfg_scale=cfg_scale, shift=shift, state=state
     )
     return x[:b], x[b:]
 
@@ -93,7 +104,7 @@ def sample_maps(
     steps: int,
     cfg_scale: float,
     shift: float,
-    temperature: float = 1.0,
+    temperature: float | tuple[float, float] = 1.0,
     jit: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Generated (texture, geometry) maps for a batch's conditions: `sample_latents` + `decode`.

@@ -88,6 +88,37 @@ def exposure_gain(records: Iterable, limit: int = 256) -> np.ndarray:
     return np.median(np.stack(gains), 0).astype(np.float32) if gains else np.ones(3, np.float32)
 
 
+def view_normals(posed, mask, viewmat) -> tuple[jax.Array, jax.Array]:
+    """Posed geometry maps [B, R, R, 3] -> (unit normals turned towards the camera of viewmat
+    [B, 4, 4], |cos| of their angle with the ray to it [B, R, R])."""
+    normals = normal_maps(posed, mask)
+    rot, trans = viewmat[:, :3, :3], viewmat[:, :3, 3]
+    eye = -jnp.einsum("bji,bj->bi", rot, trans)  # camera centres in the maps' frame
+    ray = eye[:, None, None] - posed
+    ray = ray / jnp.maximum(jnp.linalg.norm(ray, axis=-1, keepdims=True), 1e-9)
+    cos = jnp.sum(normals * ray, -1)
+    return normals * jnp.where(cos < 0, -1.0, 1.0)[..., None], jnp.abs(cos)
+
+
+def seen_weight(cues: jax.Array, cos: jax.Array) -> jax.Array:
+    """`uv_cues`' visibility [B, R, R] times a ramp on |cos| (`FACING`): grazing texels, whose
+    colour comes from a stretched pixel near the silhouette, count less."""
+    lo, hi = FACING
+    return cues[..., 6] * jnp.clip((cos - lo) / (hi - lo), 0.0, 1.0)
+
+
+def fitted_shading(texture, normals, observed, weight) -> jax.Array:
+    """Per map [B, R, R, 3]: `fit_shading` of observed ~ texture * shading over the texels'
+    weights [B, R, R] -> shading [B, R, R, 3] (1 where fewer than MIN_TEXELS carry weight)."""
+
+    def one(tex, nrm, obs, w):
+        flat = lambda a: a.reshape(-1, a.shape[-1])
+        s = shading(nrm, fit_shading(flat(obs), flat(tex), flat(nrm), w.reshape(-1)))
+        return jnp.where(jnp.sum(w > 0) >= MIN_TEXELS, s, 1.0)
+
+    return jax.vmap(one)(texture, normals, observed, weight)
+
+
 @jax.jit
 def transfer(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> dict:
     """texture, geometry [B, R, R, 3] (neutral), mask [B, R, R]; batch: the portrait's
@@ -96,27 +127,16 @@ def transfer(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> d
     colours blended in, "weight" [B, R, R]: how much of each texel came from the portrait}."""
     before = render_view(texture, geometry, mask, batch, "portrait")
     cues = uv_cues(geometry, mask, before, batch, tolerance)
-    posed = geometry + batch["portrait_offset"]
-    normals = normal_maps(posed, mask)
-    rot, trans = batch["portrait_viewmat"][:, :3, :3], batch["portrait_viewmat"][:, :3, 3]
-    eye = -jnp.einsum("bji,bj->bi", rot, trans)  # camera centres in the maps' frame
-    ray = eye[:, None, None] - posed
-    ray = ray / jnp.maximum(jnp.linalg.norm(ray, axis=-1, keepdims=True), 1e-9)
-    cos = jnp.sum(normals * ray, -1)
-    normals = normals * jnp.where(cos < 0, -1.0, 1.0)[..., None]  # seen side out
-    lo, hi = FACING
-    weight = cues[..., 6] * jnp.clip((jnp.abs(cos) - lo) / (hi - lo), 0.0, 1.0)
-
-    def one(tex, nrm, rgb, w):
-        flat = lambda a: a.reshape(-1, a.shape[-1])
-        coef = fit_shading(flat(rgb), flat(tex), flat(nrm), w.reshape(-1))
-        s = shading(nrm, coef)
-        mean = jnp.sum(s * w[..., None], (0, 1)) / jnp.maximum(jnp.sum(w), 1e-6)
-        s = s * gain / jnp.maximum(mean, 1e-3)
-        albedo = jnp.clip(rgb / jnp.maximum(s, 0.05), 0.0, 1.0)
-        ok = jnp.sum(w > 0) >= MIN_TEXELS
-        w = jnp.where(ok, w, 0.0)
-        return tex * (1.0 - w[..., None]) + albedo * w[..., None], w
-
-    out, weight = jax.vmap(one)(texture, normals, cues[..., :3], weight)
+    normals, cos = view_normals(
+        geometry + batch["portrait_offset"], mask, batch["portrait_viewmat"]
+    )
+    weight = seen_weight(cues, cos)
+    weight = jnp.where(jnp.sum(weight > 0, (1, 2), keepdims=True) >= MIN_TEXELS, weight, 0.0)
+    s = fitted_shading(texture, normals, cues[..., :3], weight)
+    level = (
+        jnp.sum(s * weight[..., None], (1, 2)) / jnp.maximum(jnp.sum(weight, (1, 2)), 1e-6)[:, None]
+    )
+    s = s * gain / jnp.maximum(level, 1e-3)[:, None, None]
+    albedo = jnp.clip(cues[..., :3] / jnp.maximum(s, 0.05), 0.0, 1.0)
+    out = texture * (1.0 - weight[..., None]) + albedo * weight[..., None]
     return {"texture": out, "weight": weight}

@@ -47,7 +47,7 @@ from data_pipelines.latents import (
 from fica_jax import config, flow
 from fica_jax.errors import UserError
 from fica_jax.infer.latents import decoding_context, latent_pipeline
-from fica_jax.infer.sample import decode, preview_rows, sample_maps, uv_metrics
+from fica_jax.infer.sample import decode, preview_rows, sample_maps, temperatures, uv_metrics
 from fica_jax.models.dit import VARIANTS, DiT, DiTConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.train.stage import Stage
@@ -144,7 +144,7 @@ def make_eval(cfg: ml_collections.ConfigDict):
         float(cfg.model.cfg_scale),
         float(cfg.model.t_shift),
     )
-    temp = float(cfg.model.get("temperature", 1.0))
+    temp = temperatures(cfg.model.get("temperature", 1.0))
     uncond = float(cfg.model.p_uncond) > 0  # the null condition is trained
 
     def eval_fn(model: DiT, batch, rng: jax.Array):
@@ -212,7 +212,7 @@ def make_sample(cfg: ml_collections.ConfigDict):
         float(cfg.model.cfg_scale),
         float(cfg.model.t_shift),
     )
-    temp = float(cfg.model.get("temperature", 1.0))
+    temp = temperatures(cfg.model.get("temperature", 1.0))
 
     vae_def, vae_state = nnx.split(ctx.vae)
 

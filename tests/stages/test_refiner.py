@@ -88,6 +88,25 @@ def test_paper_variant_builds_abstractly_and_is_annotated(synth_dir):
     assert 1.0e9 < layers.num_params(model.vit) < 1.5e9 and 2e7 < unet < 2e8, unet
 
 
+def test_shaded_photo_lights_the_albedo_as_the_portrait_is_lit(synth_dir, batch):
+    """The ground-truth maps as input: rendered under the portrait's fitted shading they match
+    the (lit) portrait far better than rendered as albedo, so the shaded photometric term asks
+    the refiner for albedo; scaling the input texture leaves the shaded render unchanged (the
+    fit takes the level, not the refiner)."""
+    cfg = _cfg(synth_dir)
+    extent = jnp.asarray(cfg.model.position_extent)
+    b = dict(batch, input_texture=batch["uv_texture"], input_geometry=batch["uv_geometry"])
+    before = refine_lib.render_view(b["uv_texture"], b["uv_geometry"], b["uv_mask"], b, "portrait")
+    cues = refine_lib.uv_cues(b["uv_geometry"], b["uv_mask"], before, b, 0.01)
+    shade = ref_stage.portrait_shading(b, cues)
+    photo = lambda s: ref_stage.refiner_losses(
+        b["uv_texture"], b["uv_geometry"], b, extent, s)["photo"]  # fmt: skip
+    lit, flat = float(photo(shade)), float(photo(None))
+    assert lit < 0.7 * flat, (lit, flat)
+    half = ref_stage.portrait_shading(dict(b, input_texture=0.5 * b["uv_texture"]), cues)
+    np.testing.assert_allclose(np.asarray(half), 2 * np.asarray(shade), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.heavy
 def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geometry(
     synth_dir, batch
