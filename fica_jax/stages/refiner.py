@@ -166,28 +166,35 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
 
 # ----------------------------------------------------------------------------- eval, preview
-def held_out(model: Refiner, batch, tolerance: float = 0.01) -> dict[str, jax.Array]:
+def held_out(
+    model: Refiner, batch, tolerance: float = 0.01, shaded: bool = False
+) -> dict[str, jax.Array]:
     """Portrait and frame-1 renders of the input ("before") and refined ("after") maps, and
-    the portrait keypoints of both -> {name: array}."""
+    the portrait keypoints of both -> {name: array}. `shaded`: both portrait renders under the
+    portrait's shading fitted to the input (`portrait_shading`), as the shaded loss sees them;
+    the frame keeps the plain texture (its light is another)."""
     r, m = refine(model, batch, tolerance), batch["uv_mask"]
+    shade = portrait_shading(batch, r["cues"]) if shaded else 1.0
     out = {}
     for name, tex, geo in (("before", batch["input_texture"], batch["input_geometry"]),
                            ("after", r["texture"], r["geometry"])):  # fmt: skip
-        p = render_view(tex, geo, m, batch, "portrait", landmarks=True)
+        p = render_view(tex * shade, geo, m, batch, "portrait", landmarks=True)
         out[name], out[f"{name}_kpts"] = p["image"], p["keypoints"]
         out[f"{name}_frame"] = render_view(tex, geo, m, batch, "frame")["image"]
     return out
 
 
 def make_eval(cfg: ml_collections.ConfigDict):
-    """Held-out portrait PSNR (inside the portrait mask), keypoint error (px) and frame-1
-    PSNR (inside its mask), refined vs the unrefined input maps (`baseline_*`)."""
+    """Held-out portrait PSNR (inside the portrait mask; under the portrait's fitted shading
+    with `model.shaded_photo`, as trained), keypoint error (px) and frame-1 PSNR (inside its
+    mask), refined vs the unrefined input maps (`baseline_*`)."""
 
     tol = float(cfg.model.visibility_tolerance)
+    shaded = bool(cfg.model.get("shaded_photo", False))
 
     def eval_fn(model: Refiner, batch, rng: jax.Array):
         del rng
-        r, res = held_out(model, batch, tol), {}
+        r, res = held_out(model, batch, tol, shaded), {}
         pi, pm = batch["portrait_image"], batch["portrait_mask"]
         fi, fm = batch["frame_image"], batch["frame_mask"]
         for name, prefix in (("after", ""), ("before", "baseline_")):
@@ -203,7 +210,8 @@ def make_sample(cfg: ml_collections.ConfigDict):
     """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`), one row per
     identity: portrait | render before | render after | 4x |before - portrait| | 4x |after - .|."""
     tol = float(cfg.model.visibility_tolerance)
-    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol))
+    shaded = bool(cfg.model.get("shaded_photo", False))
+    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol, shaded))
 
     def sample_fn(model: Refiner, batch, rng, workdir, step: int) -> None:
         del rng

@@ -251,9 +251,11 @@ def test_sampling_is_deterministic_and_cfg_one_is_unguided(model):
 def test_trained_dit_beats_mean_texture_and_template_on_held_out_identities(tmp_path):
     """The documented path at CPU scale: synth (64 identities: 56 train, 8 held out) -> vae ->
     cache (ground-truth unwrap as control) -> dit -> `fica sample` on the held-out identities.
-    Observed with these exact settings (`fica` CLI, 1 core): texture 16.73 dB vs 15.55 dB for the
-    mean training texture; geometry 2.21 mm vs 2.42 mm for the mean training shape (the
-    template), the VAE's own held-out ceiling being 1.65 mm. Margins are about half of those."""
+    Observed with these exact settings (`fica` CLI, 1 core) and the tiny config's sampling
+    temperature (texture 0, geometry 0.5): texture 17.47 dB vs 15.55 dB for the mean training
+    texture (visible texels 18.10 vs 16.61, unseen 17.77 vs 16.49); geometry 1.86 mm vs 2.42 mm
+    for the mean training shape (the template), the VAE's own held-out ceiling being 1.65 mm.
+    (At temperature 1: 16.73 dB and 2.21 mm.) Margins are about half of those."""
     from data_pipelines.synth import synthesize
     from data_pipelines.synthetic.generator import SynthConfig
 
@@ -296,5 +298,6 @@ def test_trained_dit_beats_mean_texture_and_template_on_held_out_identities(tmp_
     res = json.loads((out / "metrics.json").read_text())
     print(res)
     assert res["identities"] == 8
-    assert res["texture_psnr"] > res["baseline_texture_psnr"] + 0.6
-    assert res["geometry_l1_mm"] < res["baseline_geometry_l1_mm"] - 0.1
+    assert res["texture_psnr"] > res["baseline_texture_psnr"] + 0.9
+    assert res["texture_psnr_visible"] > res["baseline_texture_psnr_visible"] + 0.7
+    assert res["geometry_l1_mm"] < res["baseline_geometry_l1_mm"] - 0.25
