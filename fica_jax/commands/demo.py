@@ -35,7 +35,7 @@ from fica_jax.files import ensure_dir, write_json
 _TRAINED = ("vae", "dense", "dit", "dit-rgb", "dit-maps", "refiner", "upm")
 _DITS = ("dit", "dit-rgb", "dit-maps")  # the full DiT and its two ablations
 SIZES = {
-    # Full default: <= 15 min on 2 idle cores (benchmarks/results/demo_report_cpu.json). 64^2
+    # Full default: ~15-17 min on 2 idle cores (benchmarks/results/demo_report_cpu.json). 64^2
     # UV maps: at 32^2 the VAE's 4x4 latents lose to the 8x-downsample baseline (17.2 vs 17.4 dB
     # held-out texture PSNR after 300 steps); the DiT then sees 8x8x4 latents in 16 tokens.
     "default": dict(

@@ -131,8 +131,7 @@ def test_gradients_are_finite_where_a_texel_has_a_zero_tangent():
     them) give a zero tangent and a zero normal: the plain norm's gradient there is 0 / 0, and
     that one NaN reached every refiner parameter in `fica demo` at 64^2 UV maps. `safe_norm`
     keeps it finite (0 at 0)."""
-    from fica_jax.render.surfels import safe_norm
-    from fica_jax.render.surfels import normal_maps
+    from fica_jax.render.surfels import normal_maps, safe_norm
 
     g = jax.grad(lambda v: safe_norm(v).sum())(jnp.zeros((4, 3)))
     np.testing.assert_array_equal(g, 0.0)
