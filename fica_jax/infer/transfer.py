@@ -2,8 +2,8 @@
 
 The DiT completes the UV maps from partial evidence and the refiner reconciles them with the
 portrait, but neither copies what the portrait shows texel for texel: at the demo's scale (21
-training identities) both keep close to the mean texture even when given the ground-truth
-unwrap. This step does what texture back-projection does in mesh-based avatar pipelines: each
+training identities) the DiT's texture on the texels the portrait shows stays 3.5 dB under the
+VAE's reconstruction of the truth (17.5 vs 21.0 dB), and the refiner barely moves it. This step does what texture back-projection does in mesh-based avatar pipelines: each
 texel of the final (refined) maps is posed by the portrait's expression, projected into the
 portrait through its camera, and where it is the visible surface (depth test against a surfel
 render of the same maps, `infer.refine.uv_cues`) and faces the camera, its colour is replaced by
