@@ -187,6 +187,10 @@ def demo(name: str, d: dict, link: str) -> list[str]:
             out += [f"UV texture{what} on the texels the portrait shows (visible) and the rest "
                     "(unseen), against the ground-truth texture:", ""]  # fmt: skip
             out += eval_table(tables["uv_texture"], "mean texture")
+        if tables.get("budget"):
+            out += [f"Error budget{what}, dome frames: the bound with the VAE's round trip, or "
+                    "with one of FiCA's maps in place of its own; Δ against the bound:", ""]  # fmt: skip
+            out += eval_table(tables["budget"], "bound")
     if d.get("identity"):
         out += ["Identity figures (`identity`, issue 27):", ""]
         out += table(["figure", "value"], [[k, v] for k, v in d["identity"].items()])

@@ -162,7 +162,8 @@ def identity_summary(tables: dict, stages: dict) -> dict:
     """The issue-27 figures of one demo run: FiCA (3DGS) vs the mean texture and the
     ground-truth-maps bound (share of the gap closed), SSIM, the visible-texel gain over the mean
     texture and the distance to the VAE ceiling there, the DiT's held-out texture vs the mean
-    training texture, and the refiner's and the visible-texel transfer's ablation steps in
+    training texture, the error budget (the VAE's ceiling, the cost of FiCA's geometry and of
+    its texture alone) and the refiner's and the visible-texel transfer's ablation steps in
     standard errors."""
     main, abl, uv = tables["main"], tables["ablation"], tables.get("uv_texture", [])
     fica, mean, bound = table_row(main, "3dgs"), table_row(main, "mean"), table_row(main, "gt_upm")
@@ -184,6 +185,13 @@ def identity_summary(tables: dict, stages: dict) -> dict:
         out["visible_texel_psnr_below_vae_ceiling_db"] = vae["visible_psnr"] - final["visible_psnr"]
     dit = stages.get("dit", {}).get("vs_baseline", {}).get("texture_psnr", {})
     out["dit_texture_psnr"], out["dit_mean_texture_psnr"] = dit.get("value"), dit.get("baseline")
+    # the error budget (dome frames): the latent ceiling, and what each of FiCA's maps costs
+    budget = tables.get("budget", [])
+    vae, tex, geo = (table_row(budget, m) for m in ("vae_upm", "gt_tex", "gt_geo"))
+    if vae and bound:
+        out["vae_maps_psnr"] = vae.get("psnr")
+        out["geometry_cost_db"] = bound["psnr"] - tex["psnr"] if tex else None
+        out["texture_cost_db"] = bound["psnr"] - geo["psnr"] if geo else None
     # each ablation step is paired with the row above it
     for name, method in (("refiner", "abl_ref"), ("transfer", "3dgs")):
         step = table_row(abl, method)

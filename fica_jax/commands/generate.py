@@ -115,8 +115,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
     p.add_argument(
         "--no-transfer", action="store_true",
-        help="keep the refined texture as is (default: the portrait's de-lit colours on the "
-        "texels it shows, fica_jax/infer/transfer.py)",
+        help="keep the refined texture as is (default: a smooth correction towards the "
+        "portrait's de-lit colours where it shows the head, fica_jax/infer/transfer.py)",
     )  # fmt: skip
     p.add_argument(
         "--no-align", action="store_true",

@@ -17,7 +17,10 @@ on the face region only (`fica_jax.quality.face`). Rows (docs/evaluation.md):
 - portrait table: the main table's rows rendered from the portrait's own camera, expression and
   gaze (view 0) against the portrait itself: how much of its input the avatar keeps;
 - UV texture table (`texture.py`): each completed UV texture's PSNR on the texels the portrait
-  shows and on the unseen rest, beside the mean texture and the VAE's reconstruction ceiling.
+  shows and on the unseen rest, beside the mean texture and the VAE's reconstruction ceiling;
+- error-budget table, dome frames, each row paired with the bound: the ground-truth maps through
+  the VAE (the latent ceiling), the ground-truth texture on FiCA's geometry and FiCA's texture on
+  the ground-truth geometry (what each of FiCA's maps costs alone).
 
 Metrics per frame: PSNR and SSIM on the face mask; LPIPS (AlexNet v0.1) on the render composited
 over the ground truth outside the face (only face pixels differ); ID-CSIM between the ArcFace
@@ -148,6 +151,7 @@ def _frames(rec, limit: int | None) -> list[dict]:
 
 def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, dict]:
     """{method: maps} of one identity for every method whose models exist."""
+    from fica_jax.eval.texture import vae_maps
     from fica_jax.infer.generate import generate_maps
 
     size = int(models["dense"].cfg.data.image_size)
@@ -173,6 +177,11 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
                    "geometry": np.asarray(rec["uv_geometry"], np.float32), "mask": mask},
         "abl_emb": {"texture": full["dit_texture"], "geometry": full["dit_geometry"], "mask": mask},
     }  # fmt: skip
+    gt_tex, gt_geo = out["gt_upm"]["texture"], out["gt_upm"]["geometry"]
+    vae_tex, vae_geo = vae_maps(rec, models)
+    out |= {"vae_upm": {"texture": vae_tex, "geometry": vae_geo, "mask": mask},
+            "gt_tex": {"texture": gt_tex, "geometry": full["geometry"], "mask": mask},
+            "gt_geo": {"texture": full["texture"], "geometry": gt_geo, "mask": mask}}  # fmt: skip
     if "refined_texture" in full:  # the refined maps before the visible-texel transfer
         out["abl_ref"] = {"texture": full["refined_texture"], "geometry": full["geometry"],
                           "mask": mask}  # fmt: skip
@@ -210,7 +219,7 @@ def evaluate_identity(rec, models, scorer, template, *, backend, steps, seed, po
                          "method": method, **s})  # fmt: skip
             if f["view"]:
                 renders.setdefault(method, []).append((f, img, faces[f["view"]]))
-    return rows + texture_rows(rec, maps, models), renders
+    return rows + texture_rows(rec, maps), renders
 
 
 # ----------------------------------------------------------------------------- command

@@ -1,5 +1,5 @@
 """The zero-shot animation protocol's tables (FiCA paper Sec. 4.2-4.4, docs/evaluation.md): the
-rows of the main, ablation, portrait and UV texture tables, the metrics and which way each is
+rows of the main, ablation, portrait, UV texture and error-budget tables, the metrics and which way each is
 better. The harness (`harness.py`, `texture.py`) fills these rows, the report (`report.py`)
 prints them; both read them here."""
 
@@ -24,6 +24,15 @@ UV_TEXTURE = (("mean", "Mean texture (baseline)"), ("abl_rgb", "DiT: partial RGB
               ("abl_ref", "FiCA: DiT + refiner"),
               ("3dgs", "FiCA: + visible-texel transfer (final maps)"),
               ("vae", "GT maps through the VAE (ceiling)"))  # fmt: skip
+# Where FiCA (3DGS) loses to the bound, on the dome frames, each row paired with the bound: the
+# ground-truth maps through the VAE (the ceiling of any latent sample the DiT can draw), and the
+# ground truth with one of FiCA's two maps in place of its own (what FiCA's geometry costs
+# alone, and what its texture costs alone).
+BUDGET = (("gt_upm", "GT UV maps -> UPM (upper bound)"),
+          ("vae_upm", "GT maps through the VAE -> UPM (latent ceiling)"),
+          ("gt_tex", "GT texture on FiCA's geometry (geometry's cost)"),
+          ("gt_geo", "FiCA's texture on GT geometry (texture's cost)"),
+          ("3dgs", "FiCA (3DGS)"))  # fmt: skip
 # metric -> True where higher is better (PSNR, SSIM, identity cosine), False for LPIPS.
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "id_csim": True,
                     "visible_psnr": True, "unseen_psnr": True}  # fmt: skip

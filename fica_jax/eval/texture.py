@@ -17,9 +17,9 @@ import numpy as np
 from fica_jax.eval.protocol import UV_TEXTURE
 
 
-def vae_texture(rec, models) -> np.ndarray:
-    """The record's ground-truth UV texture through the exported VAE (posterior mean, the DiT's
-    latent statistics and packing) -> [R, R, 3] in [0, 1]."""
+def vae_maps(rec, models) -> tuple[np.ndarray, np.ndarray]:
+    """The record's ground-truth UV texture and geometry through the exported VAE (posterior
+    mean, the DiT's latent statistics and packing) -> ([R, R, 3] in [0, 1], [R, R, 3])."""
     from fica_jax.infer.generate import vae_bundle
     from fica_jax.infer.latent_cache import encode_maps
     from fica_jax.infer.sample import decode
@@ -29,12 +29,13 @@ def vae_texture(rec, models) -> np.ndarray:
     batch = {k: np.asarray(rec[k])[None] for k in keys}
     z = encode_maps(vae, batch)
     mask = jnp.asarray(batch["uv_mask"], jnp.float32)
-    tex, _ = decode(vae.model, vae.stats, vae.unshuffle, z["tex_mean"], z["geo_mean"], mask)
-    return np.asarray(tex[0])
+    tex, geo = decode(vae.model, vae.stats, vae.unshuffle, z["tex_mean"], z["geo_mean"], mask)
+    return np.asarray(tex[0]), np.asarray(geo[0])
 
 
-def texture_rows(rec, maps: dict[str, dict], models) -> list[dict]:
-    """One `uv_texture` metrics row per UV_TEXTURE method in `maps` (and the VAE ceiling):
+def texture_rows(rec, maps: dict[str, dict]) -> list[dict]:
+    """One `uv_texture` metrics row per UV_TEXTURE method in `maps` (the VAE ceiling is
+    `maps["vae_upm"]`, `vae_maps`):
     {identity, table, method, visible_psnr, unseen_psnr} (NaN where the selection is empty)."""
     from fica_jax.quality.image import visible_unseen_psnr
 
@@ -42,7 +43,7 @@ def texture_rows(rec, maps: dict[str, dict], models) -> list[dict]:
     atlas = np.asarray(rec["uv_mask"], np.float32)
     seen = np.asarray(rec["partial_uv"], np.float32)[..., 3]
     tex = {k: maps[k]["texture"] for k, _ in UV_TEXTURE if k in maps}
-    tex["vae"] = vae_texture(rec, models)
+    tex["vae"] = maps["vae_upm"]["texture"]
     rows = []
     for method, t in tex.items():
         vis, unseen = visible_unseen_psnr(jnp.asarray(t, jnp.float32), gt, atlas, seen)

@@ -163,3 +163,20 @@ def dilate(uv_map: np.ndarray, mask: np.ndarray, steps: int = 4) -> np.ndarray:
         out[grow] = acc[grow] / cnt[grow][:, None]
         m = m | grow
     return out
+
+
+def normalized_convolution(
+    x: np.ndarray, weight: np.ndarray, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian normalised convolution (Knutsson & Westin, 1993) of a map x [R, R, C] whose
+    texels carry confidences weight [R, R] in [0, 1] -> (the weighted local mean [R, R, C], the
+    local density of weight [R, R]). Texels with no weighted texel within the filter's reach
+    (4 sigma) get density exactly 0 and mean 0; texels of weight 0 never leak in."""
+    from scipy.ndimage import gaussian_filter
+
+    w = np.asarray(weight, np.float32)
+    num = gaussian_filter(np.asarray(x, np.float32) * w[..., None], (sigma, sigma, 0),
+                          mode="nearest")  # fmt: skip
+    den = gaussian_filter(w, sigma, mode="nearest")
+    den = np.where(den > 1e-6, den, 0.0).astype(np.float32)
+    return np.where(den[..., None] > 0, num / np.maximum(den, 1e-6)[..., None], 0.0), den

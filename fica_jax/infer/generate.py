@@ -204,29 +204,32 @@ def _refine_jit():
     return nnx.jit(refine_lib.refine)  # traced once per shape, not per call
 
 
-def _portrait_batch(models, portrait, head_mask, size: int, mask, pose_path, framing) -> dict:
+def _portrait_batch(models, portrait, head_mask, size: int, mask, pose) -> dict:
     """The portrait's `portrait_*` entries at `size` px as `infer.refine` reads them: image,
-    head mask, camera, and the UV offset map of its expression on the maps' `mask`."""
+    head mask, camera, and the UV offset map of its expression on the maps' `mask`. `pose`:
+    `_pose` at the portrait's own size (K scales with the image)."""
     img = np.asarray(jax.image.resize(jnp.asarray(portrait), (size, size, 3), "bilinear"))
     hm = np.asarray(jax.image.resize(jnp.asarray(head_mask), (size, size), "bilinear"))
-    K, viewmat, expression = _pose(models, portrait, pose_path, size, framing)
+    K, viewmat, expression = pose
+    s = size / portrait.shape[0]
+    K = np.diag([s, s, 1.0]).astype(np.float32) @ np.asarray(K, np.float32)
     offset = expression_offset(template_key(models), expression, mask.shape[0])
     return {"portrait_image": img[None], "portrait_mask": hm[None], "portrait_K": K[None],
             "portrait_viewmat": np.asarray(viewmat, np.float32)[None],
             "portrait_offset": (offset * mask[..., None])[None]}  # fmt: skip
 
 
-def _refine(models, texture, geometry, mask, portrait, head_mask, pose_path, framing):
+def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
     ref = models["refiner"]
     s, n_kpts = int(ref.cfg.data.image_size), int(ref.cfg.data.landmarks)
-    batch = _portrait_batch(models, portrait, head_mask, s, mask, pose_path, framing)
+    batch = _portrait_batch(models, portrait, head_mask, s, mask, pose)
     batch |= {"input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
               "landmark_uv": np.zeros((1, n_kpts, 2), np.float32)}  # fmt: skip
     out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()})
     return out["texture"], out["geometry"]
 
 
-def _transfer(models, texture, geometry, mask, portrait, head_mask, pose_path, framing):
+def _transfer(models, texture, geometry, mask, portrait, head_mask, pose):
     """`infer.transfer` at the portrait's own size -> (texture, weight [R, R]); None without
     the refiner export's `transfer_gain` (exports from before it)."""
     from fica_jax.infer.transfer import transfer
@@ -234,14 +237,13 @@ def _transfer(models, texture, geometry, mask, portrait, head_mask, pose_path, f
     gain = models["refiner"].meta["stats"].get("transfer_gain")
     if gain is None:
         return None
-    size = int(portrait.shape[0])
-    batch = _portrait_batch(models, portrait, head_mask, size, mask, pose_path, framing)
+    batch = _portrait_batch(models, portrait, head_mask, int(portrait.shape[0]), mask, pose)
     batch["landmark_uv"] = np.zeros((1, 1, 2), np.float32)
     tol = float(models["refiner"].cfg.model.get("visibility_tolerance", 0.01))
     out = transfer(jnp.asarray(texture), jnp.asarray(geometry), jnp.asarray(mask)[None],
                    {k: jnp.asarray(v) for k, v in batch.items()},
                    jnp.asarray(np.asarray(gain, np.float32)), tol)  # fmt: skip
-    return out["texture"], np.asarray(out["weight"][0])
+    return out["texture"], out["weight"][0]
 
 
 class Timer:
@@ -299,7 +301,7 @@ def generate_maps(
     seed: int = 0,
     pose=None,  # a --pose JSON path, a load_pose_json-style dict, or None: the regressor
     refine: bool = True,
-    transfer: bool = True,  # the portrait's de-lit colours on the texels it shows (refined only)
+    transfer: bool = True,  # correction towards the portrait's de-lit colours (refined only)
     dit: str = "dit",  # which DiT export (ablation variants: "dit-rgb", "dit-maps")
     timer: Timer | None = None,
     where: str = "--image",
@@ -326,11 +328,12 @@ def generate_maps(
     maps = {"dit_texture": np.asarray(texture[0]), "dit_geometry": np.asarray(geometry[0])}
     timer.lap("dit")
     refined = bool(refine and "refiner" in models)
-    if refined:
-        texture, geometry = _refine(models, texture, geometry, mask, portrait, head, pose, framing)
+    if refined:  # the portrait's camera and expression, once for the refiner and the transfer
+        cam = _pose(models, portrait, pose, int(portrait.shape[0]), framing)
+        texture, geometry = _refine(models, texture, geometry, mask, portrait, head, cam)
         texture = jnp.clip(texture, 0.0, 1.0)
         timer.lap("refiner")
-    moved = _transfer(models, texture, geometry, mask, portrait, head, pose, framing) \
+    moved = _transfer(models, texture, geometry, mask, portrait, head, cam) \
         if refined and transfer else None  # fmt: skip
     if moved is not None:
         maps["refined_texture"] = np.asarray(texture[0])

@@ -63,7 +63,7 @@ from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.refine import refine, render_view
-from fica_jax.infer.transfer import exposure_gain, fitted_shading, seen_weight, view_normals
+from fica_jax.infer.transfer import exposure_gain, portrait_light
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
@@ -109,12 +109,11 @@ def keypoint_error(kpts: jax.Array, batch) -> jax.Array:
 def portrait_shading(batch, cues: jax.Array) -> jax.Array:
     """The portrait's shading per texel [B, R, R, 3], fitted to its colours pulled back through
     the input maps (`cues`, `infer.refine.uv_cues`) against the input texture
-    (`infer.transfer.fitted_shading`, first-order spherical harmonics of the posed normals);
+    (`infer.transfer.portrait_light`, first-order spherical harmonics of the posed normals);
     constant, no gradient."""
-    posed = batch["input_geometry"] + batch["portrait_offset"]
-    normals, cos = view_normals(posed, batch["uv_mask"], batch["portrait_viewmat"])
-    w = seen_weight(cues, cos)
-    s = fitted_shading(batch["input_texture"], normals, cues[..., :3], w)
+    s, _ = portrait_light(
+        batch["input_texture"], batch["input_geometry"], batch["uv_mask"], batch, cues
+    )
     return jax.lax.stop_gradient(jnp.maximum(s, 0.05))
 
 
@@ -266,12 +265,10 @@ def landmark_uvs(
 
 def _masked_blur(x: np.ndarray, m: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of x [R, R, C] over the texels of m [R, R] only (no bleed from outside)."""
-    from scipy.ndimage import gaussian_filter
+    from fica_jax.geometry.uvmaps import normalized_convolution
 
-    s = (sigma, sigma, 0)
-    num = gaussian_filter(x * m[..., None], s, mode="nearest")
-    den = gaussian_filter(m[..., None].astype(np.float32), s, mode="nearest")
-    return np.where(m[..., None] > 0, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
+    mean, _ = normalized_convolution(x, m, sigma)
+    return np.where(m[..., None] > 0, mean, 0.0).astype(np.float32)
 
 
 def corrupt_maps(

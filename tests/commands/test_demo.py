@@ -81,6 +81,31 @@ def test_held_out_refuses_a_baseline_of_an_undeclared_metric(tmp_path):
         ds.held_out(run)
 
 
+def test_identity_summary_reads_the_gap_the_texels_the_budget_and_the_steps():
+    row = lambda m, psnr, **kw: {"method": m, "psnr": psnr, "ssim": 0.3, **kw}
+    tables = {
+        "main": [row("mean", 12.0), row("3dgs", 15.0), row("gt_upm", 18.0)],
+        "ablation": [row("abl_emb", 15.2), row("abl_ref", 15.5, psnr_delta=0.3, psnr_delta_se=0.1),
+                     row("3dgs", 15.0, psnr_delta=-0.5, psnr_delta_se=0.25)],
+        "uv_texture": [{"method": "mean", "visible_psnr": 16.0, "unseen_psnr": 17.0},
+                       {"method": "3dgs", "visible_psnr": 19.0, "unseen_psnr": 17.5},
+                       {"method": "vae", "visible_psnr": 21.0, "unseen_psnr": 20.0}],
+        "budget": [row("gt_upm", 18.0), row("vae_upm", 16.5), row("gt_tex", 16.0),
+                   row("gt_geo", 17.0), row("3dgs", 15.0)],
+    }  # fmt: skip
+    stages = {"dit": {"vs_baseline": {"texture_psnr": {"value": 16.9, "baseline": 15.0}}}}
+    got = ds.identity_summary(tables, stages)
+    want = {"gap_closed": 0.5, "visible_texel_psnr_gain_db": 3.0, "unseen_texel_psnr_gain_db": 0.5,
+            "visible_texel_psnr_below_vae_ceiling_db": 2.0, "dit_texture_psnr": 16.9,
+            "vae_maps_psnr": 16.5, "geometry_cost_db": 2.0, "texture_cost_db": 1.0,
+            "refiner_step_db": 0.3, "refiner_step_in_se": 3.0, "transfer_step_in_se": -2.0}  # fmt: skip
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v), k
+    # a report from before the error budget has none of its keys
+    old = ds.identity_summary({k: v for k, v in tables.items() if k != "budget"}, stages)
+    assert not {"vae_maps_psnr", "geometry_cost_db", "texture_cost_db"} & set(old)
+
+
 CACHE_META = {"grid": 4, "token_channels": 4, "image_emb_dim": 64}
 
 

@@ -73,9 +73,14 @@ def test_report_has_every_row_and_the_ablation_table(report):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     frames = [r for r in rows if r["table"] == "frames"]
-    # one dome frame x 7 methods: mean, mesh, 3dgs, gt_upm, abl_rgb, abl_emb, abl_ref
-    assert len(frames) == 7
-    assert {r["method"] for r in frames} >= {"mean", "mesh", "3dgs", "abl_rgb", "abl_ref"}
+    # one dome frame x 10 methods: mean, mesh, 3dgs, gt_upm, abl_rgb, abl_emb, abl_ref and the
+    # error budget's vae_upm, gt_tex, gt_geo
+    assert len(frames) == 10
+    assert {r["method"] for r in frames} >= {"mean", "mesh", "3dgs", "abl_rgb", "abl_ref",
+                                             "vae_upm", "gt_tex", "gt_geo"}  # fmt: skip
+    budget = {r["method"]: r for r in rep["tables"]["budget"]}
+    assert list(budget) == ["gt_upm", "vae_upm", "gt_tex", "gt_geo", "3dgs"]
+    assert all(isinstance(budget[m]["psnr_delta"], float) for m in list(budget)[1:])
     assert json.loads((out / "report.json").read_text())["info"]["weights"]["lpips"].startswith(
         "alex"
     )

@@ -11,8 +11,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from fica_jax.eval import harness, report, texture
-from fica_jax.eval.protocol import MAIN, UV_TEXTURE
+from fica_jax.eval import harness, report
+from fica_jax.eval.protocol import BUDGET, MAIN, UV_TEXTURE
 
 V, H, R = 3, 24, 8
 
@@ -55,8 +55,12 @@ def _maps(rec) -> dict:
     seen = rec["partial_uv"][..., 3:4] > 0.5
     tex = lambda vis, uns: {"texture": gt + np.where(seen, vis, uns), "geometry": None,
                             "mask": rec["uv_mask"]}  # fmt: skip
+    # the error budget's rows render dimmed by a known factor (the renderer stand-in reads it)
+    dim = lambda m, k: {**m, "dim": k}
     return {"mean": tex(0.1, 0.1), "mesh": tex(0.0, 0.01), "3dgs": tex(0.0, 0.01),
-            "gt_upm": tex(0.0, 0.0), "abl_emb": tex(0.01, 0.1), "abl_rgb": tex(0.1, 0.1)}  # fmt: skip
+            "gt_upm": tex(0.0, 0.0), "abl_emb": tex(0.01, 0.1), "abl_rgb": tex(0.1, 0.1),
+            "vae_upm": dim(tex(0.0, 0.01), 0.9), "gt_tex": dim(tex(0.0, 0.0), 0.8),
+            "gt_geo": dim(tex(0.0, 0.01), 0.7)}  # fmt: skip
 
 
 @pytest.fixture
@@ -66,11 +70,10 @@ def evaluated(monkeypatch, tmp_path):
     rec, calls = _record(), []
     render = _capture_renderer(rec, calls)
     monkeypatch.setattr(harness, "_identity_maps", lambda rec, models, **kw: _maps(rec))
-    monkeypatch.setattr(harness, "_avatar", lambda *a: None)
-    monkeypatch.setattr(harness, "_upm_render", lambda av, f, backend: render(f))
+    monkeypatch.setattr(harness, "_avatar", lambda upm, maps, backend, tmp: maps)
+    monkeypatch.setattr(harness, "_upm_render", lambda av, f, bk: render(f) * av.get("dim", 1.0))
     monkeypatch.setattr(harness, "_mesh_render", lambda t, g, m, f, name: render(f))
     monkeypatch.setattr(face, "record_face_masks", lambda rec, t: np.ones((V, H, H), bool))
-    monkeypatch.setattr(texture, "vae_texture", lambda rec, models: _maps(rec)["3dgs"]["texture"])
     scorer = harness.Scorer(str(tmp_path), str(tmp_path / "none.pth"))  # LPIPS/ID unavailable
     kw = dict(backend="jax", steps=1, seed=0, pose="gt", cfg_scale=None, frames=None)
     template = type("T", (), {"name": "t"})
@@ -93,7 +96,8 @@ def test_portrait_rows_render_view_0_against_the_portrait(evaluated):
     assert np.allclose(first[0]["image"], rec["view_image"][0] / 255.0)
     # the dome frames are views 1.., every method, and the contact sheet holds no portrait
     assert sorted({r["frame"] for r in by["frames"]}) == [1, 2]
-    assert len(by["frames"]) == 2 * 6 and all(r["psnr"] == pytest.approx(120) for r in by["frames"])
+    assert len(by["frames"]) == 2 * 9
+    assert all(r["psnr"] == pytest.approx(120) for r in by["frames"] if r["method"] in dict(MAIN))
     assert all(f["view"] for fs in renders.values() for f, *_ in fs)
 
 
@@ -133,11 +137,47 @@ def test_report_tables_portrait_and_uv_texture(evaluated, tmp_path):
     main = {r["method"]: r for r in rep["tables"]["main"]}
     assert "visible_psnr" not in main["3dgs"] and main["3dgs"]["psnr"] == pytest.approx(120.0)
     saved = json.loads(pathlib.Path(tmp_path / "report.json").read_text())["tables"]
-    assert set(saved) == {"main", "ablation", "portrait", "uv_texture"}
+    assert set(saved) == {"main", "ablation", "portrait", "uv_texture", "budget"}
+    # the error budget: every row paired with the bound (its Δ is its PSNR minus the bound's),
+    # in the order of how much the stand-in dims them
+    budget = {r["method"]: r for r in rep["tables"]["budget"]}
+    assert [r["method"] for r in rep["tables"]["budget"]] == [k for k, _ in BUDGET]
+    assert budget["gt_upm"]["psnr"] == pytest.approx(120.0)
+    for m in ("vae_upm", "gt_tex", "gt_geo"):
+        assert budget[m]["psnr_delta"] == pytest.approx(budget[m]["psnr"] - 120.0, abs=1e-3), m
+    assert 0 > budget["vae_upm"]["psnr_delta"] > budget["gt_tex"]["psnr_delta"] > \
+        budget["gt_geo"]["psnr_delta"]  # fmt: skip
     text = (tmp_path / "report.md").read_text()
     for s in ("### Portrait (view 0", "### UV texture", "PSNR unseen texels (dB) ↑",
-              "GT maps through the VAE (ceiling)"):  # fmt: skip
+              "GT maps through the VAE (ceiling)", "### Error budget"):  # fmt: skip
         assert s in text, s
+
+
+def test_error_budget_maps_swap_one_of_ficas_maps_for_the_ground_truth(monkeypatch):
+    """`_identity_maps`' budget rows: the VAE's round trip of the ground truth, the ground-truth
+    texture on FiCA's geometry and FiCA's texture on the ground-truth geometry."""
+    from types import SimpleNamespace
+
+    import fica_jax.infer.generate as generate
+    from fica_jax.eval import texture
+
+    rec = _record()
+    rec |= {"view_image": np.zeros((V, 16, 16, 3), np.uint8),
+            "uv_geometry": np.full((R, R, 3), 0.5, np.float32)}  # fmt: skip
+    fica = {"texture": np.full((R, R, 3), 0.2, np.float32), "geometry": np.full((R, R, 3), 0.1),
+            "mask": rec["uv_mask"], "dit_texture": 0, "dit_geometry": 0}  # fmt: skip
+    monkeypatch.setattr(generate, "generate_maps", lambda portrait, models, **kw: (fica, {}))
+    vae = (np.full((R, R, 3), 0.3, np.float32), np.full((R, R, 3), 0.4, np.float32))
+    monkeypatch.setattr(texture, "vae_maps", lambda rec, models: vae)
+    models = {"dense": SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(image_size=16))),
+              "dit": SimpleNamespace(stats={"mean_texture": 0, "mean_geometry": 0})}  # fmt: skip
+    maps = harness._identity_maps(rec, models, steps=1, seed=0, pose="gt", cfg_scale=None)
+    gt = rec["uv_texture"] / 255.0
+    assert maps["vae_upm"]["texture"] is vae[0] and maps["vae_upm"]["geometry"] is vae[1]
+    np.testing.assert_allclose(maps["gt_tex"]["texture"], gt)
+    assert maps["gt_tex"]["geometry"] is fica["geometry"]
+    assert maps["gt_geo"]["texture"] is fica["texture"]
+    np.testing.assert_array_equal(maps["gt_geo"]["geometry"], rec["uv_geometry"])
 
 
 def test_eval_refuses_models_laid_out_on_another_template(synth_dir):
