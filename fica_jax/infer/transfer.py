@@ -12,14 +12,17 @@ portrait's shading is evidence of its albedo.
 
 That evidence is not pasted texel for texel (`correction`): it lands through the generated
 geometry, which is off by millimetres, so a pasted eye or brow lands beside the texture's own.
-Instead the difference between the evidence and the texture is spread by a Gaussian normalised
-convolution (sigma 1/16 of the map, 4 texels at 64) into a smooth correction field, added to the
-texture with a share that follows the local density of evidence: full where the portrait shows
+It is split into two bands. The colour band, the difference between the evidence and the
+texture spread by a Gaussian normalised convolution (sigma 1/16 of the map, 4 texels at 64), is
+added with a share that follows the local density of evidence: full where the portrait shows
 the surface, fading over a few sigma into the unseen texels around it (the hair the portrait
-shows reaches the hair beside it), none beyond. It moves colour (skin tone, hair colour), not
-detail. On the demo's 7 held-out identities (one DiT sample each) the texel-for-texel paste gave
-18.48 / 17.28 dB on visible / unseen texels and 15.05 dB on the dome frames; the correction
-field gives 19.17 / 18.27 / 15.22 (the refined maps without either: 17.45 / 18.00 / 15.34).
+shows reaches the hair beside it), none beyond. The detail band, what the colour band leaves of
+the difference (a brow, a fringe, an eye), is added at half strength on the texels it comes
+from: whole, a misplaced feature costs more than it gives; without it the avatar loses the
+features that make it look like its portrait. On the demo's 7 held-out identities (one DiT
+sample each) visible / unseen texel PSNR, dome-frame PSNR and the portrait's own view: paste
+18.48 / 17.28 / 15.05 / 20.04 dB; colour band only 19.17 / 18.27 / 15.22 / 18.47; both bands
+(default) 19.38 / 18.10 / 15.23 / 19.44; the refined maps without either 17.45 / 18.00 / 15.34.
 
 A portrait is albedo times light; the texture is albedo. The shading is modelled per colour
 channel as a linear function of the surface normal, s_c(n) = a_c + b_c . n (first-order
@@ -53,10 +56,10 @@ from fica_jax.render.surfels import normal_maps
 MIN_TEXELS = 16  # fewer visible texels than this: the shading fit is not attempted
 RIDGE = 1e-3  # Tikhonov weight on the shading fit's normal equations, relative to their trace
 FACING = (0.15, 0.5)  # |cos| between normal and view ray: weight 0 below, 1 above (linear)
-# The correction field's Gaussian (a fraction of the map's width: 4 texels at 64) and the
-# density of evidence at which a texel takes all of it. Chosen on 7 *training* identities of the
-# demo among 6 settings (the same one wins on the held-out ones; docs/architecture.md).
-SIGMA, REACH = 1.0 / 16, 0.6
+# The correction's Gaussian (a fraction of the map's width: 4 texels at 64), the density of
+# evidence at which a texel takes all of its colour band, and the share of the evidence's own
+# detail added on top. Chosen on 7 *training* identities of the demo (docs/architecture.md).
+SIGMA, REACH, DETAIL = 1.0 / 16, 0.6, 0.5
 
 
 def _design(normals: jax.Array) -> jax.Array:
@@ -166,19 +169,25 @@ def delit(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> dict
     return {"albedo": jnp.clip(cues[..., :3] / jnp.maximum(s, 0.05), 0.0, 1.0), "weight": weight}
 
 
-def correction(texture, albedo, weight, mask, sigma: float = SIGMA, reach: float = REACH) -> dict:
-    """One map each [R, R, 3] / [R, R]: the texture plus the normalised convolution (`uvmaps.
-    normalized_convolution`, sigma = `sigma` x the map's width) of the de-lit portrait's
-    difference from it -> {"texture", "weight": each texel's share of that correction, the local
-    density of evidence / `reach`, clipped to 1 (0 beyond the filter's reach: untouched)}."""
+def correction(texture, albedo, weight, mask, sigma: float = SIGMA, reach: float = REACH,
+               detail: float = DETAIL) -> dict:  # fmt: skip
+    """One map each [R, R, 3] / [R, R]: the texture moved towards the de-lit evidence in two
+    bands. Colour: the normalised convolution (`uvmaps.normalized_convolution`, sigma = `sigma`
+    x the map's width) of the evidence minus that of the texture, added with a share that
+    follows the local density of evidence (/ `reach`, clipped to 1; 0 beyond the filter's
+    reach: untouched). Detail: `detail` x what the colour band leaves of the difference, on
+    the texels the evidence comes from (x `weight`); where both are whole the result is the
+    colour-corrected texture and the evidence blended at `detail`. Evidence that differs from
+    the texture by a smooth field has no detail band -> {"texture", "weight": each texel's share
+    of the colour band}."""
     from fica_jax.geometry.uvmaps import normalized_convolution
 
-    texture = np.asarray(texture, np.float32)
-    field, density = normalized_convolution(
-        np.asarray(albedo) - texture, np.asarray(weight), sigma * texture.shape[0]
-    )
+    texture, albedo, weight = (np.asarray(a, np.float32) for a in (texture, albedo, weight))
+    s = sigma * texture.shape[0]
+    field, density = normalized_convolution(albedo - texture, weight, s)
     share = np.clip(density / reach, 0.0, 1.0) * (np.asarray(mask) > 0.5)
-    out = np.where(share[..., None] > 0, np.clip(texture + share[..., None] * field, 0, 1), texture)
+    moved = share[..., None] * field + detail * weight[..., None] * (albedo - texture - field)
+    out = np.where(share[..., None] > 0, np.clip(texture + moved, 0, 1), texture)
     return {"texture": out.astype(np.float32), "weight": share.astype(np.float32)}
 
 
