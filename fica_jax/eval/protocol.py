@@ -1,7 +1,7 @@
 """The zero-shot animation protocol's tables (FiCA paper Sec. 4.2-4.4, docs/evaluation.md): the
-rows of the main, ablation, portrait, UV texture and error-budget tables, the metrics and which way each is
-better. The harness (`harness.py`, `texture.py`) fills these rows, the report (`report.py`)
-prints them; both read them here."""
+rows of the main, ablation, portrait, UV texture and error-budget tables, the metrics and which
+way each is better. The harness (`harness.py`, `texture.py`) fills these rows, the report
+(`report.py`) prints them; both read them here."""
 
 # (row key, label): the paper's main table, with the mean texture as the baseline row and
 # ground-truth maps through the UPM as the pipeline's upper bound. The portrait table has the

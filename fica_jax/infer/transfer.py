@@ -178,8 +178,8 @@ def correction(texture, albedo, weight, mask, sigma: float = SIGMA, reach: float
     reach: untouched). Detail: `detail` x what the colour band leaves of the difference, on
     the texels the evidence comes from (x `weight`); where both are whole the result is the
     colour-corrected texture and the evidence blended at `detail`. Evidence that differs from
-    the texture by a smooth field has no detail band -> {"texture", "weight": each texel's share
-    of the colour band}."""
+    the texture by a constant has no detail band -> {"texture", "weight": each texel's share of
+    the colour band}."""
     from fica_jax.geometry.uvmaps import normalized_convolution
 
     texture, albedo, weight = (np.asarray(a, np.float32) for a in (texture, albedo, weight))
