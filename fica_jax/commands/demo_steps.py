@@ -92,8 +92,8 @@ def export(run: pathlib.Path, out: pathlib.Path) -> dict:
 def portraits(
     data_dir: pathlib.Path, out: pathlib.Path, n: int
 ) -> list[tuple[str, pathlib.Path, pathlib.Path]]:
-    """The first `n` held-out identities' portraits (PNG) and their capture camera and expression
-    as a `--pose` JSON (`fica_jax.infer.pose.load_pose_json`: what a face tracker would give) ->
+    """The first `n` held-out identities' portraits (PNG) and their capture camera, expression
+    and landmarks as a `--pose` JSON (`fica_jax.infer.pose.load_pose_json`: what a face tracker would give) ->
     [(identity, png, json)]."""
     from PIL import Image
 
@@ -110,7 +110,9 @@ def portraits(
             img = np.asarray(rec["view_image"][0])
             pose = {"image_size": list(img.shape[:2]), "K": rec["view_K"][0].tolist(),
                     "viewmat": rec["view_viewmat"][0].tolist(),
-                    "expression": rec["view_expression"][0].tolist()}  # fmt: skip
+                    "expression": rec["view_expression"][0].tolist(),
+                    "landmarks": rec["view_kpts"][0].tolist(),
+                    "landmarks_visible": rec["view_kpts_visible"][0].tolist()}  # fmt: skip
             with atomic_file(png) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
             write_text(js, json.dumps(pose))
@@ -193,7 +195,7 @@ def identity_summary(tables: dict, stages: dict) -> dict:
         out["geometry_cost_db"] = bound["psnr"] - tex["psnr"] if tex else None
         out["texture_cost_db"] = bound["psnr"] - geo["psnr"] if geo else None
     # each ablation step is paired with the row above it
-    for name, method in (("refiner", "abl_ref"), ("transfer", "3dgs")):
+    for name, method in (("shape_fit", "abl_fit"), ("refiner", "abl_ref"), ("transfer", "3dgs")):
         step = table_row(abl, method)
         if step.get("psnr_delta") is not None and step.get("psnr_delta_se"):
             out[f"{name}_step_db"] = step["psnr_delta"]

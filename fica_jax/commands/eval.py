@@ -21,7 +21,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="first N identities only")
     p.add_argument("--frames", type=int, default=None, help="first N dome frames per identity")
-    p.add_argument("--pose", default="gt", choices=("gt", "regressor"))
+    p.add_argument(
+        "--pose", default="gt", choices=("gt", "regressor"),
+        help="the portrait's camera, expression and landmarks: the capture's, as a face tracker "
+        "gives them (default), or the dense predictor's",
+    )  # fmt: skip
     p.add_argument("--lpips", default=None, help="folder with alexnet.pth + alex.pth (v0.1)")
     p.add_argument("--arcface", default=None, help="insightface iresnet backbone.pth")
 

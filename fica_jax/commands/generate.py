@@ -48,6 +48,7 @@ def generate_avatar(
     models: dict[str, Exported] | None = None,
     align: bool = True,
     transfer: bool = True,
+    fit: bool = True,
 ) -> dict:
     """Writes the avatar bundle to `out`; returns its info (with per-stage seconds, and the
     portrait's `crop_box` [x0, y0, x1, y1] in the image's pixels, which may reach past the image
@@ -72,7 +73,7 @@ def generate_avatar(
     portrait = cut_portrait(img, framing, size)
     maps, info = generate_maps(
         portrait, models, steps=steps, cfg_scale=cfg_scale, seed=seed, pose=pose, refine=refine,
-        transfer=transfer, timer=timer, where=f"--image {image}", framing=framing,
+        transfer=transfer, fit=fit, timer=timer, where=f"--image {image}", framing=framing,
     )  # fmt: skip
     info |= {
         "crop_box": framing["crop_box"], "aligned": framing["aligned"],
@@ -110,13 +111,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the DiT's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--pose", default=None, help="JSON with K, viewmat, expression (fica_jax.infer.pose)"
-    )
+        "--pose", default=None,
+        help="JSON with K, viewmat, expression, landmarks (fica_jax.infer.pose)",
+    )  # fmt: skip
     p.add_argument("--no-refine", action="store_true", help="skip the refiner even if exported")
     p.add_argument(
         "--no-transfer", action="store_true",
         help="keep the refined texture as is (default: a smooth correction towards the "
         "portrait's de-lit colours where it shows the head, fica_jax/infer/transfer.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-shape-fit", action="store_true",
+        help="keep the DiT's geometry as is (default: fitted to the portrait's landmarks when "
+        "--pose gives them, fica_jax/geometry/shape_fit.py)",
     )  # fmt: skip
     p.add_argument(
         "--no-align", action="store_true",
@@ -127,7 +134,7 @@ def add_commands(subparsers) -> None:
         info = generate_avatar(
             args.image, args.models, args.out, steps=args.steps, cfg_scale=args.cfg,
             seed=args.seed, pose=args.pose, refine=not args.no_refine, align=not args.no_align,
-            transfer=not args.no_transfer,
+            transfer=not args.no_transfer, fit=not args.no_shape_fit,
         )  # fmt: skip
         secs = ", ".join(f"{k} {v:.2f} s" for k, v in info["seconds"].items())
         print(f"avatar -> {args.out} ({secs})")

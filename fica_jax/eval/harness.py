@@ -162,6 +162,8 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
         p = {"K": np.asarray(rec["view_K"][0], np.float32),
              "viewmat": np.asarray(rec["view_viewmat"][0], np.float32),
              "expression": np.asarray(rec["view_expression"][0], np.float32),
+             "landmarks": np.asarray(rec["view_kpts"][0], np.float32),
+             "landmarks_visible": np.asarray(rec["view_kpts_visible"][0]) > 0,
              "image_size": tuple(rec["view_image"].shape[1:3])}  # fmt: skip
     kw = dict(
         steps=steps, seed=seed, pose=p, cfg_scale=cfg_scale, where=f"identity {rec['identity']}"
@@ -182,6 +184,9 @@ def _identity_maps(rec, models, *, steps, seed, pose, cfg_scale) -> dict[str, di
     out |= {"vae_upm": {"texture": vae_tex, "geometry": vae_geo, "mask": mask},
             "gt_tex": {"texture": gt_tex, "geometry": full["geometry"], "mask": mask},
             "gt_geo": {"texture": full["texture"], "geometry": gt_geo, "mask": mask}}  # fmt: skip
+    if "fitted_geometry" in full:  # the DiT's maps, their geometry fitted to the landmarks
+        out["abl_fit"] = {"texture": full["dit_texture"], "geometry": full["fitted_geometry"],
+                          "mask": mask}  # fmt: skip
     if "refined_texture" in full:  # the refined maps before the visible-texel transfer
         out["abl_ref"] = {"texture": full["refined_texture"], "geometry": full["geometry"],
                           "mask": mask}  # fmt: skip

@@ -8,11 +8,12 @@ way each is better. The harness (`harness.py`, `texture.py`) fills these rows, t
 # same rows, rendered from the portrait's own camera (view 0) instead of the dome frames.
 MAIN = (("mean", "Mean texture (template geometry)"), ("mesh", "FiCA (Mesh)"),
         ("3dgs", "FiCA (3DGS)"), ("gt_upm", "GT UV maps -> UPM (upper bound)"))  # fmt: skip
-# The paper's ablation (Table 3), each row adding one input to the row above; the last row is
-# ours (`infer/transfer.py`: the portrait's de-lit colours on the texels it shows).
+# The paper's ablation (Table 3), each row adding one input to the row above; the shape fit
+# (`geometry/shape_fit.py`: the DiT's geometry moved onto the portrait's landmarks) and the last
+# row (`infer/transfer.py`: the portrait's de-lit colours on the texels it shows) are ours.
 ABLATION = (("abl_rgb", "Partial RGB only"), ("abl_maps", "+ normal & vertex UV"),
-            ("abl_emb", "+ image embedding"), ("abl_ref", "+ refiner"),
-            ("3dgs", "+ visible-texel transfer"))  # fmt: skip
+            ("abl_emb", "+ image embedding"), ("abl_fit", "+ landmark shape fit"),
+            ("abl_ref", "+ refiner"), ("3dgs", "+ visible-texel transfer"))  # fmt: skip
 # The exports (`--models DIR/<name>`) the two conditioning ablations sample from.
 ABLATION_DIT = {"abl_rgb": "dit-rgb", "abl_maps": "dit-maps"}
 # The completed UV textures against the capture's, on the texels the portrait shows and on the

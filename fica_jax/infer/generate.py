@@ -144,10 +144,11 @@ def vae_bundle(models: dict[str, Exported], dit_name: str = "dit"):
 
 
 def _pose(models, portrait, pose_path, size: int, framing: dict | None = None):
-    """(K [3, 3] at `size` px, viewmat [4, 4], expression [E] or None) of the portrait: from the
-    user's JSON (its K refers to the image as given: it is rescaled to `framing`'s image size, then
-    shifted and scaled by the crop `read_portrait` took, the centred square without `framing`) or
-    from the dense predictor's pose regressor."""
+    """(K [3, 3] at `size` px, viewmat [4, 4], expression [E] or None, landmarks: (pixels [L, 2]
+    at `size` px, visible [L]) or None) of the portrait: from the user's JSON (its K and
+    landmarks refer to the image as given: rescaled to `framing`'s image size, then shifted and
+    scaled by the crop `read_portrait` took, the centred square without `framing`) or from the
+    dense predictor's pose regressor and landmark branch."""
     from data_pipelines.align import centre_box
     from fica_jax.infer import pose as pose_lib
 
@@ -165,7 +166,12 @@ def _pose(models, portrait, pose_path, size: int, framing: dict | None = None):
         K[0, 2] -= x0
         K[1, 2] -= y0
         K = np.diag([size / side, size / side, 1.0]) @ K
-        return K.astype(np.float32), p["viewmat"], p["expression"]
+        lm = p.get("landmarks")
+        if lm is not None:
+            if framing:
+                lm = np.asarray(lm, np.float64) * [iw / w, ih / h]
+            lm = ((lm - [x0, y0]) * (size / side), np.asarray(p["landmarks_visible"], bool))
+        return K.astype(np.float32), p["viewmat"], p["expression"], lm
     # the regressor head when the dense model has one (its held-out error is in the dense
     # stage's eval), else PnP on the predicted vertex map (`pose.pose_from_vertices`)
     dense = models["dense"].model
@@ -173,7 +179,10 @@ def _pose(models, portrait, pose_path, size: int, framing: dict | None = None):
     p = pose_lib.predict_pose(dense, jnp.asarray(portrait)[None], method=method)
     s = size / portrait.shape[0]
     K = np.diag([s, s, 1.0]).astype(np.float32) @ np.asarray(p["K"][0])
-    return K, np.asarray(p["viewmat"][0]), np.asarray(p["expression"][0])
+    lm = p["landmarks"]
+    lm = None if lm is None else (np.asarray(lm[0]) * s, np.ones(lm.shape[1], bool))
+    expr = None if p["expression"] is None else np.asarray(p["expression"][0])
+    return K, np.asarray(p["viewmat"][0]), expr, lm
 
 
 @functools.lru_cache(maxsize=4)
@@ -210,7 +219,7 @@ def _portrait_batch(models, portrait, head_mask, size: int, mask, pose) -> dict:
     `_pose` at the portrait's own size (K scales with the image)."""
     img = np.asarray(jax.image.resize(jnp.asarray(portrait), (size, size, 3), "bilinear"))
     hm = np.asarray(jax.image.resize(jnp.asarray(head_mask), (size, size), "bilinear"))
-    K, viewmat, expression = pose
+    K, viewmat, expression, _ = pose
     s = size / portrait.shape[0]
     K = np.diag([s, s, 1.0]).astype(np.float32) @ np.asarray(K, np.float32)
     offset = expression_offset(template_key(models), expression, mask.shape[0])
@@ -227,6 +236,33 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
               "landmark_uv": np.zeros((1, n_kpts, 2), np.float32)}  # fmt: skip
     out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()})
     return out["texture"], out["geometry"]
+
+
+def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | None, dict]:
+    """`geometry.shape_fit` of the DiT's geometry [R, R, 3] to the portrait's landmarks (`pose`
+    as `_pose` gives it at `size` px) -> (the fitted geometry or None, info: why not, or the
+    landmarks used and their residual)."""
+    from fica_jax.geometry.shape_fit import fit_landmarks, replace_coordinates
+
+    st, landmarks = models["refiner"].stats, pose[3]
+    key = template_key(models)
+    if "shape_basis" not in st:
+        return None, {"skipped": "the refiner export has no shape space (re-export it)"}
+    if landmarks is None or not key:
+        return None, {"skipped": "no landmarks" if key else "no head template"}
+    space = {k: np.asarray(st[f"shape_{k}"], np.float32) for k in ("mean", "basis", "sd")}
+    if space["mean"].shape != geometry.shape:
+        return None, {"skipped": f"shape space at {space['mean'].shape[0]} texels, maps at "
+                                 f"{geometry.shape[0]}"}  # fmt: skip
+    t = template_store.resolve(key)
+    n = min(len(t.landmark_ids), len(landmarks[0]))
+    offset = expression_offset(key, pose[2], mask.shape[0]) * mask[..., None]
+    fit = fit_landmarks(space, offset, t.uvs[t.landmark_ids[:n]], landmarks[0][:n],
+                        landmarks[1][:n], pose[0], pose[1], size)  # fmt: skip
+    if fit is None:
+        return None, {"skipped": "too few visible landmarks"}
+    c, info = fit
+    return replace_coordinates(space, geometry, c) * mask[..., None], info
 
 
 def _transfer(models, texture, geometry, mask, portrait, head_mask, pose):
@@ -302,6 +338,7 @@ def generate_maps(
     pose=None,  # a --pose JSON path, a load_pose_json-style dict, or None: the regressor
     refine: bool = True,
     transfer: bool = True,  # correction towards the portrait's de-lit colours (refined only)
+    fit: bool = True,  # the DiT's geometry fitted to the portrait's landmarks (refined only)
     dit: str = "dit",  # which DiT export (ablation variants: "dit-rgb", "dit-maps")
     timer: Timer | None = None,
     where: str = "--image",
@@ -328,8 +365,15 @@ def generate_maps(
     maps = {"dit_texture": np.asarray(texture[0]), "dit_geometry": np.asarray(geometry[0])}
     timer.lap("dit")
     refined = bool(refine and "refiner" in models)
-    if refined:  # the portrait's camera and expression, once for the refiner and the transfer
+    fitted = {"skipped": "off"}
+    if refined:  # the portrait's camera, expression and landmarks, once for all that follows
         cam = _pose(models, portrait, pose, int(portrait.shape[0]), framing)
+        if fit:
+            fit_geo, fitted = _fit_shape(models, maps["dit_geometry"], mask, cam,
+                                         int(portrait.shape[0]))  # fmt: skip
+            geometry = geometry if fit_geo is None else jnp.asarray(fit_geo)[None]
+            timer.lap("shape fit")
+        maps["fitted_geometry"] = np.asarray(geometry[0])
         texture, geometry = _refine(models, texture, geometry, mask, portrait, head, cam)
         texture = jnp.clip(texture, 0.0, 1.0)
         timer.lap("refiner")
@@ -341,5 +385,6 @@ def generate_maps(
         timer.lap("transfer")
     maps |= {"texture": np.asarray(texture[0]), "geometry": np.asarray(geometry[0]), "mask": mask}
     info = {"steps": int(steps), "cfg_scale": scale, "seed": int(seed), "dit": dit,
-            "refined": refined, "transferred": moved is not None, "head_coverage": round(cover, 4)}  # fmt: skip
+            "refined": refined, "transferred": moved is not None, "shape_fit": fitted,
+            "head_coverage": round(cover, 4)}  # fmt: skip
     return maps, info

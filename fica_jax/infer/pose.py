@@ -108,7 +108,8 @@ def load_pose_json(
     expression_dim: int | None = None,
 ) -> dict:
     """An external tracker's pose of one portrait -> dict(K [3,3], viewmat [4,4], expression [E]
-    or None, gaze [2] or None, image_size (H, W)), float32.
+    or None, gaze [2] or None, image_size (H, W), landmarks [L, 2] or None, landmarks_visible
+    [L] bool or None), float32.
 
     JSON layout (one object)::
 
@@ -117,7 +118,10 @@ def load_pose_json(
          "viewmat": [[r00, r01, r02, tx], ..., [0, 0, 0, 1]],  # world -> camera, OpenCV axes,
                                             # the head at the world origin (metres)
          "expression": [e0, ..., e{E-1}],   # optional: the template's blendshape weights
-         "gaze": [yaw, pitch]}              # optional: radians
+         "gaze": [yaw, pitch],              # optional: radians
+         "landmarks": [[x, y], ...],        # optional: the template's L landmarks (iBUG-68
+                                            # order), pixels of image_size
+         "landmarks_visible": [0/1, ...]}   # optional, with landmarks: default all visible
 
     `image_size` (H, W) rescales K to the image the pose is used with; `expression_dim` checks the
     expression length. Each problem is one `UserError` naming the file and key.
@@ -148,13 +152,22 @@ def load_pose_json(
             f"{path}: key 'expression' has {len(expression)} values, expected {expression_dim}"
         )
     gaze = _array(obj, "gaze", (2,), path, optional=True)
+    landmarks = _array(obj, "landmarks", (None, 2), path, optional=True)
+    visible = _array(obj, "landmarks_visible", (None,), path, optional=True)
+    if visible is not None and (landmarks is None or len(visible) != len(landmarks)):
+        raise UserError(f"{path}: key 'landmarks_visible' needs one 0/1 per entry of 'landmarks'")
+    if landmarks is not None and visible is None:
+        visible = np.ones(len(landmarks))
     h, w = (int(s) for s in size)
     if image_size is not None:
-        K = np.diag([image_size[1] / w, image_size[0] / h, 1.0]) @ K
+        scale = np.array([image_size[1] / w, image_size[0] / h])
+        K = np.diag([*scale, 1.0]) @ K
+        landmarks = None if landmarks is None else landmarks * scale
         h, w = image_size
     f32 = lambda a: None if a is None else a.astype(np.float32)
     return {"K": f32(K), "viewmat": f32(viewmat), "expression": f32(expression),
-            "gaze": f32(gaze), "image_size": (h, w)}  # fmt: skip
+            "gaze": f32(gaze), "image_size": (h, w), "landmarks": f32(landmarks),
+            "landmarks_visible": None if visible is None else visible > 0.5}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- PnP
@@ -295,7 +308,8 @@ def predict_pose(
     method: str = "pnp",
 ) -> dict:
     """images [B, H, W, 3] in [0, 1] through a `DensePredictor` -> the `load_pose_json` dict with
-    a batch axis (gaze None: not regressed). K [B, 3, 3] or [3, 3] are the images' intrinsics
+    a batch axis (gaze None: not regressed; landmarks [B, L, 2] from the landmark branch, else
+    None). K [B, 3, 3] or [3, 3] are the images' intrinsics
     (default `nominal_K`). method "pnp": the camera from the predicted vertex map and mask
     (`pose_from_vertices`), the expression from the landmark branch or the pose head if the
     model has one (else None);
@@ -313,12 +327,13 @@ def predict_pose(
     K = nominal_K((h, w)) if K is None else K
     K = jnp.broadcast_to(jnp.asarray(K, jnp.float32), (b, 3, 3))
     out = _dense_outputs(dense_model, images)
+    kpts = {"landmarks": out.get("kpts")}  # the landmark branch's, where the model has one
     if method == "regressor":
-        return pose_from_outputs(out, K, (h, w))
+        return pose_from_outputs(out, K, (h, w)) | kpts
     viewmat = _pnp_jit(out["vtx"], out["mask"], K)
     has_expr = has_head or getattr(dense_model, "landmarks", None) is not None
     expr = out["expression"] if has_expr else None
-    return {"K": K, "viewmat": viewmat, "expression": expr, "gaze": None}
+    return {"K": K, "viewmat": viewmat, "expression": expr, "gaze": None} | kpts
 
 
 _pnp_jit = jax.jit(pose_from_vertices)
@@ -327,5 +342,5 @@ _pnp_jit = jax.jit(pose_from_vertices)
 @nnx.jit
 def _dense_outputs(model, images: jax.Array) -> dict[str, jax.Array]:
     out = model(images)  # XLA drops the unused heads
-    keep = {k: out[k] for k in ("rot6d", "cam", "expression") if k in out}
+    keep = {k: out[k] for k in ("rot6d", "cam", "expression", "kpts") if k in out}
     return keep | {"vtx": out["vtx"], "mask": jax.nn.sigmoid(out["mask_logits"][..., 0])}

@@ -61,6 +61,7 @@ from data_pipelines.pipeline import CaptureData, open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.errors import UserError
+from fica_jax.geometry.shape_fit import shape_space
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.refine import refine, render_view
 from fica_jax.infer.transfer import exposure_gain, portrait_light
@@ -72,6 +73,7 @@ from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
 INPUT_SOURCES = ("corrupt", "samples", "mix")
+SHAPE_RECORDS = 4096  # training identities the exported shape space is computed from, at most
 
 
 def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
@@ -389,14 +391,20 @@ def fit_data(meta) -> dict:
 
 
 def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
-    """What `fica generate` needs beside the weights: the template the maps lie on and the
-    training portraits' shading level (`infer.transfer.exposure_gain`, `transfer_gain`)."""
+    """What `fica generate` needs beside the weights: the template the maps lie on, the
+    training portraits' shading level (`infer.transfer.exposure_gain`, `transfer_gain`) and the
+    training identities' shape space (`geometry.shape_fit.shape_space`, `shape_*` arrays)."""
     stats, arrays = template_stats(cfg.data.dir)
     try:
         src = open_source(cfg.data.dir, "train")
-    except (UserError, OSError):  # no training captures beside the run: no transfer
+    except (UserError, OSError):  # no training captures beside the run: no transfer, no fit
         return stats, arrays
     gain = exposure_gain(src[i] for i in range(len(src)))
+    r = int(cfg.data.uv_resolution)
+    maps = [T.uv_maps(src[i], r) for i in range(min(len(src), SHAPE_RECORDS))]
+    space = shape_space(np.stack([m["uv_geometry"] for m in maps]), maps[0]["uv_mask"],
+                        int(cfg.model.get("shape_components", 32)))  # fmt: skip
+    arrays = arrays | {f"stats.shape_{k}": v for k, v in space.items()}
     return stats | {"transfer_gain": [float(g) for g in gain]}, arrays
 
 

@@ -85,7 +85,8 @@ def test_identity_summary_reads_the_gap_the_texels_the_budget_and_the_steps():
     row = lambda m, psnr, **kw: {"method": m, "psnr": psnr, "ssim": 0.3, **kw}
     tables = {
         "main": [row("mean", 12.0), row("3dgs", 15.0), row("gt_upm", 18.0)],
-        "ablation": [row("abl_emb", 15.2), row("abl_ref", 15.5, psnr_delta=0.3, psnr_delta_se=0.1),
+        "ablation": [row("abl_emb", 14.2), row("abl_fit", 15.2, psnr_delta=1.0, psnr_delta_se=0.2),
+                     row("abl_ref", 15.5, psnr_delta=0.3, psnr_delta_se=0.1),
                      row("3dgs", 15.0, psnr_delta=-0.5, psnr_delta_se=0.25)],
         "uv_texture": [{"method": "mean", "visible_psnr": 16.0, "unseen_psnr": 17.0},
                        {"method": "3dgs", "visible_psnr": 19.0, "unseen_psnr": 17.5},
@@ -98,6 +99,7 @@ def test_identity_summary_reads_the_gap_the_texels_the_budget_and_the_steps():
     want = {"gap_closed": 0.5, "visible_texel_psnr_gain_db": 3.0, "unseen_texel_psnr_gain_db": 0.5,
             "visible_texel_psnr_below_vae_ceiling_db": 2.0, "dit_texture_psnr": 16.9,
             "vae_maps_psnr": 16.5, "geometry_cost_db": 2.0, "texture_cost_db": 1.0,
+            "shape_fit_step_db": 1.0, "shape_fit_step_in_se": 5.0,
             "refiner_step_db": 0.3, "refiner_step_in_se": 3.0, "transfer_step_in_se": -2.0}  # fmt: skip
     for k, v in want.items():
         assert got[k] == pytest.approx(v), k

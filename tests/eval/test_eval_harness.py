@@ -59,13 +59,16 @@ def test_report_has_every_row_and_the_ablation_table(report):
         assert isinstance(r["lpips"], float) and r["lpips"] >= 0
         assert r["id_csim"].startswith("unavailable (no weights at")
     abl = {r["method"]: r for r in rep["tables"]["ablation"]}
-    assert list(abl) == ["abl_rgb", "abl_maps", "abl_emb", "abl_ref", "3dgs"]
+    assert list(abl) == ["abl_rgb", "abl_maps", "abl_emb", "abl_fit", "abl_ref", "3dgs"]
+    # the DiT's maps with their geometry fitted to the capture's landmarks, paired likewise
+    assert isinstance(abl["abl_fit"]["psnr"], float) and "psnr_delta" in abl["abl_fit"]
     assert isinstance(abl["abl_rgb"]["psnr"], float) and abl["abl_maps"]["psnr"] == "not trained"
     # the refined maps before the visible-texel transfer, paired with the unrefined row above
     assert isinstance(abl["abl_ref"]["psnr"], float) and "psnr_delta" in abl["abl_ref"]
     text = (out / "report.md").read_text()
     for label in ("FiCA (Mesh)", "FiCA (3DGS)", "Mean texture", "upper bound", "Partial RGB only",
-                  "+ refiner", "+ visible-texel transfer", "unavailable (no weights at",
+                  "+ landmark shape fit", "+ refiner", "+ visible-texel transfer",
+                  "unavailable (no weights at",
                   "not trained"):  # fmt: skip
         assert label in text, label
     for f in ("metrics.csv", "per_identity.csv", "per_identity.png", "frames.png", "report.json"):
@@ -73,11 +76,11 @@ def test_report_has_every_row_and_the_ablation_table(report):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     frames = [r for r in rows if r["table"] == "frames"]
-    # one dome frame x 10 methods: mean, mesh, 3dgs, gt_upm, abl_rgb, abl_emb, abl_ref and the
-    # error budget's vae_upm, gt_tex, gt_geo
-    assert len(frames) == 10
-    assert {r["method"] for r in frames} >= {"mean", "mesh", "3dgs", "abl_rgb", "abl_ref",
-                                             "vae_upm", "gt_tex", "gt_geo"}  # fmt: skip
+    # one dome frame x 11 methods: mean, mesh, 3dgs, gt_upm, abl_rgb, abl_emb, abl_fit, abl_ref
+    # and the error budget's vae_upm, gt_tex, gt_geo
+    assert len(frames) == 11
+    assert {r["method"] for r in frames} >= {"mean", "mesh", "3dgs", "abl_rgb", "abl_fit",
+                                             "abl_ref", "vae_upm", "gt_tex", "gt_geo"}  # fmt: skip
     budget = {r["method"]: r for r in rep["tables"]["budget"]}
     assert list(budget) == ["gt_upm", "vae_upm", "gt_tex", "gt_geo", "3dgs"]
     assert all(isinstance(budget[m]["psnr_delta"], float) for m in list(budget)[1:])

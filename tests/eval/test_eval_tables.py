@@ -162,11 +162,15 @@ def test_error_budget_maps_swap_one_of_ficas_maps_for_the_ground_truth(monkeypat
     from fica_jax.eval import texture
 
     rec = _record()
+    kpts = np.random.default_rng(0).uniform(0, 16, (V, 68, 2)).astype(np.float32)
     rec |= {"view_image": np.zeros((V, 16, 16, 3), np.uint8),
-            "uv_geometry": np.full((R, R, 3), 0.5, np.float32)}  # fmt: skip
+            "uv_geometry": np.full((R, R, 3), 0.5, np.float32), "view_kpts": kpts,
+            "view_kpts_visible": np.ones((V, 68), np.uint8)}  # fmt: skip
     fica = {"texture": np.full((R, R, 3), 0.2, np.float32), "geometry": np.full((R, R, 3), 0.1),
             "mask": rec["uv_mask"], "dit_texture": 0, "dit_geometry": 0}  # fmt: skip
-    monkeypatch.setattr(generate, "generate_maps", lambda portrait, models, **kw: (fica, {}))
+    poses = []
+    monkeypatch.setattr(generate, "generate_maps",
+                        lambda portrait, models, **kw: poses.append(kw["pose"]) or (fica, {}))  # fmt: skip
     vae = (np.full((R, R, 3), 0.3, np.float32), np.full((R, R, 3), 0.4, np.float32))
     monkeypatch.setattr(texture, "vae_maps", lambda rec, models: vae)
     models = {"dense": SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(image_size=16))),
@@ -178,6 +182,9 @@ def test_error_budget_maps_swap_one_of_ficas_maps_for_the_ground_truth(monkeypat
     assert maps["gt_tex"]["geometry"] is fica["geometry"]
     assert maps["gt_geo"]["texture"] is fica["texture"]
     np.testing.assert_array_equal(maps["gt_geo"]["geometry"], rec["uv_geometry"])
+    # --pose gt hands generation the portrait's landmarks, as a tracker's --pose JSON would
+    np.testing.assert_array_equal(poses[0]["landmarks"], kpts[0])
+    assert poses[0]["landmarks_visible"].all()
 
 
 def test_eval_refuses_models_laid_out_on_another_template(synth_dir):

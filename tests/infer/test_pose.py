@@ -90,7 +90,24 @@ def test_pose_json_round_trip_and_rescale(tmp_path):
     np.testing.assert_allclose(half["K"], [[25, 0, 7.5], [0, 25, 10], [0, 0, 1]])
     p, _ = _good_pose(tmp_path, expression="DROP", gaze=None)
     opt = pose.load_pose_json(p)
-    assert opt["expression"] is None and opt["gaze"] is None
+    assert opt["expression"] is None and opt["gaze"] is None and opt["landmarks"] is None
+
+
+def test_pose_json_landmarks_rescale_with_k_and_default_to_visible(tmp_path):
+    vm = np.asarray(_good_pose(tmp_path)[1]["viewmat"])
+    points = np.array([[0.0, 0.0, 0.0], [0.03, -0.02, 0.05], [-0.04, 0.05, 0.01]])
+    K = np.array([[50.0, 0, 15], [0, 50, 20], [0, 0, 1]])
+
+    def project(K):
+        uvw = (points @ vm[:3, :3].T + vm[:3, 3]) @ K.T
+        return uvw[:, :2] / uvw[:, 2:]
+
+    p, _ = _good_pose(tmp_path, landmarks=project(K).tolist())
+    got = pose.load_pose_json(p, image_size=(20, 45))  # rows halve, columns grow 1.5x
+    np.testing.assert_allclose(got["landmarks"], project(got["K"]), atol=1e-4)
+    assert got["landmarks_visible"].tolist() == [True] * 3
+    p, _ = _good_pose(tmp_path, landmarks=project(K).tolist(), landmarks_visible=[1, 0, 1])
+    assert pose.load_pose_json(p)["landmarks_visible"].tolist() == [True, False, True]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +125,8 @@ def test_pose_json_round_trip_and_rescale(tmp_path):
         ("expression", [0.1, float("nan")], "key 'expression' has non-finite values"),
         ("expression", [[0.1]], r"key 'expression' has shape \[1, 1\], expected \[E\]"),
         ("gaze", [0.1, 0.2, 0.3], r"key 'gaze' has shape \[3\], expected \[2\]"),
+        ("landmarks", [1.0, 2.0], r"key 'landmarks' has shape \[2\], expected \[E, 2\]"),
+        ("landmarks_visible", [1, 0], "key 'landmarks_visible' needs one 0/1 per entry"),
     ],
 )
 def test_pose_json_bad_key_names_file_and_key(tmp_path, key, value, match):
