@@ -13,16 +13,18 @@ portrait's shading is evidence of its albedo.
 That evidence is not pasted texel for texel (`correction`): it lands through the generated
 geometry, which is off by millimetres, so a pasted eye or brow lands beside the texture's own.
 It is split into two bands. The colour band, the difference between the evidence and the
-texture spread by a Gaussian normalised convolution (sigma 1/16 of the map, 4 texels at 64), is
-added with a share that follows the local density of evidence: full where the portrait shows
+texture spread by a Gaussian normalised convolution (sigma 1/4 of the map, 16 texels at 64), is
+added with a share that follows the local density of evidence: most where the portrait shows
 the surface, fading over a few sigma into the unseen texels around it (the hair the portrait
-shows reaches the hair beside it), none beyond. The detail band, what the colour band leaves of
+shows reaches the hair beside it and behind), none beyond. The detail band, what the colour band leaves of
 the difference (a brow, a fringe, an eye), is added at half strength on the texels it comes
 from: whole, a misplaced feature costs more than it gives; without it the avatar loses the
 features that make it look like its portrait. On the demo's 7 held-out identities (one DiT
 sample each) visible / unseen texel PSNR, dome-frame PSNR and the portrait's own view: paste
 18.48 / 17.28 / 15.05 / 20.04 dB; colour band only 19.17 / 18.27 / 15.22 / 18.47; both bands
-(default) 19.38 / 18.10 / 15.23 / 19.44; the refined maps without either 17.45 / 18.00 / 15.34.
+19.38 / 18.10 / 15.23 / 19.44; the refined maps without either 17.45 / 18.00 / 15.34 (with
+sigma 1/16 and full share at density 0.6, the settings before the landmark shape fit; with the
+fitted geometry, the wider band below scores better on the training identities).
 
 A portrait is albedo times light; the texture is albedo. The shading is modelled per colour
 channel as a linear function of the surface normal, s_c(n) = a_c + b_c . n (first-order
@@ -56,10 +58,11 @@ from fica_jax.render.surfels import normal_maps
 MIN_TEXELS = 16  # fewer visible texels than this: the shading fit is not attempted
 RIDGE = 1e-3  # Tikhonov weight on the shading fit's normal equations, relative to their trace
 FACING = (0.15, 0.5)  # |cos| between normal and view ray: weight 0 below, 1 above (linear)
-# The correction's Gaussian (a fraction of the map's width: 4 texels at 64), the density of
+# The correction's Gaussian (a fraction of the map's width: 16 texels at 64), the density of
 # evidence at which a texel takes all of its colour band, and the share of the evidence's own
-# detail added on top. Chosen on 7 *training* identities of the demo (docs/architecture.md).
-SIGMA, REACH, DETAIL = 1.0 / 16, 0.6, 0.5
+# detail added on top. Chosen on 7 *training* identities of the demo, through the landmark-fitted
+# geometry (docs/architecture.md).
+SIGMA, REACH, DETAIL = 1.0 / 4, 1.0, 0.5
 
 
 def _design(normals: jax.Array) -> jax.Array:
@@ -191,9 +194,10 @@ def correction(texture, albedo, weight, mask, sigma: float = SIGMA, reach: float
     return {"texture": out.astype(np.float32), "weight": share.astype(np.float32)}
 
 
-def transfer(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> dict:
-    """`delit`, then `correction` per map: the same arguments -> {"texture" [B, R, R, 3],
-    "weight" [B, R, R]} (numpy)."""
+def transfer(texture, geometry, mask, batch, gain, tolerance: float = 0.01, **bands) -> dict:
+    """`delit`, then `correction` per map (`bands`: its sigma / reach / detail): the same
+    arguments -> {"texture" [B, R, R, 3], "weight" [B, R, R]} (numpy)."""
     d = delit(texture, geometry, mask, batch, gain, tolerance)
-    outs = [correction(*a) for a in zip(texture, d["albedo"], d["weight"], mask, strict=True)]
+    outs = [correction(*a, **bands)
+            for a in zip(texture, d["albedo"], d["weight"], mask, strict=True)]  # fmt: skip
     return {k: np.stack([o[k] for o in outs]) for k in ("texture", "weight")}

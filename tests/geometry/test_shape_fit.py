@@ -119,4 +119,3 @@ def test_on_a_held_out_capture_the_fit_beats_the_mean_shape(synth_dir):
     l1 = lambda g: float(np.abs(g - geo)[mask > 0].mean() * 1000)
     assert info["landmarks"] >= MIN_LANDMARKS
     assert l1(fitted) < l1(space["mean"]) - MARGIN_MM, (l1(fitted), l1(space["mean"]))
-
