@@ -3,9 +3,11 @@
 image -> face found and framed like a training portrait (`data_pipelines.align`; `--no-align`:
 the centred square) -> portrait -> dense predictor (UV, vertices, normals, mask) -> partial UV
 maps + image embedding -> VAE-encoded control latents -> DiT + ControlMLP, `--steps` Euler steps
-with guidance `--cfg` -> VAE decode -> complete UV texture + geometry -> refiner (when
-`MODELS/refiner` exists; it needs the portrait's camera: `--pose JSON` from the user's tracker,
-else the dense predictor's pose regressor) -> UPM identity encoder -> avatar bundle.
+with guidance `--cfg` -> VAE decode -> complete UV texture + geometry -> landmark shape fit,
+refiner and visible-texel transfer (when `MODELS/refiner` exists; they need the portrait's
+camera: `--pose JSON` from the user's tracker, else the dense predictor's pose regressor; the
+shape fit also its landmarks, from the JSON or the dense predictor's landmark branch) -> UPM
+identity encoder -> avatar bundle.
 
 `--models DIR` holds one `fica export` folder per stage: `dense/`, `vae/`, `dit/`, `upm/` and
 optionally `refiner/` (`fica export --run RUN --out DIR/NAME`). The DiT's export carries the
