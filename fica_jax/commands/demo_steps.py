@@ -93,8 +93,8 @@ def portraits(
     data_dir: pathlib.Path, out: pathlib.Path, n: int
 ) -> list[tuple[str, pathlib.Path, pathlib.Path]]:
     """The first `n` held-out identities' portraits (PNG) and their capture camera, expression
-    and landmarks as a `--pose` JSON (`fica_jax.infer.pose.load_pose_json`: what a face tracker would give) ->
-    [(identity, png, json)]."""
+    and landmarks as a `--pose` JSON (`fica_jax.infer.pose.load_pose_json`: what a face tracker
+    would give) -> [(identity, png, json)]."""
     from PIL import Image
 
     from data_pipelines.pipeline import open_source

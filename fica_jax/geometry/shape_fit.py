@@ -47,9 +47,9 @@ def shape_space(geometries: np.ndarray, mask: np.ndarray, max_components: int = 
     {"mean" [R, R, 3], "basis" [K, R, R, 3] (orthonormal over the masked texels, zero off
     them), "sd" [K] (the identities' standard deviation along each)}, K <= min(N - 1,
     max_components), components of negligible variance dropped."""
-    g = np.asarray(geometries, np.float64)
+    g = np.asarray(geometries, np.float32)  # float32: [N, R^2 3] is 3 GB at N 1024, R 512
     m = np.asarray(mask) > 0
-    mean = g.mean(0) * m[..., None]
+    mean = (g.mean(0, dtype=np.float64) * m[..., None]).astype(np.float32)
     x = (g - mean)[:, m].reshape(len(g), -1)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
     k = int(min(len(g) - 1, max_components, np.sum(s > 1e-6 * max(s[0], 1e-30))))

@@ -16,15 +16,15 @@ It is split into two bands. The colour band, the difference between the evidence
 texture spread by a Gaussian normalised convolution (sigma 1/4 of the map, 16 texels at 64), is
 added with a share that follows the local density of evidence: most where the portrait shows
 the surface, fading over a few sigma into the unseen texels around it (the hair the portrait
-shows reaches the hair beside it and behind), none beyond. The detail band, what the colour band leaves of
-the difference (a brow, a fringe, an eye), is added at half strength on the texels it comes
-from: whole, a misplaced feature costs more than it gives; without it the avatar loses the
-features that make it look like its portrait. On the demo's 7 held-out identities (one DiT
-sample each) visible / unseen texel PSNR, dome-frame PSNR and the portrait's own view: paste
-18.48 / 17.28 / 15.05 / 20.04 dB; colour band only 19.17 / 18.27 / 15.22 / 18.47; both bands
-19.38 / 18.10 / 15.23 / 19.44; the refined maps without either 17.45 / 18.00 / 15.34 (with
-sigma 1/16 and full share at density 0.6, the settings before the landmark shape fit; with the
-fitted geometry, the wider band below scores better on the training identities).
+shows reaches the hair beside it and behind), none beyond. The detail band, what the colour
+band leaves of the difference (a brow, a fringe, an eye), is added at half strength on the
+texels it comes from: whole, a misplaced feature costs more than it gives; without it the
+avatar loses the features that make it look like its portrait. On the demo's 7 held-out
+identities (one DiT sample each) visible / unseen texel PSNR, dome-frame PSNR and the portrait's
+own view: paste 18.48 / 17.28 / 15.05 / 20.04 dB; colour band only 19.17 / 18.27 / 15.22 /
+18.47; both bands 19.38 / 18.10 / 15.23 / 19.44; the refined maps without either 17.45 / 18.00
+/ 15.34 (with sigma 1/16 and full share at density 0.6, the settings before the landmark shape
+fit; with the fitted geometry, the wider band below scores better on the training identities).
 
 A portrait is albedo times light; the texture is albedo. The shading is modelled per colour
 channel as a linear function of the surface normal, s_c(n) = a_c + b_c . n (first-order

@@ -73,7 +73,9 @@ from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
 INPUT_SOURCES = ("corrupt", "samples", "mix")
-SHAPE_RECORDS = 4096  # training identities the exported shape space is computed from, at most
+# The exported shape space (`geometry.shape_fit`): from at most this many training identities'
+# geometry maps (held in memory for one SVD: 3 GB at 512^2 texels), this many components.
+SHAPE_RECORDS, SHAPE_COMPONENTS = 1024, 32
 
 
 def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
@@ -401,9 +403,10 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
         return stats, arrays
     gain = exposure_gain(src[i] for i in range(len(src)))
     r = int(cfg.data.uv_resolution)
-    maps = [T.uv_maps(src[i], r) for i in range(min(len(src), SHAPE_RECORDS))]
-    space = shape_space(np.stack([m["uv_geometry"] for m in maps]), maps[0]["uv_mask"],
-                        int(cfg.model.get("shape_components", 32)))  # fmt: skip
+    geo = lambda i: T.resize_uv(np.asarray(src[i]["uv_geometry"], np.float32), r)
+    geometries = np.stack([geo(i) for i in range(min(len(src), SHAPE_RECORDS))])
+    mask = T.resize_uv(np.asarray(src[0]["uv_mask"]), r)
+    space = shape_space(geometries, mask, SHAPE_COMPONENTS)
     arrays = arrays | {f"stats.shape_{k}": v for k, v in space.items()}
     return stats | {"transfer_gain": [float(g) for g in gain]}, arrays
 
