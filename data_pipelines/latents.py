@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,9 +253,19 @@ def latent_example(record: Record, rng: np.random.Generator, opts: TransformOpti
     return out
 
 
+def select_control(control_input: str, groups: Sequence[str], maps: np.ndarray,
+                   latents: Callable[[], np.ndarray], grid: int) -> np.ndarray:  # fmt: skip
+    """The DiT's control input for `groups`, for the cache (`latent_example`) and `fica generate`
+    (`infer.latent_cache.encode_control`) alike: "pixels" / "pooled", `pixel_control` of the
+    normalised partial maps [..., R, R, 10] on the `grid`; "latents", the groups' channels of
+    `latents()` [..., G, G, 4 x token channels] (the VAE-encoded groups, encoded only if asked)."""
+    if control_input in ("pixels", "pooled"):
+        return pixel_control(maps, groups, grid, pooled=control_input == "pooled")
+    z = latents()
+    return z[..., control_channels(groups, z.shape[-1] // len(CONTROL_GROUPS))]
+
+
 def _control(record: Record, groups: Sequence[str], control_input: str) -> np.ndarray:
     latents = np.asarray(record["control"], np.float32)
-    if control_input in ("pixels", "pooled"):
-        return pixel_control(record["control_maps"], groups, latents.shape[0],
-                             pooled=control_input == "pooled")  # fmt: skip
-    return latents[..., control_channels(groups, latents.shape[-1] // len(CONTROL_GROUPS))]
+    return select_control(control_input, groups, record["control_maps"], lambda: latents,
+                          latents.shape[0])  # fmt: skip

@@ -72,11 +72,12 @@ def encode_control(vae: VAEBundle, partial_uv, groups, control_input: str, grid:
     cache gives the stage (`data_pipelines.latents.latent_example`) and `fica generate` feeds
     the DiT. "latents": the groups through the VAE; "pixels" / "pooled": `L.pixel_control`."""
     ctrl = _control_maps(vae.stats, partial_uv)
-    if control_input in ("pixels", "pooled"):
-        return L.pixel_control(_map_control(ctrl), groups, grid, control_input == "pooled")
-    mean, _ = _posterior(vae.model, jnp.asarray(np.concatenate(ctrl)), vae.unshuffle)
-    latents = _pack_control(np.asarray(mean), ctrl[0].shape[0], 0)
-    return latents[..., L.control_channels(groups, latents.shape[-1] // len(L.CONTROL_GROUPS))]
+
+    def latents():
+        mean, _ = _posterior(vae.model, jnp.asarray(np.concatenate(ctrl)), vae.unshuffle)
+        return _pack_control(np.asarray(mean), ctrl[0].shape[0], 0)
+
+    return L.select_control(control_input, groups, _map_control(ctrl), latents, grid)
 
 
 def encode_maps(vae: VAEBundle, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

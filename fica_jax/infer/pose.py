@@ -83,8 +83,9 @@ def pose_stats(data_dir: str | os.PathLike, split: str = "train", limit: int = 4
 
 # ----------------------------------------------------------------------------- external JSON
 def _array(obj: dict, key: str, shape: tuple, path, optional: bool = False) -> np.ndarray | None:
-    """obj[key] as float64 of `shape` (None: any length), finite; None if optional and absent."""
-    want = "[" + ", ".join("E" if s is None else str(s) for s in shape) + "]"
+    """obj[key] as float64 of `shape`, finite; None if optional and absent. A str in `shape`
+    admits any length and names it in the error ("E" expression coefficients, "L" landmarks)."""
+    want = "[" + ", ".join(str(s) for s in shape) + "]"
     if obj.get(key) is None:
         if optional:
             return None
@@ -94,7 +95,7 @@ def _array(obj: dict, key: str, shape: tuple, path, optional: bool = False) -> n
     except (TypeError, ValueError):
         raise UserError(f"{path}: key {key!r} is not a numeric array of shape {want}") from None
     ok = arr.ndim == len(shape)
-    ok = ok and all(s is None or a == s for a, s in zip(arr.shape, shape, strict=True))
+    ok = ok and all(isinstance(s, str) or a == s for a, s in zip(arr.shape, shape, strict=True))
     if not ok:
         raise UserError(f"{path}: key {key!r} has shape {list(arr.shape)}, expected {want}")
     if not np.all(np.isfinite(arr)):
@@ -146,14 +147,14 @@ def load_pose_json(
         raise UserError(f"{path}: key 'viewmat' must have last row [0, 0, 0, 1]")
     if not np.allclose(r @ r.T, np.eye(3), atol=1e-3) or np.linalg.det(r) < 0:
         raise UserError(f"{path}: key 'viewmat' has a rotation block that is not a rotation")
-    expression = _array(obj, "expression", (None,), path, optional=True)
+    expression = _array(obj, "expression", ("E",), path, optional=True)
     if expression is not None and expression_dim is not None and len(expression) != expression_dim:
         raise UserError(
             f"{path}: key 'expression' has {len(expression)} values, expected {expression_dim}"
         )
     gaze = _array(obj, "gaze", (2,), path, optional=True)
-    landmarks = _array(obj, "landmarks", (None, 2), path, optional=True)
-    visible = _array(obj, "landmarks_visible", (None,), path, optional=True)
+    landmarks = _array(obj, "landmarks", ("L", 2), path, optional=True)
+    visible = _array(obj, "landmarks_visible", ("L",), path, optional=True)
     if visible is not None and (landmarks is None or len(visible) != len(landmarks)):
         raise UserError(f"{path}: key 'landmarks_visible' needs one 0/1 per entry of 'landmarks'")
     if landmarks is not None and visible is None:

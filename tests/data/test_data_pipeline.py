@@ -290,6 +290,26 @@ def test_pooled_control_is_each_cells_mean_over_its_seen_texels():
     np.testing.assert_array_equal(full[0, 0].reshape(2, 2, 4), maps[:2, :2, :4])
 
 
+def test_select_control_is_the_one_dispatch_of_cache_and_generate():
+    """`latents.select_control`, used by the cache's examples and `fica generate`: the pixel
+    modes are `pixel_control` and never encode; "latents" takes each chosen group's channels."""
+    from data_pipelines.latents import pixel_control, select_control
+
+    maps = np.random.default_rng(0).normal(size=(2, 4, 4, 10)).astype(np.float32)
+    z = np.arange(2 * 2 * 2 * 12, dtype=np.float32).reshape(2, 2, 2, 12)  # 4 groups x 3 ch
+
+    def never():
+        raise AssertionError("the pixel modes must not encode")
+
+    for mode in ("pixels", "pooled"):
+        np.testing.assert_array_equal(
+            select_control(mode, ("rgb", "vtx"), maps, never, 2),
+            pixel_control(maps, ("rgb", "vtx"), 2, pooled=mode == "pooled"),
+        )
+    out = select_control("latents", ("mask", "vtx"), maps, lambda: z, 2)
+    np.testing.assert_array_equal(out, np.concatenate([z[..., 3:6], z[..., 9:12]], -1))
+
+
 def test_random_background_replaces_only_the_background():
     from data_pipelines.transforms import random_background
 

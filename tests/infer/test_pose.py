@@ -125,7 +125,7 @@ def test_pose_json_landmarks_rescale_with_k_and_default_to_visible(tmp_path):
         ("expression", [0.1, float("nan")], "key 'expression' has non-finite values"),
         ("expression", [[0.1]], r"key 'expression' has shape \[1, 1\], expected \[E\]"),
         ("gaze", [0.1, 0.2, 0.3], r"key 'gaze' has shape \[3\], expected \[2\]"),
-        ("landmarks", [1.0, 2.0], r"key 'landmarks' has shape \[2\], expected \[E, 2\]"),
+        ("landmarks", [1.0, 2.0], r"key 'landmarks' has shape \[2\], expected \[L, 2\]"),
         ("landmarks_visible", [1, 0], "key 'landmarks_visible' needs one 0/1 per entry"),
     ],
 )
