@@ -194,6 +194,15 @@ def demo(name: str, d: dict, link: str) -> list[str]:
     if d.get("identity"):
         out += ["Identity figures (`identity`, issue 27):", ""]
         out += table(["figure", "value"], [[k, v] for k, v in d["identity"].items()])
+    reps = d.get("replicates") or []
+    if d.get("identity") and reps:  # the same recipe run elsewhere: its figures beside these
+        out += ["The same figures from other runs of the recipe (`replicates`: "
+                + "; ".join(f"{i + 1}: commit {r.get('commit')}, {r.get('machine', '')}"
+                            for i, r in enumerate(reps)) + "):", ""]  # fmt: skip
+        keys = list(d["identity"])
+        head = ["figure", f"this record ({d.get('commit')})"] + [str(i + 1) for i in range(len(reps))]
+        out += table(head, [[k, d["identity"][k], *(r.get("identity", {}).get(k) for r in reps)]
+                            for k in keys])  # fmt: skip
     if report.get("stages"):
         out += [
             "Each stage's held-out figures against its own baselines (`report.json`, "

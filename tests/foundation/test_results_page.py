@@ -73,3 +73,20 @@ def test_a_minimal_demo_report_and_an_unknown_file_become_tables(tmp_path, capsy
     assert rp.main(["--results", str(results), "--out", str(out)]) == 0
     assert out.read_text() == text
     assert rp.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+
+
+def test_a_demo_record_lists_its_replicates_figures_beside_its_own(tmp_path):
+    """Another run of the same recipe (`replicates`, e.g. on another host) is shown figure by
+    figure next to the record's own, so one run is never read as the recipe's only outcome."""
+    rp = _script()
+    results = tmp_path / "results"
+    results.mkdir()
+    rep = {"commit": "abc1234", "machine": "host B", "identity": {"fica_3dgs_psnr": 16.62}}
+    demo = DEMO | {"commit": "def5678", "identity": {"fica_3dgs_psnr": 16.01, "gap_closed": 0.68},
+                   "replicates": [rep]}  # fmt: skip
+    (results / "demo_report_test.json").write_text(json.dumps(demo))
+    text = rp.page(results, tmp_path / "docs" / "results.md")
+    assert "1: commit abc1234, host B" in text
+    assert "| figure | this record (def5678) | 1 |" in text
+    assert "| fica_3dgs_psnr | 16.01 | 16.62 |" in text
+    assert "| gap_closed | 0.68 | - |" in text  # a figure the replicate lacks
