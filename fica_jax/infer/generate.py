@@ -200,12 +200,21 @@ def expression_offset(template_key: str, expression, r: int) -> np.ndarray:
     template `template_key` (`template_store.resolve`; zero without a template or expression)."""
     if expression is None or not template_key:
         return np.zeros((r, r, 3), np.float32)
+    return _expression_offset(template_key, tuple(np.asarray(expression, np.float32).tolist()), r)
+
+
+@functools.lru_cache(maxsize=8)
+def _expression_offset(template_key: str, expression: tuple, r: int) -> np.ndarray:
+    """`expression_offset`, once per (template, code, size): `generate_maps` poses the maps by
+    the portrait's expression for the shape fit, the refiner and the transfer. Read-only."""
     from fica_jax.geometry.uvmaps import position_map
 
     t, raster = _template_raster(template_key, r)
     e = np.asarray(expression, np.float32)[: t.n_expr]
     delta = np.einsum("e,evc->vc", e, t.expr_basis[: len(e)])
-    return np.asarray(position_map(raster, jnp.asarray(delta)), np.float32)
+    out = np.asarray(position_map(raster, jnp.asarray(delta)), np.float32)
+    out.flags.writeable = False
+    return out
 
 
 @functools.cache

@@ -393,3 +393,18 @@ def test_landmark_branch_expression_beats_the_mean_on_held_out_identities(tmp_pa
     )  # fmt: skip
     assert last["eval/kpt_px"] < 1.5
     assert last["eval/expr_mse"] < 0.98 * last["eval/baseline_expr_mse"]
+
+
+def test_expression_offset_is_computed_once_per_code_and_read_only():
+    """`generate.expression_offset` poses the maps for the shape fit, the refiner and the
+    transfer: one computation per (template, code, size), shared read-only; no code, zeros."""
+    from fica_jax.infer import generate
+
+    key, code = "fica-procedural-head-r24", np.linspace(-0.5, 0.5, 4).astype(np.float32)
+    generate._expression_offset.cache_clear()
+    a = generate.expression_offset(key, code, 16)
+    b = generate.expression_offset(key, code.copy(), 16)
+    assert a is b and not a.flags.writeable and np.abs(a).max() > 0
+    assert generate._expression_offset.cache_info().misses == 1
+    assert generate.expression_offset(key, code * 0.5, 16) is not a
+    assert not generate.expression_offset(key, None, 16).any()
