@@ -200,7 +200,7 @@ def demo(name: str, d: dict, link: str) -> list[str]:
                 + "; ".join(f"{i + 1}: commit {r.get('commit')}, {r.get('machine', '')}"
                             for i, r in enumerate(reps)) + "):", ""]  # fmt: skip
         keys = list(d["identity"])
-        head = ["figure", f"this record ({d.get('commit')})"] + [str(i + 1) for i in range(len(reps))]
+        head = ["figure", f"this record ({d.get('commit')})", *map(str, range(1, len(reps) + 1))]
         out += table(head, [[k, d["identity"][k], *(r.get("identity", {}).get(k) for r in reps)]
                             for k in keys])  # fmt: skip
     if report.get("stages"):
