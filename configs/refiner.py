@@ -53,6 +53,10 @@ def get_config(arg: str = "tiny"):
     # a texel counts as seen in the portrait when its camera depth is within this (m) of the
     # input render's depth (`stages/refiner.py` uv_cues; ~1 texel spacing at 32^2)
     c.model.visibility_tolerance = 0.01 if arg == "tiny" else 0.003
+    # the portrait's de-lit colours as 7 more cues, with a zero-initialised path straight to the
+    # texture update (models/refiner.py `evidence`, infer/evidence.py). Measured at demo scale
+    # (docs/architecture.md "What the refiner learns at this scale"); at paper scale untested.
+    c.model.evidence = True
     # the photometric loss renders the texture under the portrait's fitted shading
     # (stages/refiner.py portrait_shading): the texture stays albedo
     c.model.shaded_photo = True

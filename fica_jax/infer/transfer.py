@@ -26,19 +26,7 @@ own view: paste 18.48 / 17.28 / 15.05 / 20.04 dB; colour band only 19.17 / 18.27
 / 15.34 (with sigma 1/16 and full share at density 0.6, the settings before the landmark shape
 fit; with the fitted geometry, the wider band below scores better on the training identities).
 
-A portrait is albedo times light; the texture is albedo. The shading is modelled per colour
-channel as a linear function of the surface normal, s_c(n) = a_c + b_c . n (first-order
-spherical harmonics), fitted by least squares to portrait_c ~ texture_c * s_c(n) over the visible
-texels, with the maps' own texture as the albedo estimate. That fit pins the shading's shape
-(which side is lit) but not its level: scaling the albedo up and the light down explains the
-portrait as well, and fitting the level against a near-mean texture drags every identity's
-colours to the mean. So the level is fixed by the data instead: `exposure_gain`, the mean shading
-over visible texels of the training portraits (ground-truth unwrap vs ground-truth texture,
-the same fit), is stored in the refiner's export, and each portrait's fitted shading is rescaled
-so that its mean over the visible texels equals it. On the demo's held-out identities, with the
-ground-truth unwrap, de-lit colours pasted texel for texel give 19.75 dB on the visible texels
-vs 16.59 dB for the mean texture; the fitted level alone gives 17.4, the raw portrait colours
-17.0.
+The albedo evidence and its shading model are `infer.evidence`'s.
 
 Off with `fica generate --no-transfer`; `fica eval` scores the maps before it as the ablation
 row "+ refiner" and after it as FiCA (3DGS).
@@ -46,18 +34,12 @@ row "+ refiner" and after it as FiCA (3DGS).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from fica_jax.infer.evidence import delit_albedo
 from fica_jax.infer.refine import render_view, uv_cues
-from fica_jax.render.surfels import normal_maps
 
-MIN_TEXELS = 16  # fewer visible texels than this: the shading fit is not attempted
-RIDGE = 1e-3  # Tikhonov weight on the shading fit's normal equations, relative to their trace
-FACING = (0.15, 0.5)  # |cos| between normal and view ray: weight 0 below, 1 above (linear)
 # The correction's Gaussian (a fraction of the map's width: 16 texels at 64), the density of
 # evidence at which a texel takes all of its colour band, and the share of the evidence's own
 # detail added on top. Chosen on 7 *training* identities of the demo, through the landmark-fitted
@@ -65,111 +47,17 @@ FACING = (0.15, 0.5)  # |cos| between normal and view ray: weight 0 below, 1 abo
 SIGMA, REACH, DETAIL = 1.0 / 4, 1.0, 0.5
 
 
-def _design(normals: jax.Array) -> jax.Array:
-    """[..., 3] unit normals -> [..., 4] first-order SH features (1, n)."""
-    return jnp.concatenate([jnp.ones_like(normals[..., :1]), normals], -1)
-
-
-def fit_shading(observed, albedo, normals, weight) -> jax.Array:
-    """Per-channel linear shading: argmin_b sum_i w_i (o_ic - a_ic * (1, n_i) . b_c)^2 over
-    texels [N] -> coefficients [3, 4]. A small ridge (relative to the normal equations' trace, so
-    scaling the albedo by k scales the coefficients by exactly 1/k) keeps it solvable."""
-    x = _design(normals)  # [N, 4]
-    w = weight[:, None]
-
-    def one(o, a):
-        d = x * a[:, None]
-        gram = (d * w).T @ d
-        lhs = gram + RIDGE * (jnp.trace(gram) / 4 + 1e-12) * jnp.eye(4)
-        return jnp.linalg.solve(lhs, (d * w).T @ o)
-
-    return jax.vmap(one, in_axes=(1, 1))(observed, albedo)
-
-
-def shading(normals, coef) -> jax.Array:
-    """[..., 3] normals, [3, 4] coefficients -> shading [..., 3]."""
-    return _design(normals) @ coef.T
-
-
-def exposure_gain(records: Iterable, limit: int = 256) -> np.ndarray:
-    """The data's shading level [3]: per record (with `partial_uv` and `uv_texture`), the
-    ground-truth unwrap's colours fitted against the ground-truth texture (`fit_shading`), the
-    mean fitted shading over its visible texels; the median over the first `limit` records."""
-    gains = []
-    for rec in records:
-        part = jnp.asarray(np.asarray(rec["partial_uv"], np.float32))
-        seen = (part[..., 3] > 0.5).reshape(-1)
-        if int(seen.sum()) < MIN_TEXELS:
-            continue
-        tex = jnp.asarray(np.asarray(rec["uv_texture"], np.float32) / 255.0).reshape(-1, 3)
-        nrm, rgb = part[..., 4:7].reshape(-1, 3), part[..., :3].reshape(-1, 3)
-        coef = fit_shading(rgb, tex, nrm, seen.astype(jnp.float32))
-        s = shading(nrm, coef)
-        gains.append(np.asarray(jnp.sum(s * seen[:, None], 0) / jnp.sum(seen)))
-        if len(gains) >= limit:
-            break
-    return np.median(np.stack(gains), 0).astype(np.float32) if gains else np.ones(3, np.float32)
-
-
-def view_normals(posed, mask, viewmat) -> tuple[jax.Array, jax.Array]:
-    """Posed geometry maps [B, R, R, 3] -> (unit normals turned towards the camera of viewmat
-    [B, 4, 4], |cos| of their angle with the ray to it [B, R, R])."""
-    normals = normal_maps(posed, mask)
-    rot, trans = viewmat[:, :3, :3], viewmat[:, :3, 3]
-    eye = -jnp.einsum("bji,bj->bi", rot, trans)  # camera centres in the maps' frame
-    ray = eye[:, None, None] - posed
-    ray = ray / jnp.maximum(jnp.linalg.norm(ray, axis=-1, keepdims=True), 1e-9)
-    cos = jnp.sum(normals * ray, -1)
-    return normals * jnp.where(cos < 0, -1.0, 1.0)[..., None], jnp.abs(cos)
-
-
-def seen_weight(cues: jax.Array, cos: jax.Array) -> jax.Array:
-    """`uv_cues`' visibility [B, R, R] times a ramp on |cos| (`FACING`): grazing texels, whose
-    colour comes from a stretched pixel near the silhouette, count less."""
-    lo, hi = FACING
-    return cues[..., 6] * jnp.clip((cos - lo) / (hi - lo), 0.0, 1.0)
-
-
-def fitted_shading(texture, normals, observed, weight) -> jax.Array:
-    """Per map [B, R, R, 3]: `fit_shading` of observed ~ texture * shading over the texels'
-    weights [B, R, R] -> shading [B, R, R, 3] (1 where fewer than MIN_TEXELS carry weight)."""
-
-    def one(tex, nrm, obs, w):
-        flat = lambda a: a.reshape(-1, a.shape[-1])
-        s = shading(nrm, fit_shading(flat(obs), flat(tex), flat(nrm), w.reshape(-1)))
-        return jnp.where(jnp.sum(w > 0) >= MIN_TEXELS, s, 1.0)
-
-    return jax.vmap(one)(texture, normals, observed, weight)
-
-
-def portrait_light(texture, geometry, mask, batch, cues) -> tuple[jax.Array, jax.Array]:
-    """The portrait's shading [B, R, R, 3] of neutral maps posed by `portrait_offset`, fitted
-    (`fitted_shading`) to its colours pulled back through them (`cues`, `infer.refine.uv_cues`)
-    against their texture over the texels it shows, and those texels' weights [B, R, R]
-    (`seen_weight`; all 0 where fewer than MIN_TEXELS carry weight)."""
-    normals, cos = view_normals(
-        geometry + batch["portrait_offset"], mask, batch["portrait_viewmat"]
-    )
-    weight = seen_weight(cues, cos)
-    weight = jnp.where(jnp.sum(weight > 0, (1, 2), keepdims=True) >= MIN_TEXELS, weight, 0.0)
-    return fitted_shading(texture, normals, cues[..., :3], weight), weight
-
-
 @jax.jit
 def delit(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> dict:
     """texture, geometry [B, R, R, 3] (neutral), mask [B, R, R]; batch: the portrait's
     `portrait_{image, mask, offset, viewmat, K}` and `landmark_uv` as `infer.refine.render_view`
-    reads them; gain [3] (`exposure_gain`) -> {"albedo" [B, R, R, 3]: the portrait's colour at
+    reads them; gain [3] (`infer.evidence.exposure_gain`) -> {"albedo" [B, R, R, 3]: the portrait's colour at
     each texel divided by its shading, "weight" [B, R, R]: how far to trust it (visible and
     facing the camera; 0 elsewhere)}."""
     before = render_view(texture, geometry, mask, batch, "portrait")
     cues = uv_cues(geometry, mask, before, batch, tolerance)
-    s, weight = portrait_light(texture, geometry, mask, batch, cues)
-    level = (
-        jnp.sum(s * weight[..., None], (1, 2)) / jnp.maximum(jnp.sum(weight, (1, 2)), 1e-6)[:, None]
-    )
-    s = s * gain / jnp.maximum(level, 1e-3)[:, None, None]
-    return {"albedo": jnp.clip(cues[..., :3] / jnp.maximum(s, 0.05), 0.0, 1.0), "weight": weight}
+    albedo, weight = delit_albedo(texture, geometry, mask, batch, cues, gain)
+    return {"albedo": albedo, "weight": weight}
 
 
 def correction(texture, albedo, weight, mask, sigma: float = SIGMA, reach: float = REACH,

@@ -20,9 +20,17 @@ Sapiens ViT. Here:
   cues    optional pixel-aligned UV inputs concatenated to the 7 channels (the stage passes
           the portrait and the render pulled back into UV with a visibility mask; ours, see
           `stages/refiner.py` `uv_cues`)
+  evidence (`evidence=True`, ours) 7 more cues, the portrait's de-lit colours where it shows
+          the head (`infer.evidence.evidence_cues`), and a 1x1 conv from all the cues added to
+          the texture update. Without it the U-Net returns its input at demo scale: trained on
+          the DiT's landmark-fitted maps, 200 steps, its L1 to the true texture stays where it
+          starts on the training identities too, with or without the evidence as plain cues;
+          with the direct path the refined texture moves towards the evidence
+          (docs/architecture.md, "What the refiner learns at this scale").
   output  refined T = T + 0.5 * d[..., :3], G = G + s * d[..., 3:], inside the mask only. The
-          head conv is zero-initialised (as DiT zero-initialises its output layer), so at init
-          the refiner returns its input maps exactly and training starts from the DiT's maps.
+          head (and skip) convs are zero-initialised (as DiT zero-initialises its output layer),
+          so at init the refiner returns its input maps exactly and training starts from the
+          DiT's maps.
 
 Conv activations are pinned batch-sharded (`vae._conv`): jax 0.10.2's CPU partitioner may pick a
 channel-sharded conv layout that computes wrong values (the note in `models/vae.py`).
@@ -57,12 +65,20 @@ class RefinerConfig:
     vit_trainable: bool = True
     image_size: int = 32  # portrait / render side the ViT sees
     cue_channels: int = 7  # extra pixel-aligned UV inputs (the stage's `uv_cues`; 0: none)
+    # 7 more cue channels, the portrait's de-lit colours (`infer.evidence.evidence_cues`), and a
+    # zero-initialised 1x1 conv from all the cues straight to the texture update (module doc)
+    evidence: bool = False
     position_center: tuple[float, float, float] = (0.0, -0.025, 0.02)
     position_extent: tuple[float, float, float] = (0.19, 0.19, 0.19)
 
     @property
     def levels(self) -> int:
         return len(self.channels)
+
+    @property
+    def cues(self) -> int:
+        """Cue channels the refiner reads: `cue_channels`, plus the evidence's 7."""
+        return self.cue_channels + 7 * self.evidence
 
     def vit_config(self) -> vit.ViTConfig:
         base = vit.VARIANTS[self.vit]
@@ -160,7 +176,7 @@ class Refiner(nnx.Module):
         self.source = nnx.Param(jnp.zeros((2, vcfg.width)), out_sharding=(None, shd.EMBED))
         attend = [i >= n - cfg.attn_levels for i in range(n)]
         d = vcfg.width
-        self.stem = layers.conv(7 + cfg.cue_channels, ch[0], 3, **kw)
+        self.stem = layers.conv(7 + cfg.cues, ch[0], 3, **kw)
         self.down = nnx.List([Level(ch[i], ch[i], cfg, d, attend[i], **kw) for i in range(n)])
         self.pool = nnx.List(
             [layers.conv(ch[i], ch[i + 1], 4, stride=2, padding=1, **kw) for i in range(n - 1)]
@@ -172,6 +188,7 @@ class Refiner(nnx.Module):
         )
         self.out_norm = layers.group_norm(ch[0], groups=cfg.groups, rngs=rngs)
         self.head = layers.conv(ch[0], 6, 3, zero_init=True, **kw)
+        self.skip = layers.conv(cfg.cues, 3, 1, zero_init=True, **kw) if cfg.evidence else None
 
     def context(self, portrait: Array, render: Array) -> Array:
         """ViT tokens of both images plus their source embedding -> [B, 2 h w, D]."""
@@ -207,17 +224,20 @@ class Refiner(nnx.Module):
         mask: Array,  # [B, R, R]
         portrait: Array,  # [B, S, S, 3]
         render: Array,  # [B, S, S, 3]
-        cues: Array | None = None,  # [B, R, R, cue_channels], values in [0, 1]
+        cues: Array | None = None,  # [B, R, R, cfg.cues]
     ) -> tuple[Array, Array]:
         m = mask[..., None].astype(jnp.float32)
         c = jnp.asarray(self.cfg.position_center, jnp.float32)
         s = jnp.asarray(self.cfg.position_extent, jnp.float32)
         parts = [(texture * 2 - 1) * m, (geometry - c) / s * m, m]
-        if self.cfg.cue_channels:
-            if cues is None or cues.shape[-1] != self.cfg.cue_channels:
-                raise ValueError(f"the refiner expects {self.cfg.cue_channels} cue channels")
+        if self.cfg.cues:
+            if cues is None or cues.shape[-1] != self.cfg.cues:
+                raise ValueError(f"the refiner expects {self.cfg.cues} cue channels")
             parts.append(cues * 2 - 1)
         x = jnp.concatenate(parts, -1)
         d = self.delta(x, self.context(portrait, render)) * m
+        if self.skip is not None:  # the evidence's own path to the texture (module doc)
+            direct = vae._conv(self.skip, cues.astype(self.dtype)).astype(jnp.float32)
+            d = d.at[..., :3].add(2 * direct * m)
         # adding an exact zero keeps the input maps bit for bit at init
         return texture + 0.5 * d[..., :3], geometry + s * d[..., 3:]

@@ -48,6 +48,7 @@ refined vs the unrefined input (`baseline_*`), and novel-view PSNR against dome 
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -64,7 +65,7 @@ from fica_jax.errors import UserError
 from fica_jax.geometry.shape_fit import shape_space
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.refine import refine, render_view
-from fica_jax.infer.transfer import exposure_gain, portrait_light
+from fica_jax.infer.evidence import exposure_gain, portrait_light
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
@@ -89,6 +90,7 @@ def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:
         uv_resolution=cfg.data.uv_resolution,
         image_size=cfg.data.image_size,
         vit_trainable=bool(cfg.model.vit_trainable),
+        evidence=bool(cfg.model.get("evidence", False)),
         position_center=tuple(cfg.model.position_center),
         position_extent=tuple(cfg.model.position_extent),
     )
@@ -113,7 +115,7 @@ def keypoint_error(kpts: jax.Array, batch) -> jax.Array:
 def portrait_shading(batch, cues: jax.Array) -> jax.Array:
     """The portrait's shading per texel [B, R, R, 3], fitted to its colours pulled back through
     the input maps (`cues`, `infer.refine.uv_cues`) against the input texture
-    (`infer.transfer.portrait_light`, first-order spherical harmonics of the posed normals);
+    (`infer.evidence.portrait_light`, first-order spherical harmonics of the posed normals);
     constant, no gradient."""
     s, _ = portrait_light(
         batch["input_texture"], batch["input_geometry"], batch["uv_mask"], batch, cues
@@ -151,16 +153,31 @@ def loss_weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return {k: float(v) * (reg if k.startswith("reg_") else 1.0) for k, v in w.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def training_gain(data_dir: str) -> tuple[float, float, float]:
+    """The training portraits' shading level (`infer.evidence.exposure_gain`) of the captures in
+    `data_dir`: what the evidence cues are de-lit to in training, and what the export stores
+    (`stats.transfer_gain`) for `fica generate`'s refiner and transfer."""
+    src = open_source(data_dir, "train")
+    return tuple(float(g) for g in exposure_gain(src[i] for i in range(len(src))))
+
+
+def evidence_gain(cfg: ml_collections.ConfigDict) -> jax.Array | None:
+    """`training_gain` of the run's captures when the refiner reads the evidence, else None."""
+    if not cfg.model.get("evidence", False):
+        return None
+    return jnp.asarray(training_gain(str(cfg.data.dir)), jnp.float32)
+
+
 def make_loss(cfg: ml_collections.ConfigDict):
     w = loss_weights(cfg)
     extent = jnp.asarray(cfg.model.position_extent, jnp.float32)
-    tol = float(cfg.model.visibility_tolerance)
-
+    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
     shaded = bool(cfg.model.get("shaded_photo", False))
 
     def loss_fn(model: Refiner, batch, rng: jax.Array):
         del rng
-        r = refine(model, batch, tol)
+        r = refine(model, batch, tol, gain)
         s = portrait_shading(batch, r["cues"]) if shaded else None
         terms = refiner_losses(r["texture"], r["geometry"], batch, extent, s)
         return sum(w[k] * v for k, v in terms.items()), terms
@@ -170,13 +187,13 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
 # ----------------------------------------------------------------------------- eval, preview
 def held_out(
-    model: Refiner, batch, tolerance: float = 0.01, shaded: bool = False
+    model: Refiner, batch, tolerance: float = 0.01, shaded: bool = False, gain=None
 ) -> dict[str, jax.Array]:
     """Portrait and frame-1 renders of the input ("before") and refined ("after") maps, and
     the portrait keypoints of both -> {name: array}. `shaded`: both portrait renders under the
     portrait's shading fitted to the input (`portrait_shading`), as the shaded loss sees them;
-    the frame keeps the plain texture (its light is another)."""
-    r, m = refine(model, batch, tolerance), batch["uv_mask"]
+    the frame keeps the plain texture (its light is another). `gain`: as `refine`'s."""
+    r, m = refine(model, batch, tolerance, gain), batch["uv_mask"]
     shade = portrait_shading(batch, r["cues"]) if shaded else 1.0
     out = {}
     for name, tex, geo in (("before", batch["input_texture"], batch["input_geometry"]),
@@ -192,12 +209,12 @@ def make_eval(cfg: ml_collections.ConfigDict):
     with `model.shaded_photo`, as trained), keypoint error (px) and frame-1 PSNR (inside its
     mask), refined vs the unrefined input maps (`baseline_*`)."""
 
-    tol = float(cfg.model.visibility_tolerance)
+    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
     shaded = bool(cfg.model.get("shaded_photo", False))
 
     def eval_fn(model: Refiner, batch, rng: jax.Array):
         del rng
-        r, res = held_out(model, batch, tol, shaded), {}
+        r, res = held_out(model, batch, tol, shaded, gain), {}
         pi, pm = batch["portrait_image"], batch["portrait_mask"]
         fi, fm = batch["frame_image"], batch["frame_mask"]
         for name, prefix in (("after", ""), ("before", "baseline_")):
@@ -212,9 +229,9 @@ def make_eval(cfg: ml_collections.ConfigDict):
 def make_sample(cfg: ml_collections.ConfigDict):
     """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`), one row per
     identity: portrait | render before | render after | 4x |before - portrait| | 4x |after - .|."""
-    tol = float(cfg.model.visibility_tolerance)
+    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
     shaded = bool(cfg.model.get("shaded_photo", False))
-    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol, shaded))
+    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol, shaded, gain))
 
     def sample_fn(model: Refiner, batch, rng, workdir, step: int) -> None:
         del rng
@@ -394,14 +411,14 @@ def fit_data(meta) -> dict:
 
 def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """What `fica generate` needs beside the weights: the template the maps lie on, the
-    training portraits' shading level (`infer.transfer.exposure_gain`, `transfer_gain`) and the
+    training portraits' shading level (`infer.evidence.exposure_gain`, `transfer_gain`) and the
     training identities' shape space (`geometry.shape_fit.shape_space`, `shape_*` arrays)."""
     stats, arrays = template_stats(cfg.data.dir)
     try:
         src = open_source(cfg.data.dir, "train")
     except (UserError, OSError):  # no training captures beside the run: no transfer, no fit
         return stats, arrays
-    gain = exposure_gain(src[i] for i in range(len(src)))
+    gain = training_gain(str(cfg.data.dir))
     r = int(cfg.data.uv_resolution)
     geo = lambda i: T.resize_uv(np.asarray(src[i]["uv_geometry"], np.float32), r)
     geometries = np.stack([geo(i) for i in range(min(len(src), SHAPE_RECORDS))])

@@ -1,4 +1,4 @@
-"""`infer/transfer.py`: the shading fit recovers a known light, the data's level is what the
+"""`infer/evidence.py` and `infer/transfer.py`: the shading fit recovers a known light, the data's level is what the
 training portraits give, the correction field is a normalised convolution of the evidence, and
 on a synthetic capture's own geometry and camera the transfer moves only texels near those the
 portrait shows, towards the capture's albedo."""
@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipelines.pipeline import open_source
-from fica_jax.infer.transfer import (
-    DETAIL,
-    SIGMA,
-    correction,
-    exposure_gain,
-    fit_shading,
-    shading,
-    transfer,
-)
+from fica_jax.infer.evidence import exposure_gain, fit_shading, shading
+from fica_jax.infer.transfer import DETAIL, SIGMA, correction, transfer
 
 
 def _normals(rng, n):
@@ -171,3 +164,38 @@ def test_the_level_comes_from_the_data_not_from_the_input_texture(held_out):
     assert full.sum() > 50
     np.testing.assert_array_equal(wa, wb)
     np.testing.assert_allclose(a[full], b[full], atol=1e-4)
+
+
+def test_refiner_evidence_cues_are_the_de_lit_portrait_on_the_texels_it_shows(held_out, synth_dir):
+    """`infer.refine.refine` with an evidence refiner appends `evidence_cues` of the same
+    `delit_albedo` the transfer pastes: albedo x weight, weight, weight x (albedo - input
+    texture), with weight only on texels the portrait's depth test keeps; there the albedo is
+    the capture's texture far better than the mean training texture the refiner is given."""
+    from flax import nnx
+
+    from fica_jax.infer.refine import refine
+    from fica_jax.models.refiner import Refiner, RefinerConfig
+
+    rec, geo, batch, gain = held_out
+    train = open_source(synth_dir, "train")
+    mean = np.mean([np.asarray(train[i]["uv_texture"], np.float32) / 255.0
+                    for i in range(len(train))], 0)  # fmt: skip
+    r, size = geo.shape[0], int(batch["portrait_image"].shape[1])
+    b = dict(batch, input_texture=jnp.asarray(mean)[None], input_geometry=jnp.asarray(geo)[None],
+             uv_mask=jnp.asarray(rec["uv_mask"], jnp.float32)[None])  # fmt: skip
+    model = Refiner(RefinerConfig(uv_resolution=r, image_size=size, evidence=True),
+                    rngs=nnx.Rngs(0))  # fmt: skip
+    cues = np.asarray(refine(model, b, 0.01, gain)["cues"][0])
+    assert cues.shape == (r, r, 14)
+    vis, albedo_w, w, diff = cues[..., 6], cues[..., 7:10], cues[..., 10], cues[..., 11:]
+    assert w.max() == 1.0 and np.all(w[vis == 0] == 0) and (w > 0).sum() > 50
+    on = w > 0
+    albedo = albedo_w[on] / w[on][:, None]
+    np.testing.assert_allclose(diff[on], w[on][:, None] * (albedo - mean[on]), atol=1e-5)
+    assert np.all(diff[~on] == 0) and np.all(albedo_w[~on] == 0)
+    gt = np.asarray(rec["uv_texture"], np.float32) / 255.0
+    sure = w > 0.5
+    gain_db = _psnr(albedo_w / np.maximum(w, 1e-6)[..., None], gt, sure) - _psnr(mean, gt, sure)
+    assert gain_db > MARGIN_DB, gain_db
+    with pytest.raises(ValueError, match="shading level"):
+        refine(model, b, 0.01)

@@ -39,18 +39,22 @@ def batch(synth_dir):
     return {k: jnp.asarray(v) for k, v in got.items()}
 
 
-def _inputs(b=8, r=32, s=32, seed=0):
+def _inputs(b=8, r=32, s=32, seed=0, cues=7):
     rs = np.random.RandomState(seed)
     f = lambda *shape: jnp.asarray(rs.uniform(0, 1, shape), jnp.float32)
     return (f(b, r, r, 3), f(b, r, r, 3) * 0.2 - 0.1, (f(b, r, r) > 0.2).astype(jnp.float32),
-            f(b, s, s, 3), f(b, s, s, 3), f(b, r, r, 7))  # fmt: skip
+            f(b, s, s, 3), f(b, s, s, 3), f(b, r, r, cues))  # fmt: skip
 
 
 def _perturbed(model, scale=1e-2):
-    """The model with a small random head, so gradients reach every layer."""
-    k = model.head.kernel
-    k[...] = scale * jax.random.normal(jax.random.PRNGKey(1), k.shape)
+    """The model with a small random head (and evidence path), so gradients reach every layer."""
+    for i, conv in enumerate(c for c in (model.head, model.skip) if c is not None):
+        k = conv.kernel
+        k[...] = scale * jax.random.normal(jax.random.PRNGKey(1 + i), k.shape)
     return model
+
+
+EVIDENCE = refiner.RefinerConfig(evidence=True)
 
 
 @pytest.mark.heavy
@@ -76,6 +80,27 @@ def test_init_returns_the_input_exactly_and_params_are_annotated():
     assert float(jnp.abs(jnp.where(out, geo_p - x[1], 0)).max()) == 0.0
     with pytest.raises(ValueError, match="uv_resolution"):
         refiner.Refiner(refiner.RefinerConfig(uv_resolution=30), rngs=nnx.Rngs(0))
+
+
+def test_evidence_path_is_zero_at_init_and_then_adds_a_1x1_conv_of_the_cues():
+    """With `evidence` the refiner reads 14 cue channels; at init it returns its input exactly;
+    with only the skip conv non-zero the texture moves by exactly that conv of the cues, inside
+    the UV mask, and the geometry not at all."""
+    model = refiner.Refiner(EVIDENCE, rngs=nnx.Rngs(0))
+    assert EVIDENCE.cues == 14 and model.stem.kernel.shape[2] == 7 + 14
+    x = _inputs(b=2, cues=14)
+    fwd = nnx.jit(lambda m, *a: m(*a))
+    tex, geo = fwd(model, *x)
+    np.testing.assert_array_equal(tex, x[0])
+    np.testing.assert_array_equal(geo, x[1])
+    kernel = 0.1 * jax.random.normal(jax.random.PRNGKey(3), model.skip.kernel.shape)
+    model.skip.kernel[...] = kernel
+    tex, geo = fwd(model, *x)
+    want = x[0] + jnp.einsum("bhwc,cd->bhwd", x[5], kernel[0, 0]) * x[2][..., None]
+    np.testing.assert_allclose(tex, want, atol=1e-5)
+    np.testing.assert_array_equal(geo, x[1])
+    with pytest.raises(ValueError, match="14 cue channels"):
+        fwd(model, *_inputs(b=2, cues=7))
 
 
 def test_paper_variant_builds_abstractly_and_is_annotated(synth_dir):
@@ -113,25 +138,29 @@ def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geomet
 ):
     cfg = _cfg(synth_dir)
     model = _perturbed(ref_stage.make_model(cfg, nnx.Rngs(0)))
-    extent = jnp.asarray(cfg.model.position_extent)
+    assert model.cfg.evidence  # the tiny config reads the portrait's de-lit colours
+    extent, gain = jnp.asarray(cfg.model.position_extent), ref_stage.evidence_gain(cfg)
 
     names = ("photo", "mask", "kpts", "reg_texture", "reg_laplacian", "reg_normal")
 
     @nnx.jit
     def grads(model, w):  # one compile for all terms: the gradient of w . terms
         def loss(m):
-            r = refine_lib.refine(m, batch)
+            r = refine_lib.refine(m, batch, 0.01, gain)
             t = ref_stage.refiner_losses(r["texture"], r["geometry"], batch, extent)
             return sum(w[i] * t[n] for i, n in enumerate(names))
 
         g = nnx.grad(loss)(model)
         peak = lambda p: jnp.abs(p[...]).max()
-        return peak(g.head.kernel), peak(g.stem.kernel), peak(g.vit.patch_embed.kernel)
+        kernels = (g.head.kernel, g.stem.kernel, g.vit.patch_embed.kernel, g.skip.kernel)
+        return tuple(peak(k) for k in kernels)
 
     for i, name in enumerate(names):
-        head, stem, vit = grads(model, jnp.eye(len(names))[i])
+        head, stem, vit, skip = grads(model, jnp.eye(len(names))[i])
         # every term reaches the zero-init head and, through the U-Net, the stem
         assert head > 0 and stem > 0, (name, head, stem)
+        if name in ("photo", "reg_texture"):  # the texture terms reach the evidence path
+            assert skip > 0, name
         if name == "photo":  # the portrait features reach the U-Net through cross-attention
             assert vit > 0
 
@@ -160,11 +189,11 @@ def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geomet
 def test_sharded_forward_equals_unsharded():
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = shd.rules_for("refiner")
-    graphdef, state = nnx.split(_perturbed(refiner.Refiner(rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(_perturbed(refiner.Refiner(EVIDENCE, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, jax.device_put(state, shd.param_shardings(state, mesh, rules)))
     k = model.down[0].res.conv1.kernel[...]
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", "fsdp")
-    x = _inputs()
+    x = _inputs(cues=14)
 
     @nnx.jit
     def forward(m, *x):
@@ -175,7 +204,7 @@ def test_sharded_forward_equals_unsharded():
         put = shd.put_batch({str(i): np.asarray(a) for i, a in enumerate(x)}, mesh)
         tex, geo = forward(model, *(put[str(i)] for i in range(len(x))))
     assert tex.sharding.spec[0] == ("data", "fsdp")
-    ref = nnx.jit(lambda m, *a: m(*a))(_perturbed(refiner.Refiner(rngs=nnx.Rngs(0))), *x)
+    ref = nnx.jit(lambda m, *a: m(*a))(_perturbed(refiner.Refiner(EVIDENCE, rngs=nnx.Rngs(0))), *x)
     np.testing.assert_allclose(tex, ref[0], atol=1e-5)
     np.testing.assert_allclose(geo, ref[1], atol=1e-6)
 
