@@ -19,6 +19,7 @@ portrait colours 17.0.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import jax
@@ -77,6 +78,17 @@ def exposure_gain(records: Iterable, limit: int = 256) -> np.ndarray:
         if len(gains) >= limit:
             break
     return np.median(np.stack(gains), 0).astype(np.float32) if gains else np.ones(3, np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def training_gain(data_dir: str) -> tuple[float, float, float]:
+    """`exposure_gain` of the training split of the captures in `data_dir`: what the refiner's
+    evidence is de-lit to in training, and what its export stores (`stats.transfer_gain`) for
+    `fica generate`'s refiner and transfer."""
+    from data_pipelines.pipeline import open_source
+
+    src = open_source(data_dir, "train")
+    return tuple(float(g) for g in exposure_gain(src[i] for i in range(len(src))))
 
 
 def view_normals(posed, mask, viewmat) -> tuple[jax.Array, jax.Array]:

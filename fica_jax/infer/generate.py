@@ -248,8 +248,10 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
     tol = float(ref.cfg.model.get("visibility_tolerance", 0.01))
     gain = ref.meta["stats"].get("transfer_gain")  # the evidence's shading level, if it reads it
     if ref.model.cfg.evidence and gain is None:
-        raise UserError("the refiner export reads the portrait's evidence but has no "
-                        "stats.transfer_gain; re-export it with `fica export`")
+        raise UserError(
+            "the refiner export reads the portrait's evidence but has no "
+            "stats.transfer_gain; re-export it with `fica export`"
+        )
     gain = None if gain is None else jnp.asarray(np.asarray(gain, np.float32))
     out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()}, tol, gain)
     return out["texture"], out["geometry"]

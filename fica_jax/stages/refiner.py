@@ -18,7 +18,8 @@ tokens for its cross-attention) and, our addition, both images pulled back into 
 input geometry with a depth-tested visibility mask (`uv_cues`, tolerance
 `cfg.model.visibility_tolerance`): the paper's refiner reads image evidence through the ViT
 features alone, which at the tiny CPU scale are a 4x4 token grid; the cues give the U-Net
-pixel-aligned evidence (not ablated separately). Its output maps are rendered the same way
+pixel-aligned evidence (not ablated separately); with `cfg.model.evidence` also the portrait's
+de-lit colours there, with a direct path to the texture (`models/refiner.py`). Its output maps are rendered the same way
 (`render/surfels.py`, the flat-surfel mesh proxy) and compared with the portrait. Pose and expression are the ground truth's, as in the paper's
 training: the maps are neutral, so each render adds the view's posed-minus-neutral UV geometry
 offset (`view_uv_geometry[v] - uv_geometry`, stored per view) to the refined neutral geometry.
@@ -48,7 +49,6 @@ refined vs the unrefined input (`baseline_*`), and novel-view PSNR against dome 
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import jax
@@ -64,8 +64,8 @@ from fica_jax import config
 from fica_jax.errors import UserError
 from fica_jax.geometry.shape_fit import shape_space
 from fica_jax.geometry.uvmaps import uv_laplacian
+from fica_jax.infer.evidence import portrait_light, training_gain
 from fica_jax.infer.refine import refine, render_view
-from fica_jax.infer.evidence import exposure_gain, portrait_light
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
@@ -153,17 +153,9 @@ def loss_weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return {k: float(v) * (reg if k.startswith("reg_") else 1.0) for k, v in w.items()}
 
 
-@functools.lru_cache(maxsize=4)
-def training_gain(data_dir: str) -> tuple[float, float, float]:
-    """The training portraits' shading level (`infer.evidence.exposure_gain`) of the captures in
-    `data_dir`: what the evidence cues are de-lit to in training, and what the export stores
-    (`stats.transfer_gain`) for `fica generate`'s refiner and transfer."""
-    src = open_source(data_dir, "train")
-    return tuple(float(g) for g in exposure_gain(src[i] for i in range(len(src))))
-
-
 def evidence_gain(cfg: ml_collections.ConfigDict) -> jax.Array | None:
-    """`training_gain` of the run's captures when the refiner reads the evidence, else None."""
+    """`infer.evidence.training_gain` of the run's captures when the refiner reads the evidence
+    (`model.evidence`), else None."""
     if not cfg.model.get("evidence", False):
         return None
     return jnp.asarray(training_gain(str(cfg.data.dir)), jnp.float32)
@@ -411,7 +403,7 @@ def fit_data(meta) -> dict:
 
 def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """What `fica generate` needs beside the weights: the template the maps lie on, the
-    training portraits' shading level (`infer.evidence.exposure_gain`, `transfer_gain`) and the
+    training portraits' shading level (`infer.evidence.training_gain`, `transfer_gain`) and the
     training identities' shape space (`geometry.shape_fit.shape_space`, `shape_*` arrays)."""
     stats, arrays = template_stats(cfg.data.dir)
     try:
