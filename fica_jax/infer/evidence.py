@@ -137,14 +137,15 @@ def portrait_light(texture, geometry, mask, batch, cues) -> tuple[jax.Array, jax
 
 def delit_albedo(texture, geometry, mask, batch, cues, gain) -> tuple[jax.Array, jax.Array]:
     """Maps [B, R, R, 3] / [B, R, R], the portrait's `portrait_{offset, viewmat}`, its `cues`
-    (`infer.refine.uv_cues`) and the data's shading level gain [3] (`exposure_gain`) -> (the
-    portrait's colour at each texel divided by its shading rescaled to that level, clipped to
-    [0, 1], [B, R, R, 3]; how far to trust it, [B, R, R]: visible and facing the camera, 0
-    elsewhere). No gradient flows through either."""
+    (`infer.refine.uv_cues`) and the data's shading level gain [3] or [B, 3]
+    (`exposure_gain`) -> (the portrait's colour at each texel divided by its shading
+    rescaled to that level, clipped to [0, 1], [B, R, R, 3]; how far to trust it, [B, R, R]:
+    visible and facing the camera, 0 elsewhere). No gradient flows through either."""
     s, weight = portrait_light(texture, geometry, mask, batch, cues)
     seen = jnp.maximum(jnp.sum(weight, (1, 2)), 1e-6)[:, None]
     level = jnp.sum(s * weight[..., None], (1, 2)) / seen
-    s = s * jnp.asarray(gain, jnp.float32) / jnp.maximum(level, 1e-3)[:, None, None]
+    gain = jnp.asarray(gain, jnp.float32).reshape(-1, 1, 1, 3)
+    s = s * gain / jnp.maximum(level, 1e-3)[:, None, None]
     albedo = jnp.clip(cues[..., :3] / jnp.maximum(s, 0.05), 0.0, 1.0)
     return jax.lax.stop_gradient(albedo), jax.lax.stop_gradient(weight)
 

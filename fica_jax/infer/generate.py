@@ -63,6 +63,13 @@ def load_models(models_dir: str | os.PathLike) -> dict[str, Exported]:
                 f"{d}/{name}` for each of {', '.join(REQUIRED)} (refiner optional)"
             )
         out[name] = Exported(*load_exported(d / name, stage=name.split("-")[0]))
+    ref = out.get("refiner")
+    if ref is not None and ref.model.cfg.evidence and "transfer_gain" not in ref.meta["stats"]:
+        raise UserError(
+            f"--models {d / 'refiner'}: the refiner reads the portrait's de-lit colours "
+            "(model.evidence) but model.json has no stats.transfer_gain, the training portraits' "
+            "shading level; re-export it with `fica export` beside its training captures"
+        )
     seen = [(n, t) for n, m in out.items() if (t := m.meta.get("stats", {}).get("template"))]
     for name, t in seen[1:]:  # exports that record their template must all name the same one
         template_store.check_same(seen[0][1], t, f"--models {d / seen[0][0]}", f"{d / name}")
@@ -245,15 +252,10 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
     batch = _portrait_batch(models, portrait, head_mask, s, mask, pose)
     batch |= {"input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
               "landmark_uv": np.zeros((1, n_kpts, 2), np.float32)}  # fmt: skip
+    if ref.model.cfg.evidence:  # the training portraits' shading level (`load_models` checks)
+        batch["exposure_gain"] = np.asarray(ref.meta["stats"]["transfer_gain"], np.float32)[None]
     tol = float(ref.cfg.model.get("visibility_tolerance", 0.01))
-    gain = ref.meta["stats"].get("transfer_gain")  # the evidence's shading level, if it reads it
-    if ref.model.cfg.evidence and gain is None:
-        raise UserError(
-            "the refiner export reads the portrait's evidence but has no "
-            "stats.transfer_gain; re-export it with `fica export`"
-        )
-    gain = None if gain is None else jnp.asarray(np.asarray(gain, np.float32))
-    out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()}, tol, gain)
+    out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()}, tol)
     return out["texture"], out["geometry"]
 
 

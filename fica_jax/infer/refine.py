@@ -65,19 +65,19 @@ def uv_cues(geometry, mask, render, batch, tolerance: float) -> jax.Array:
     return jax.lax.stop_gradient(jax.vmap(one)(*args))
 
 
-def refine(model: Refiner, batch, tolerance: float = 0.01, gain=None) -> dict[str, jax.Array]:
+def refine(model: Refiner, batch, tolerance: float = 0.01) -> dict[str, jax.Array]:
     """The refiner on the batch's input maps, conditioned on the portrait, a render of the
     input maps from its camera and both pulled back into UV (`uv_cues`; with the model's
-    `evidence`, then the portrait's de-lit colours, `infer.evidence.evidence_cues`, at the data's
-    shading level gain [3]) -> refined texture, geometry [B, R, R, 3], the input render and the
-    cues."""
+    `evidence`, then the portrait's de-lit colours, `infer.evidence.evidence_cues`, at the
+    batch's `exposure_gain` [B, 3], the training portraits' shading level) -> refined texture,
+    geometry [B, R, R, 3], the input render and the cues."""
     tex, geo, m = batch["input_texture"], batch["input_geometry"], batch["uv_mask"]
     before = render_view(tex, geo, m, batch, "portrait")
     cues = uv_cues(geo, m, before, batch, tolerance)
     if model.cfg.evidence:
-        if gain is None:
-            raise ValueError("a refiner with evidence cues needs the data's shading level (gain)")
-        albedo, weight = delit_albedo(tex, geo, m, batch, cues, gain)
+        if "exposure_gain" not in batch:
+            raise ValueError("a refiner with evidence cues needs the batch's exposure_gain")
+        albedo, weight = delit_albedo(tex, geo, m, batch, cues, batch["exposure_gain"])
         cues = jnp.concatenate([cues, evidence_cues(tex, albedo, weight)], -1)
     texture, geometry = model(tex, geo, m, batch["portrait_image"], before["image"], cues)
     return {"texture": texture, "geometry": geometry, "before": before["image"], "cues": cues}

@@ -50,10 +50,10 @@ SIGMA, REACH, DETAIL = 1.0 / 4, 1.0, 0.5
 @jax.jit
 def delit(texture, geometry, mask, batch, gain, tolerance: float = 0.01) -> dict:
     """texture, geometry [B, R, R, 3] (neutral), mask [B, R, R]; batch: the portrait's
-    `portrait_{image, mask, offset, viewmat, K}` and `landmark_uv` as `infer.refine.render_view`
-    reads them; gain [3] (`infer.evidence.exposure_gain`) -> {"albedo" [B, R, R, 3]: the portrait's colour at
-    each texel divided by its shading, "weight" [B, R, R]: how far to trust it (visible and
-    facing the camera; 0 elsewhere)}."""
+    `portrait_{image, mask, offset, viewmat, K}` and `landmark_uv` as
+    `infer.refine.render_view` reads them; gain [3] (`infer.evidence.exposure_gain`) ->
+    {"albedo" [B, R, R, 3]: the portrait's colour at each texel divided by its shading,
+    "weight" [B, R, R]: how far to trust it (visible and facing the camera; 0 elsewhere)}."""
     before = render_view(texture, geometry, mask, batch, "portrait")
     cues = uv_cues(geometry, mask, before, batch, tolerance)
     albedo, weight = delit_albedo(texture, geometry, mask, batch, cues, gain)

@@ -19,12 +19,13 @@ input geometry with a depth-tested visibility mask (`uv_cues`, tolerance
 `cfg.model.visibility_tolerance`): the paper's refiner reads image evidence through the ViT
 features alone, which at the tiny CPU scale are a 4x4 token grid; the cues give the U-Net
 pixel-aligned evidence (not ablated separately); with `cfg.model.evidence` also the portrait's
-de-lit colours there, with a direct path to the texture (`models/refiner.py`). Its output maps are rendered the same way
-(`render/surfels.py`, the flat-surfel mesh proxy) and compared with the portrait. Pose and expression are the ground truth's, as in the paper's
-training: the maps are neutral, so each render adds the view's posed-minus-neutral UV geometry
-offset (`view_uv_geometry[v] - uv_geometry`, stored per view) to the refined neutral geometry.
-Renders are composited over the portrait's own background pixels (outside its mask; black
-inside), so a hole in the head and surface outside the silhouette both cost photometrically.
+de-lit colours there, with a direct path to the texture (`models/refiner.py`). Its output maps
+are rendered the same way (`render/surfels.py`, the flat-surfel mesh proxy) and compared with
+the portrait. Pose and expression are the ground truth's, as in the paper's training: the maps
+are neutral, so each render adds the view's posed-minus-neutral UV geometry offset
+(`view_uv_geometry[v] - uv_geometry`, stored per view) to the refined neutral geometry. Renders
+are composited over the portrait's own background pixels (outside its mask; black inside), so a
+hole in the head and surface outside the silhouette both cost photometrically.
 
 Loss (weights `cfg.model.loss_weights`, the supplement's 2.0 / 0.5 / 0.01 / 1.0; the tiny
 config rescales two of them for its 32 px portraits, see configs/refiner.py):
@@ -153,23 +154,15 @@ def loss_weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     return {k: float(v) * (reg if k.startswith("reg_") else 1.0) for k, v in w.items()}
 
 
-def evidence_gain(cfg: ml_collections.ConfigDict) -> jax.Array | None:
-    """`infer.evidence.training_gain` of the run's captures when the refiner reads the evidence
-    (`model.evidence`), else None."""
-    if not cfg.model.get("evidence", False):
-        return None
-    return jnp.asarray(training_gain(str(cfg.data.dir)), jnp.float32)
-
-
 def make_loss(cfg: ml_collections.ConfigDict):
     w = loss_weights(cfg)
     extent = jnp.asarray(cfg.model.position_extent, jnp.float32)
-    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
+    tol = float(cfg.model.visibility_tolerance)
     shaded = bool(cfg.model.get("shaded_photo", False))
 
     def loss_fn(model: Refiner, batch, rng: jax.Array):
         del rng
-        r = refine(model, batch, tol, gain)
+        r = refine(model, batch, tol)
         s = portrait_shading(batch, r["cues"]) if shaded else None
         terms = refiner_losses(r["texture"], r["geometry"], batch, extent, s)
         return sum(w[k] * v for k, v in terms.items()), terms
@@ -179,13 +172,13 @@ def make_loss(cfg: ml_collections.ConfigDict):
 
 # ----------------------------------------------------------------------------- eval, preview
 def held_out(
-    model: Refiner, batch, tolerance: float = 0.01, shaded: bool = False, gain=None
+    model: Refiner, batch, tolerance: float = 0.01, shaded: bool = False
 ) -> dict[str, jax.Array]:
     """Portrait and frame-1 renders of the input ("before") and refined ("after") maps, and
     the portrait keypoints of both -> {name: array}. `shaded`: both portrait renders under the
     portrait's shading fitted to the input (`portrait_shading`), as the shaded loss sees them;
-    the frame keeps the plain texture (its light is another). `gain`: as `refine`'s."""
-    r, m = refine(model, batch, tolerance, gain), batch["uv_mask"]
+    the frame keeps the plain texture (its light is another)."""
+    r, m = refine(model, batch, tolerance), batch["uv_mask"]
     shade = portrait_shading(batch, r["cues"]) if shaded else 1.0
     out = {}
     for name, tex, geo in (("before", batch["input_texture"], batch["input_geometry"]),
@@ -201,12 +194,12 @@ def make_eval(cfg: ml_collections.ConfigDict):
     with `model.shaded_photo`, as trained), keypoint error (px) and frame-1 PSNR (inside its
     mask), refined vs the unrefined input maps (`baseline_*`)."""
 
-    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
+    tol = float(cfg.model.visibility_tolerance)
     shaded = bool(cfg.model.get("shaded_photo", False))
 
     def eval_fn(model: Refiner, batch, rng: jax.Array):
         del rng
-        r, res = held_out(model, batch, tol, shaded, gain), {}
+        r, res = held_out(model, batch, tol, shaded), {}
         pi, pm = batch["portrait_image"], batch["portrait_mask"]
         fi, fm = batch["frame_image"], batch["frame_mask"]
         for name, prefix in (("after", ""), ("before", "baseline_")):
@@ -221,9 +214,9 @@ def make_eval(cfg: ml_collections.ConfigDict):
 def make_sample(cfg: ml_collections.ConfigDict):
     """Preview sheet of the eval batch (`fica_jax.preview.write_step_sheet`), one row per
     identity: portrait | render before | render after | 4x |before - portrait| | 4x |after - .|."""
-    tol, gain = float(cfg.model.visibility_tolerance), evidence_gain(cfg)
+    tol = float(cfg.model.visibility_tolerance)
     shaded = bool(cfg.model.get("shaded_photo", False))
-    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol, shaded, gain))
+    renders = nnx.jit(lambda model, batch: held_out(model, batch, tol, shaded))
 
     def sample_fn(model: Refiner, batch, rng, workdir, step: int) -> None:
         del rng
@@ -250,7 +243,8 @@ def batch_spec(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct
     for view in ("portrait", "frame"):
         out |= {f"{view}_image": spec(s, s, 3), f"{view}_mask": spec(s, s),
                 f"{view}_K": spec(3, 3), f"{view}_viewmat": spec(4, 4)}  # fmt: skip
-    return out | {"portrait_kpts": spec(n_kpts, 2), "portrait_kpts_visible": spec(n_kpts)}
+    out |= {"portrait_kpts": spec(n_kpts, 2), "portrait_kpts_visible": spec(n_kpts)}
+    return out | ({"exposure_gain": spec(3)} if cfg.model.get("evidence", False) else {})
 
 
 def landmark_uvs(
@@ -373,6 +367,8 @@ def example(record: T.Record, rng: np.random.Generator, opts: T.TransformOptions
             float(extra.get("shift", 0.0)), float(extra.get("scale", 0.0)),
         )  # fmt: skip
     out["input_texture"], out["input_geometry"] = tex, geo
+    if "exposure_gain" in extra:  # the evidence's shading level, the training split's
+        out["exposure_gain"] = np.asarray(extra["exposure_gain"], np.float32)
     return out
 
 
@@ -391,6 +387,8 @@ def make_data(cfg: ml_collections.ConfigDict, split: str, process_index: int, pr
     extra = {"input_source": source, "samples_dir": str(cfg.model.samples_dir),
              "sample_prob": float(cfg.model.get("sample_prob", 0.5))}  # fmt: skip
     extra |= {k: float(v) for k, v in dict(cfg.model.corruption).items()}
+    if cfg.model.get("evidence", False):
+        extra["exposure_gain"] = training_gain(str(cfg.data.dir))
     read = CaptureData(example)
     return read(cfg, split, process_index, process_count, extra=extra)
 

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +161,13 @@ def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys
         os.symlink(models_dir / ("vae" if name == "dit" else name), wrong / name)
     cases.append((["--image", str(portrait[0]), "--models", str(wrong), "--out", str(out)],
                   "stage 'vae', expected 'dit'"))  # fmt: skip
+    no_gain = tmp_path / "no_gain"  # an evidence refiner exported without its shading level
+    shutil.copytree(models_dir, no_gain)
+    meta = json.loads((no_gain / "refiner" / "model.json").read_text())
+    assert meta["run_config"]["model"]["evidence"] and meta["stats"].pop("transfer_gain")
+    (no_gain / "refiner" / "model.json").write_text(json.dumps(meta))
+    cases.append((["--image", str(portrait[0]), "--models", str(no_gain), "--out", str(out)],
+                  "refiner: the refiner reads the portrait's de-lit colours"))  # fmt: skip
     for argv, msg in cases:
         assert main(["generate", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

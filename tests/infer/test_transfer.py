@@ -1,7 +1,7 @@
-"""`infer/evidence.py` and `infer/transfer.py`: the shading fit recovers a known light, the data's level is what the
-training portraits give, the correction field is a normalised convolution of the evidence, and
-on a synthetic capture's own geometry and camera the transfer moves only texels near those the
-portrait shows, towards the capture's albedo."""
+"""`infer/evidence.py` and `infer/transfer.py`: the shading fit recovers a known light, the data's
+level is what the training portraits give, the correction field is a normalised convolution of
+the evidence, and on a synthetic capture's own geometry and camera the transfer moves only
+texels near those the portrait shows, towards the capture's albedo."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -182,10 +182,11 @@ def test_refiner_evidence_cues_are_the_de_lit_portrait_on_the_texels_it_shows(he
                     for i in range(len(train))], 0)  # fmt: skip
     r, size = geo.shape[0], int(batch["portrait_image"].shape[1])
     b = dict(batch, input_texture=jnp.asarray(mean)[None], input_geometry=jnp.asarray(geo)[None],
-             uv_mask=jnp.asarray(rec["uv_mask"], jnp.float32)[None])  # fmt: skip
+             uv_mask=jnp.asarray(rec["uv_mask"], jnp.float32)[None],
+             exposure_gain=gain[None])  # fmt: skip
     model = Refiner(RefinerConfig(uv_resolution=r, image_size=size, evidence=True),
                     rngs=nnx.Rngs(0))  # fmt: skip
-    cues = np.asarray(refine(model, b, 0.01, gain)["cues"][0])
+    cues = np.asarray(refine(model, b)["cues"][0])
     assert cues.shape == (r, r, 14)
     vis, albedo_w, w, diff = cues[..., 6], cues[..., 7:10], cues[..., 10], cues[..., 11:]
     assert w.max() == 1.0 and np.all(w[vis == 0] == 0) and (w > 0).sum() > 50
@@ -197,5 +198,5 @@ def test_refiner_evidence_cues_are_the_de_lit_portrait_on_the_texels_it_shows(he
     sure = w > 0.5
     gain_db = _psnr(albedo_w / np.maximum(w, 1e-6)[..., None], gt, sure) - _psnr(mean, gt, sure)
     assert gain_db > MARGIN_DB, gain_db
-    with pytest.raises(ValueError, match="shading level"):
-        refine(model, b, 0.01)
+    with pytest.raises(ValueError, match="exposure_gain"):
+        refine(model, {k: v for k, v in b.items() if k != "exposure_gain"})

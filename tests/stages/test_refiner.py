@@ -18,6 +18,7 @@ from fica_jax.commands.main import main
 from fica_jax.config import load_config
 from fica_jax.errors import UserError
 from fica_jax.infer import refine as refine_lib
+from fica_jax.infer.evidence import training_gain
 from fica_jax.models import layers, refiner
 from fica_jax.render.surfels import project_keypoints
 from fica_jax.stages import refiner as ref_stage
@@ -139,14 +140,16 @@ def test_each_loss_term_reaches_the_refiner_and_the_mask_moves_silhouette_geomet
     cfg = _cfg(synth_dir)
     model = _perturbed(ref_stage.make_model(cfg, nnx.Rngs(0)))
     assert model.cfg.evidence  # the tiny config reads the portrait's de-lit colours
-    extent, gain = jnp.asarray(cfg.model.position_extent), ref_stage.evidence_gain(cfg)
+    extent = jnp.asarray(cfg.model.position_extent)
+    # the batch carries the training portraits' shading level the evidence is de-lit to
+    np.testing.assert_allclose(batch["exposure_gain"][0], training_gain(str(synth_dir)))
 
     names = ("photo", "mask", "kpts", "reg_texture", "reg_laplacian", "reg_normal")
 
     @nnx.jit
     def grads(model, w):  # one compile for all terms: the gradient of w . terms
         def loss(m):
-            r = refine_lib.refine(m, batch, 0.01, gain)
+            r = refine_lib.refine(m, batch)
             t = ref_stage.refiner_losses(r["texture"], r["geometry"], batch, extent)
             return sum(w[i] * t[n] for i, n in enumerate(names))
 
