@@ -22,80 +22,22 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.results_format import (  # noqa: E402
+    DECIMALS,
+    gb,
+    heading,
+    ms,
+    notes,
+    num,
+    pm,
+    source,
+    table,
+)
 from fica_jax.files import write_text  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PAGE = REPO / "docs" / "results.md"
 COMMAND = "python benchmarks/results_page.py"
-# Keys describing how and where a file was recorded, shown above its tables in this order.
-CONDITIONS = ("what", "recorded", "device", "machine", "backend", "jax_backend",
-              "compiler", "jax", "jax_version", "torch", "torch_threads", "gsplat", "python",
-              "dtype", "cpu_count", "cpu_cores_available", "devices", "load_avg_1m",
-              "load_avg_1m_at_end", "loadavg_1m_start", "repeats", "timing", "command")  # fmt: skip
-DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "id_csim": 3, "visible_psnr": 2, "unseen_psnr": 2}
-
-
-# ------------------------------------------------------------------------------------- formatting
-def num(x, digits: int | None = None) -> str:
-    """A number as the page prints it: fixed decimals when given, else 4 significant digits."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if digits is not None:
-            return f"{x:.{digits}f}"
-        return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
-    return str(x)
-
-
-def pm(value, se, digits: int | None = None, sign: bool = False) -> str:
-    if value is None:
-        return "-"
-    text = (f"{value:+.{digits}f}" if sign else num(value, digits)) if digits else num(value)
-    return text if se is None else f"{text} ± {num(se, digits)}"
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    def cell(c):
-        return (c if isinstance(c, str) else num(c)).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return out + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows] + [""]
-
-
-def gb(n) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def ms(s) -> str:
-    if s is None:
-        return "-"
-    return f"{num(s * 1e3)} ms" if s >= 1e-4 else f"{num(s * 1e6)} µs"
-
-
-def heading(title: str, d: dict) -> list[str]:
-    flags = [f for f in ("superseded", "partial") if f in d]
-    return [f"### {title}" + (f" ({', '.join(flags)})" if flags else ""), ""]
-
-
-# ------------------------------------------------------------------------------- per-file headers
-def source(name: str, d: dict, link: str) -> list[str]:
-    """What a table comes from: the file, whether it is superseded or partial, its conditions."""
-    out = [f"From [`benchmarks/results/{name}`]({link}).", ""]
-    for flag in ("superseded", "partial"):
-        if flag in d:
-            out += [f"**{flag.capitalize()}:** {d[flag]}", ""]
-    conds = [f"{k.replace('_', ' ')}: `{d[k]}`" for k in CONDITIONS if k in d and d[k] is not None]
-    return out + ([f"- {c}" for c in conds] + [""] if conds else [])
-
-
-def notes(d: dict, keys=("note", "finding", "wall_note")) -> list[str]:
-    return [line for k in keys if d.get(k) for line in (f"> *{k.replace('_', ' ')}:* {d[k]}", "")]
 
 
 # ---------------------------------------------------------------------------------------- the demo
@@ -137,6 +79,23 @@ def stages_table(stages: dict) -> list[str]:
                          v.get("baseline"), "wins" if better else "loses"])  # fmt: skip
     out = table(["stage", "held-out figure", "value", "baseline", "stage vs baseline"], rows)
     return out + [f"{wins} of {total} figures beat their baseline.", ""]
+
+
+def beside(d: dict, key: str, what: str) -> list[str]:
+    """The record's `identity` figures with those of the runs under `key` beside them, one
+    column per run (`replicates`: the same recipe elsewhere; `earlier`: earlier records, each
+    saying in `recipe` what differs), so one run is never read as the only outcome."""
+    runs = d.get(key) or []
+    if not (d.get("identity") and runs):
+        return []
+    name = lambda r: ", ".join(str(r[k]) for k in ("machine", "recipe") if r.get(k))
+    out = [f"{what} (`{key}`: "
+           + "; ".join(f"{i + 1}: commit {r.get('commit')}, {name(r)}" for i, r in enumerate(runs))
+           + "):", ""]  # fmt: skip
+    head = ["figure", f"this record ({d.get('commit')})", *map(str, range(1, len(runs) + 1))]
+    rows = [[k, d["identity"][k], *(r.get("identity", {}).get(k) for r in runs)]
+            for k in d["identity"]]  # fmt: skip
+    return out + table(head, rows)
 
 
 def demo(name: str, d: dict, link: str) -> list[str]:
@@ -194,15 +153,8 @@ def demo(name: str, d: dict, link: str) -> list[str]:
     if d.get("identity"):
         out += ["Identity figures (`identity`, issue 27):", ""]
         out += table(["figure", "value"], [[k, v] for k, v in d["identity"].items()])
-    reps = d.get("replicates") or []
-    if d.get("identity") and reps:  # the same recipe run elsewhere: its figures beside these
-        out += ["The same figures from other runs of the recipe (`replicates`: "
-                + "; ".join(f"{i + 1}: commit {r.get('commit')}, {r.get('machine', '')}"
-                            for i, r in enumerate(reps)) + "):", ""]  # fmt: skip
-        keys = list(d["identity"])
-        head = ["figure", f"this record ({d.get('commit')})", *map(str, range(1, len(reps) + 1))]
-        out += table(head, [[k, d["identity"][k], *(r.get("identity", {}).get(k) for r in reps)]
-                            for k in keys])  # fmt: skip
+    out += beside(d, "replicates", "The same figures from other runs of the recipe")
+    out += beside(d, "earlier", "The same figures from earlier records, another recipe")
     if report.get("stages"):
         out += [
             "Each stage's held-out figures against its own baselines (`report.json`, "

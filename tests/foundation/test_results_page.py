@@ -75,7 +75,7 @@ def test_a_minimal_demo_report_and_an_unknown_file_become_tables(tmp_path, capsy
     assert rp.main(["--results", str(results), "--out", str(out), "--check"]) == 0
 
 
-def test_a_demo_record_lists_its_replicates_figures_beside_its_own(tmp_path):
+def test_a_demo_record_lists_its_replicates_and_earlier_records_beside_its_own(tmp_path):
     """Another run of the same recipe (`replicates`, e.g. on another host) is shown figure by
     figure next to the record's own, so one run is never read as the recipe's only outcome."""
     rp = _script()
@@ -90,3 +90,15 @@ def test_a_demo_record_lists_its_replicates_figures_beside_its_own(tmp_path):
     assert "| figure | this record (def5678) | 1 |" in text
     assert "| fica_3dgs_psnr | 16.01 | 16.62 |" in text
     assert "| gap_closed | 0.68 | - |" in text  # a figure the replicate lacks
+    # an earlier record of another recipe: its own table, saying what differs
+    old = {"commit": "0ld0ld0", "machine": "host A", "recipe": "before the evidence path",
+           "identity": {"fica_3dgs_psnr": 15.5}}  # fmt: skip
+    (results / "demo_report_test.json").write_text(json.dumps(demo | {"earlier": [old]}))
+    text = rp.page(results, tmp_path / "docs" / "results.md")
+    assert (
+        "from earlier records, another recipe (`earlier`: 1: commit 0ld0ld0, host A, "
+        "before the evidence path)" in text
+    )
+    assert (
+        "| fica_3dgs_psnr | 16.01 | 15.5 |" in text and "| fica_3dgs_psnr | 16.01 | 16.62 |" in text
+    )
