@@ -31,7 +31,6 @@ from fica_jax.render.surfels import normal_maps
 MIN_TEXELS = 16  # fewer visible texels than this: the shading fit is not attempted
 RIDGE = 1e-3  # Tikhonov weight on the shading fit's normal equations, relative to their trace
 FACING = (0.15, 0.5)  # |cos| between normal and view ray: weight 0 below, 1 above (linear)
-EVIDENCE_CHANNELS = 7  # `evidence_cues`: albedo x weight, weight, weight x (albedo - texture)
 
 
 def _design(normals: jax.Array) -> jax.Array:
@@ -151,8 +150,8 @@ def delit_albedo(texture, geometry, mask, batch, cues, gain) -> tuple[jax.Array,
 
 
 def evidence_cues(texture, albedo, weight) -> jax.Array:
-    """The refiner's evidence channels [B, R, R, EVIDENCE_CHANNELS] from `delit_albedo`: the
-    albedo where it is trusted (x weight), the weight, and weight x (albedo - texture), the
-    update the evidence asks for."""
+    """The refiner's evidence cues [B, R, R, `models.refiner.EVIDENCE_CUES`] from
+    `delit_albedo`: the albedo where it is trusted (x weight), the weight, and weight x (albedo
+    - texture), the update the evidence asks for."""
     w = weight[..., None]
     return jnp.concatenate([albedo * w, w, w * (albedo - texture)], -1)

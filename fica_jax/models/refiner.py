@@ -48,6 +48,8 @@ from fica_jax import sharding as shd
 from fica_jax.models import layers, vae, vit
 
 Array = jax.Array
+# `infer.evidence.evidence_cues`: albedo x weight, weight, weight x (albedo - texture)
+EVIDENCE_CUES = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,8 @@ class RefinerConfig:
 
     @property
     def cues(self) -> int:
-        """Cue channels the refiner reads: `cue_channels`, plus the evidence's 7."""
-        return self.cue_channels + 7 * self.evidence
+        """Cue channels the refiner reads: `cue_channels`, plus the evidence's."""
+        return self.cue_channels + EVIDENCE_CUES * self.evidence
 
     def vit_config(self) -> vit.ViTConfig:
         base = vit.VARIANTS[self.vit]
@@ -237,6 +239,7 @@ class Refiner(nnx.Module):
         x = jnp.concatenate(parts, -1)
         d = self.delta(x, self.context(portrait, render)) * m
         if self.skip is not None:  # the evidence's own path to the texture (module doc)
+            # added as 2x into d (halved below): this form is the demo record's computation
             direct = vae._conv(self.skip, cues.astype(self.dtype)).astype(jnp.float32)
             d = d.at[..., :3].add(2 * direct * m)
         # adding an exact zero keeps the input maps bit for bit at init

@@ -88,7 +88,7 @@ def test_evidence_path_is_zero_at_init_and_then_adds_a_1x1_conv_of_the_cues():
     with only the skip conv non-zero the texture moves by exactly that conv of the cues, inside
     the UV mask, and the geometry not at all."""
     model = refiner.Refiner(EVIDENCE, rngs=nnx.Rngs(0))
-    assert EVIDENCE.cues == 14 and model.stem.kernel.shape[2] == 7 + 14
+    assert EVIDENCE.cues == 7 + refiner.EVIDENCE_CUES == 14 and model.stem.kernel.shape[2] == 7 + 14
     x = _inputs(b=2, cues=14)
     fwd = nnx.jit(lambda m, *a: m(*a))
     tex, geo = fwd(model, *x)
