@@ -246,15 +246,24 @@ def _portrait_batch(models, portrait, head_mask, size: int, mask, pose) -> dict:
             "portrait_offset": (offset * mask[..., None])[None]}  # fmt: skip
 
 
+def _delighting(ref: Exported) -> tuple[np.ndarray | None, float]:
+    """What the refiner's evidence and the transfer de-light the portrait with, from the
+    refiner export: the training portraits' shading level `stats.transfer_gain` [3] (None in
+    exports from before it) and the visibility tolerance of its config."""
+    gain = ref.meta["stats"].get("transfer_gain")
+    tol = float(ref.cfg.model.get("visibility_tolerance", 0.01))
+    return (None if gain is None else np.asarray(gain, np.float32)), tol
+
+
 def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
     ref = models["refiner"]
     s, n_kpts = int(ref.cfg.data.image_size), int(ref.cfg.data.landmarks)
     batch = _portrait_batch(models, portrait, head_mask, s, mask, pose)
     batch |= {"input_texture": texture, "input_geometry": geometry, "uv_mask": mask[None],
               "landmark_uv": np.zeros((1, n_kpts, 2), np.float32)}  # fmt: skip
-    if ref.model.cfg.evidence:  # the training portraits' shading level (`load_models` checks)
-        batch["exposure_gain"] = np.asarray(ref.meta["stats"]["transfer_gain"], np.float32)[None]
-    tol = float(ref.cfg.model.get("visibility_tolerance", 0.01))
+    gain, tol = _delighting(ref)
+    if ref.model.cfg.evidence:  # `load_models` checked that the export has the gain
+        batch["exposure_gain"] = gain[None]
     out = _refine_jit()(ref.model, {k: jnp.asarray(v) for k, v in batch.items()}, tol)
     return out["texture"], out["geometry"]
 
@@ -291,15 +300,14 @@ def _transfer(models, texture, geometry, mask, portrait, head_mask, pose):
     the refiner export's `transfer_gain` (exports from before it)."""
     from fica_jax.infer.transfer import transfer
 
-    gain = models["refiner"].meta["stats"].get("transfer_gain")
+    gain, tol = _delighting(models["refiner"])
     if gain is None:
         return None
     batch = _portrait_batch(models, portrait, head_mask, int(portrait.shape[0]), mask, pose)
     batch["landmark_uv"] = np.zeros((1, 1, 2), np.float32)
-    tol = float(models["refiner"].cfg.model.get("visibility_tolerance", 0.01))
-    out = transfer(jnp.asarray(texture), jnp.asarray(geometry), jnp.asarray(mask)[None],
-                   {k: jnp.asarray(v) for k, v in batch.items()},
-                   jnp.asarray(np.asarray(gain, np.float32)), tol)  # fmt: skip
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out = transfer(jnp.asarray(texture), jnp.asarray(geometry), jnp.asarray(mask)[None], batch,
+                   jnp.asarray(gain), tol)  # fmt: skip
     return out["texture"], out["weight"][0]
 
 
