@@ -57,6 +57,11 @@ def get_config(arg: str = "tiny"):
     # texture update (models/refiner.py `evidence`, infer/evidence.py). Measured at demo scale
     # (docs/architecture.md "What the refiner learns at this scale"); at paper scale untested.
     c.model.evidence = True
+    # `fica generate` fits the DiT's geometry to the portrait's landmarks in the training
+    # identities' shape space (fica_jax/geometry/shape_fit.py) and keeps this share of its part
+    # outside that space: at demo scale that part is noise (0, measured there); at paper scale
+    # the DiT's geometry should carry detail a few components cannot (1, unmeasured)
+    c.model.shape_fit_residual = 0.0 if arg == "tiny" else 1.0
     # the photometric loss renders the texture under the portrait's fitted shading
     # (stages/refiner.py portrait_shading): the texture stays albedo
     c.model.shaded_photo = True

@@ -270,9 +270,10 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
 
 def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | None, dict]:
     """`geometry.shape_fit` of the DiT's geometry [R, R, 3] to the portrait's landmarks (`pose`
-    as `_pose` gives it at `size` px) -> (the fitted geometry or None, info: why not, or the
-    landmarks used and their residual)."""
-    from fica_jax.geometry.shape_fit import fit_landmarks, replace_coordinates
+    as `_pose` gives it at `size` px), keeping the share of its part outside the shape space
+    that the refiner config's `model.shape_fit_residual` names -> (the fitted geometry or None,
+    info: why not, or the landmarks used and their residual)."""
+    from fica_jax.geometry.shape_fit import RESIDUAL, fit_landmarks, replace_coordinates
 
     st, landmarks = models["refiner"].stats, pose[3]
     key = template_key(models)
@@ -292,7 +293,8 @@ def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | No
     if fit is None:
         return None, {"skipped": "too few visible landmarks"}
     c, info = fit
-    return replace_coordinates(space, geometry, c) * mask[..., None], info
+    keep = float(models["refiner"].cfg.model.get("shape_fit_residual", RESIDUAL))
+    return replace_coordinates(space, geometry, c, keep) * mask[..., None], info
 
 
 def _transfer(models, texture, geometry, mask, portrait, head_mask, pose):

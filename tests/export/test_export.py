@@ -142,6 +142,45 @@ def test_generate_then_render_turntable_gif(bundle, tmp_path):
         assert im.n_frames == 36
 
 
+def test_generate_shape_fit_keeps_the_share_the_refiner_config_names(models_dir, synth_dir):
+    """`fica generate`'s landmark fit replaces the DiT geometry's coordinates in the exported
+    shape space and keeps `model.shape_fit_residual` of the rest: 0 (the tiny config) gives a
+    shape inside the space, 1 keeps the input's part outside it whole."""
+    import copy
+    import dataclasses
+
+    from data_pipelines.pipeline import open_source
+    from fica_jax.geometry.shape_fit import coordinates
+    from fica_jax.infer import generate as G
+
+    models = G.load_models(models_dir)
+    ref = models["refiner"]
+    assert ref.cfg.model.shape_fit_residual == 0.0
+    rec = open_source(synth_dir, "test")[0]
+    size = rec["view_image"].shape[1]
+    pose = {"K": rec["view_K"][0], "viewmat": rec["view_viewmat"][0],
+            "expression": rec["view_expression"][0], "landmarks": rec["view_kpts"][0],
+            "landmarks_visible": rec["view_kpts_visible"][0] > 0, "image_size": (size, size)}  # fmt: skip
+    cam = G._pose(models, None, pose, size)
+    space = {k: np.asarray(ref.stats[f"shape_{k}"], np.float32) for k in ("mean", "basis", "sd")}
+    mask = (np.abs(space["mean"]).sum(-1) > 0).astype(np.float32)
+    noise = np.random.default_rng(0).normal(size=space["mean"].shape) * 0.003 * mask[..., None]
+    geometry = (space["mean"] + noise).astype(np.float32)
+    outside = lambda g: g - space["mean"] - np.einsum(
+        "k,krsc->rsc", coordinates(space, g), space["basis"])  # fmt: skip
+    got = {}
+    for keep in (0.0, 1.0):
+        cfg = copy.deepcopy(ref.cfg)
+        cfg.model.shape_fit_residual = keep
+        m = models | {"refiner": dataclasses.replace(ref, cfg=cfg)}
+        got[keep], info = G._fit_shape(m, geometry, mask, cam, size)
+        assert info["landmarks"] >= 8, info
+    np.testing.assert_allclose(outside(got[0.0]) * mask[..., None], 0.0, atol=1e-6)
+    np.testing.assert_allclose(outside(got[1.0]), outside(geometry), atol=1e-6)
+    np.testing.assert_allclose(coordinates(space, got[0.0]), coordinates(space, got[1.0]), atol=1e-5)
+    assert np.abs(outside(geometry)).max() > 1e-3  # the input had a part outside to keep
+
+
 @pytest.mark.heavy
 def test_generate_bad_inputs_are_one_line(models_dir, portrait, tmp_path, capsys, monkeypatch):
     from fica_jax.infer import generate

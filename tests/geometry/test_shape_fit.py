@@ -1,9 +1,10 @@
 """`geometry/shape_fit.py`: the shape space is the training maps' principal components, the
 landmark fit recovers a known shape from exact landmarks and ignores the invisible ones,
-replacing coordinates keeps what lies outside the space, and on a held-out synthetic capture
+replacing coordinates keeps its share of what lies outside the space, and on a held-out synthetic capture
 the fitted geometry is closer to its own than the training mean shape is."""
 
 import numpy as np
+import pytest
 
 from data_pipelines.pipeline import open_source
 from data_pipelines.shards import read_metadata
@@ -89,7 +90,8 @@ def test_fit_recovers_a_known_shape_from_exact_landmarks_and_ignores_invisible_o
     assert fit_landmarks(space, np.zeros((R, R, 3)), uv, kpts, few, K, viewmat, 64) is None
 
 
-def test_replace_coordinates_keeps_what_lies_outside_the_space():
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.0])
+def test_replace_coordinates_keeps_its_share_of_what_lies_outside_the_space(keep):
     maps, mask = _space(np.random.default_rng(2))
     space = shape_space(maps, mask)
     outside = np.random.default_rng(3).normal(size=(R, R, 3)) * mask[..., None] * 0.01
@@ -97,10 +99,12 @@ def test_replace_coordinates_keeps_what_lies_outside_the_space():
     outside -= (flat.T @ (flat @ outside.ravel())).reshape(R, R, 3)  # orthogonal to the space
     geometry = maps[0] + outside
     c = np.arange(len(space["sd"]), dtype=np.float32) * 0.01
-    got = replace_coordinates(space, geometry, c)
+    got = replace_coordinates(space, geometry, c, keep)
     np.testing.assert_allclose(coordinates(space, got), c, atol=1e-5)
-    want = space["mean"] + np.einsum("k,krsc->rsc", c, space["basis"]) + outside
+    want = space["mean"] + np.einsum("k,krsc->rsc", c, space["basis"]) + keep * outside
     np.testing.assert_allclose(got, want, atol=1e-5)
+    if keep == 1.0:  # the default keeps it whole
+        np.testing.assert_array_equal(replace_coordinates(space, geometry, c), got)
 
 
 def test_on_a_held_out_capture_the_fit_beats_the_mean_shape(synth_dir):
