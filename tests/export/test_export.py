@@ -177,7 +177,9 @@ def test_generate_shape_fit_keeps_the_share_the_refiner_config_names(models_dir,
         assert info["landmarks"] >= 8, info
     np.testing.assert_allclose(outside(got[0.0]) * mask[..., None], 0.0, atol=1e-6)
     np.testing.assert_allclose(outside(got[1.0]), outside(geometry), atol=1e-6)
-    np.testing.assert_allclose(coordinates(space, got[0.0]), coordinates(space, got[1.0]), atol=1e-5)
+    np.testing.assert_allclose(
+        coordinates(space, got[0.0]), coordinates(space, got[1.0]), atol=1e-5
+    )
     assert np.abs(outside(geometry)).max() > 1e-3  # the input had a part outside to keep
 
 
