@@ -3,8 +3,10 @@
 fica data synth --out data/synth_ref --identities 64 --resolution 32 --image-size 32 --frames 1
 fica train refiner --config configs/refiner.py:tiny --workdir runs/ref \
     --config.data.dir=data/synth_ref
-# on the DiT's samples instead of corrupted ground truth (maps of both splits in one folder):
-#   fica sample --run runs/dit --data CACHE --split train --out runs/samples (and --split test)
+# on the DiT's samples instead of corrupted ground truth (maps of both splits in one folder),
+# their geometry fitted to the portraits' landmarks as `fica generate` fits it:
+#   fica sample --run runs/dit --data CACHE --split train --out runs/samples \
+#       --fit-shape data/synth_ref  (and --split test)
 #   ... --config.model.input_source=samples --config.model.samples_dir=runs/samples/maps
 # paper: 512^2 UV maps, 1024 px portraits, 50k steps at batch 128 (supplement)
 fica train refiner --config configs/refiner.py:paper --workdir gs://BUCKET/ref \

@@ -238,14 +238,19 @@ def plan(out: pathlib.Path, identities: int, seed: int, sizes: dict) -> list[Ste
     steps.append(Step("latent cache", cache / "metadata.json", latent_cache))
     steps += [train_step(n) for n in _DITS]
 
-    def dit_samples():  # what the refiner trains on: the DiT's maps of every portrait
+    def dit_samples():  # what the refiner trains on: the DiT's maps of every portrait, their
+        # geometry fitted to its landmarks as `fica generate` fits it before the refiner
         from fica_jax.commands.sample import sample_run
 
+        ref = ds.stage_cfg("refiner", data, sizes["steps"]["refiner"], sizes, ds.data_meta(data))
+        keep = float(ref.model.shape_fit_residual)
         got = {split: sample_run(runs / "dit", cache, samples / split, steps=sizes["sample_steps"],
-                                 split=split, maps=samples / "maps")
+                                 split=split, maps=samples / "maps", fit_shape=data,
+                                 fit_residual=keep)
                for split in ("train", "test")}  # fmt: skip
         write_json(samples / "done.json", got)
-        return {"dir": str(samples), **{f"{k}_identities": v["identities"] for k, v in got.items()}}
+        return {"dir": str(samples), **{f"{k}_identities": v["identities"] for k, v in got.items()},
+                **{f"{k}_fitted": v["shape_fit"]["fitted"] for k, v in got.items()}}  # fmt: skip
 
     samples = runs / "dit-samples"
     steps.append(Step("dit samples", samples / "done.json", dit_samples))

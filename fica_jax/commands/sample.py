@@ -33,9 +33,14 @@ def sample_run(
     ema: bool = True,
     maps: str | os.PathLike | None = None,
     temperature: float | None = None,
+    fit_shape: str | os.PathLike | None = None,
+    fit_residual: float | None = None,
 ) -> dict[str, float]:
     """`fica sample`: every identity of `split` in the cache; returns the mean metrics. The
-    maps go to `maps` (default OUT/maps: one folder can gather both splits for the refiner)."""
+    maps go to `maps` (default OUT/maps: one folder can gather both splits for the refiner).
+    `fit_shape`: the captures the cache was built from; each map's geometry is then fitted to
+    its portrait's landmarks as `fica generate` fits it before the refiner, keeping
+    `fit_residual` of its part outside the shape space (`infer.shape_samples`)."""
     from data_pipelines.latents import cache_metadata
     from fica_jax.train.checkpoint import load_model, load_run_config
 
@@ -75,6 +80,12 @@ def sample_run(
     result = {k: v / max(done, 1) for k, v in totals.items()}
     result.update(identities=done, steps=steps, cfg_scale=scale, temperature=temp, seed=seed,
                   split=split)  # fmt: skip
+    if fit_shape is not None:  # the metrics above are the DiT's own; the maps are then fitted
+        from fica_jax.geometry.shape_fit import RESIDUAL
+        from fica_jax.infer.shape_samples import fit_sample_maps
+
+        keep = RESIDUAL if fit_residual is None else float(fit_residual)
+        result["shape_fit"] = fit_sample_maps(maps, fit_shape, keep, splits=(split,))
     write_json(out / "metrics.json", result)
     return result
 
@@ -98,6 +109,13 @@ def add_commands(subparsers) -> None:
                    help="starting-noise scale (default: the run's model.temperature)")  # fmt: skip
     p.add_argument("--split", default="test")
     p.add_argument("--maps", default=None, help="where the .npy maps go (default OUT/maps)")
+    p.add_argument("--fit-shape", default=None, metavar="CAPTURES",
+                   help="fit each map's geometry to its portrait's landmarks in CAPTURES (the "
+                        "captures the cache was built from), as fica generate does before the "
+                        "refiner: maps the refiner trains on")  # fmt: skip
+    p.add_argument("--fit-residual", type=float, default=None,
+                   help="with --fit-shape: the share of the geometry outside the shape space kept "
+                        "(the refiner config's model.shape_fit_residual; default 0)")  # fmt: skip
     p.add_argument(
         "--no-ema", action="store_true", help="use the raw params even if the run keeps an EMA"
     )
@@ -114,6 +132,8 @@ def add_commands(subparsers) -> None:
             ema=not args.no_ema,
             maps=args.maps,
             temperature=args.temperature,
+            fit_shape=args.fit_shape,
+            fit_residual=args.fit_residual,
         )
         print(json.dumps(res, indent=2))
         return 0

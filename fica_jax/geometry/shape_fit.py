@@ -59,6 +59,9 @@ PRIOR = 0.1  # weight of the shape prior against the landmark residuals
 RESIDUAL = 0.0  # share of the input geometry's part outside the space that a fit keeps
 ITERS = 8  # Gauss-Newton steps
 MIN_LANDMARKS = 8  # fewer visible landmarks than this: no fit (the input geometry stays)
+# The refiner export's shape space: from at most this many training identities' geometry maps
+# (held in memory for one SVD: 3 GB at 512^2 texels), this many components.
+SHAPE_RECORDS, SHAPE_COMPONENTS = 1024, 32
 
 
 def shape_space(geometries: np.ndarray, mask: np.ndarray, max_components: int = 32) -> dict:

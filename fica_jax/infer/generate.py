@@ -268,20 +268,18 @@ def _refine(models, texture, geometry, mask, portrait, head_mask, pose):
     return out["texture"], out["geometry"]
 
 
-def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | None, dict]:
-    """`geometry.shape_fit` of the DiT's geometry [R, R, 3] to the portrait's landmarks (`pose`
-    as `_pose` gives it at `size` px), keeping the share of its part outside the shape space
-    that the refiner config's `model.shape_fit_residual` names -> (the fitted geometry or None,
-    info: why not, or the landmarks used and their residual)."""
-    from fica_jax.geometry.shape_fit import RESIDUAL, fit_landmarks, replace_coordinates
+def fit_shape(space: dict, key: str, geometry, mask, pose, size: int, keep: float
+              ) -> tuple[np.ndarray | None, dict]:  # fmt: skip
+    """`geometry.shape_fit` of a DiT geometry map [R, R, 3] to a portrait's landmarks in `space`
+    (`shape_space`) on head template `key`; `pose` as `_pose` gives it at `size` px; `keep`:
+    the share of the geometry's part outside the space kept -> (the fitted geometry or None,
+    info: why not, or the landmarks used and their residual). `fica generate` runs it before
+    the refiner, `infer.shape_samples` on the refiner's training maps."""
+    from fica_jax.geometry.shape_fit import fit_landmarks, replace_coordinates
 
-    st, landmarks = models["refiner"].stats, pose[3]
-    key = template_key(models)
-    if "shape_basis" not in st:
-        return None, {"skipped": "the refiner export has no shape space (re-export it)"}
+    landmarks = pose[3]
     if landmarks is None or not key:
         return None, {"skipped": "no landmarks" if key else "no head template"}
-    space = {k: np.asarray(st[f"shape_{k}"], np.float32) for k in ("mean", "basis", "sd")}
     if space["mean"].shape != geometry.shape:
         return None, {"skipped": f"shape space at {space['mean'].shape[0]} texels, maps at "
                                  f"{geometry.shape[0]}"}  # fmt: skip
@@ -293,8 +291,20 @@ def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | No
     if fit is None:
         return None, {"skipped": "too few visible landmarks"}
     c, info = fit
-    keep = float(models["refiner"].cfg.model.get("shape_fit_residual", RESIDUAL))
     return replace_coordinates(space, geometry, c, keep) * mask[..., None], info
+
+
+def _fit_shape(models, geometry, mask, pose, size: int) -> tuple[np.ndarray | None, dict]:
+    """`fit_shape` in the refiner export's shape space, keeping the share of the geometry's part
+    outside it that the refiner config's `model.shape_fit_residual` names."""
+    from fica_jax.geometry.shape_fit import RESIDUAL
+
+    ref = models["refiner"]
+    if "shape_basis" not in ref.stats:
+        return None, {"skipped": "the refiner export has no shape space (re-export it)"}
+    space = {k: np.asarray(ref.stats[f"shape_{k}"], np.float32) for k in ("mean", "basis", "sd")}
+    keep = float(ref.cfg.model.get("shape_fit_residual", RESIDUAL))
+    return fit_shape(space, template_key(models), geometry, mask, pose, size, keep)
 
 
 def _transfer(models, texture, geometry, mask, portrait, head_mask, pose):

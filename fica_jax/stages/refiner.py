@@ -63,7 +63,7 @@ from data_pipelines.pipeline import CaptureData, open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.errors import UserError
-from fica_jax.geometry.shape_fit import shape_space
+from fica_jax.geometry.shape_fit import SHAPE_COMPONENTS, SHAPE_RECORDS, shape_space
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.evidence import portrait_light, training_gain
 from fica_jax.infer.refine import refine, render_view
@@ -75,9 +75,6 @@ from fica_jax.train.stage import RenderCall, Stage
 
 _SIZE_KEYS = ("channels", "attn_levels", "heads", "groups", "vit", "vit_patch")
 INPUT_SOURCES = ("corrupt", "samples", "mix")
-# The exported shape space (`geometry.shape_fit`): from at most this many training identities'
-# geometry maps (held in memory for one SVD: 3 GB at 512^2 texels), this many components.
-SHAPE_RECORDS, SHAPE_COMPONENTS = 1024, 32
 
 
 def refiner_config(cfg: ml_collections.ConfigDict) -> RefinerConfig:

@@ -101,7 +101,7 @@ def test_cache_from_another_vae_is_refused(cache, synth_dir, tmp_path, capsys):
 
 
 @pytest.mark.heavy
-def test_train_then_sample_held_out(cache, tmp_path):
+def test_train_then_sample_held_out(cache, synth_dir, tmp_path):
     _, _, out = cache
     run = tmp_path / "dit"
     assert _train_dit(run, out, "--config.train.steps=2", "--config.train.eval_every=2") == 0
@@ -146,6 +146,17 @@ def test_train_then_sample_held_out(cache, tmp_path):
     tex = np.load(res_dir / "maps" / f"{name}_texture.npy")
     assert tex.shape == (32, 32, 3) and 0 <= tex.min() and tex.max() <= 1
     assert (res_dir / "sample_000.png").is_file()
+    # --fit-shape: the same sample's geometry fitted to its portrait's landmarks in the captures'
+    # shape space (infer/shape_samples.py), the maps the refiner trains on
+    fit_dir = tmp_path / "fitted"
+    argv = ["sample", "--run", str(run), "--data", str(out), "--out", str(fit_dir), "--steps", "3",
+            "--cfg", "2.0", "--fit-shape", str(synth_dir)]  # fmt: skip
+    assert main(argv) == 0
+    fit = json.loads((fit_dir / "metrics.json").read_text())["shape_fit"]
+    assert fit["fitted"] == 1 and not fit["skipped"] and fit["rms_px"] < 2.0
+    raw, moved = (np.load(d / "maps" / f"{name}_geometry.npy") for d in (res_dir, fit_dir))
+    assert not np.allclose(raw, moved)
+    np.testing.assert_array_equal(np.load(fit_dir / "maps" / f"{name}_texture.npy"), tex)
 
 
 def test_every_view_of_a_training_identity_as_its_portrait(pipeline, synth_dir, tmp_path, capsys):
