@@ -8,11 +8,11 @@ than anything it trained on (0.4 vs 0.8 px off in the portrait), and its geometr
 it away again. Trained on fitted maps (7 held-out identities x 2 samples, the demo's run): dome
 frames 16.19 vs 16.18 dB, visible texels 19.64 vs 19.47, geometry RMS error 3.4 vs 3.6 mm.
 
-A training identity is fitted in the shape space of the training identities outside its fold, never
-its own shape: `fica generate` fits a new face in a space that does not hold it, and at the demo's
-21 identities a space holding the face itself fits it far better than any new one (`FOLDS`; with
-fewer identities than that, leave-one-out). A held-out identity is fitted in the whole training
-space, as the refiner's export holds it.
+A training identity is fitted in the shape space of the training identities outside its fold,
+never with its own shape in it: `fica generate` fits a new face in a space that does not hold
+it, and a space that holds the face can express it exactly, which it cannot do for a new one
+(`FOLDS`; with fewer identities than that, leave-one-out). A held-out identity is fitted in the
+whole training space, as the refiner's export holds it.
 """
 
 from __future__ import annotations
