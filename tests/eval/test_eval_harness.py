@@ -131,14 +131,16 @@ def test_torch_backend_agrees_with_jax(report, pipeline, synth_dir, lpips_dir, t
 
 def test_several_samples_average_per_identity(pipeline, synth_dir, tmp_path):
     """`samples=2`: every method is scored on seeds 0 and 1; the tables average both; only the
-    generated rows change with the seed."""
+    generated rows can change with the seed."""
     rep = evaluate(pipeline["models"], synth_dir, tmp_path, steps=2, frames=1, limit=1, samples=2,
                    progress=False)  # fmt: skip
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["table"] == "frames"]
     by = {(r["method"], r["sample"]): float(r["psnr"]) for r in rows}
     assert {k for _, k in by} == {"0", "1"} and len(by) == len(rows)
-    assert by[("mean", "0")] == by[("mean", "1")] and by[("3dgs", "0")] != by[("3dgs", "1")]
+    # the DiT's own maps change with the seed (the fitted ones may not here: with the fit's
+    # residual share 0 the geometry is the landmarks' alone, and an untrained UPM ignores colour)
+    assert by[("mean", "0")] == by[("mean", "1")] and by[("abl_emb", "0")] != by[("abl_emb", "1")]
     main_rows = {r["method"]: r for r in rep["tables"]["main"]}
     want = (by[("3dgs", "0")] + by[("3dgs", "1")]) / 2
     assert main_rows["3dgs"]["psnr"] == pytest.approx(want, abs=1e-5)
