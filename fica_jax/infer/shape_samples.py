@@ -34,6 +34,26 @@ def record_pose(rec) -> tuple:
     return get("K"), get("viewmat"), get("expression"), (get("kpts"), get("kpts_visible") > 0)
 
 
+def training_geometries(train) -> tuple[np.ndarray, np.ndarray]:
+    """The training captures' geometry maps a shape space is built from (the first
+    `SHAPE_RECORDS`, [N, R, R, 3]) and the atlas mask of the first [R, R]."""
+    from fica_jax.geometry.shape_fit import SHAPE_RECORDS
+
+    n = min(len(train), SHAPE_RECORDS)
+    geos = np.stack([np.asarray(train[i]["uv_geometry"], np.float32) for i in range(n)])
+    return geos, np.asarray(train[0]["uv_mask"])
+
+
+def space_at(geometries: np.ndarray, atlas: np.ndarray, r: int) -> dict:
+    """`shape_space` of geometry maps resized to r texels: the refiner export's
+    (`stages.refiner.export_stats`) and each fold's of `fit_sample_maps`."""
+    from data_pipelines import transforms as T
+    from fica_jax.geometry.shape_fit import SHAPE_COMPONENTS, shape_space
+
+    g = np.stack([T.resize_uv(x, r) for x in geometries])
+    return shape_space(g, T.resize_uv(atlas, r), SHAPE_COMPONENTS)
+
+
 def fit_sample_maps(maps: str | os.PathLike, captures: str | os.PathLike, keep: float,
                     splits=("train", "test")) -> dict:  # fmt: skip
     """Rewrites `maps`/<identity>_geometry.npy of every identity of `splits` in the captures
@@ -45,16 +65,14 @@ def fit_sample_maps(maps: str | os.PathLike, captures: str | os.PathLike, keep: 
     from data_pipelines.pipeline import open_source
     from data_pipelines.shards import dataset_template
     from fica_jax.geometry import template_store
-    from fica_jax.geometry.shape_fit import SHAPE_COMPONENTS, SHAPE_RECORDS, shape_space
     from fica_jax.infer.generate import fit_shape
 
     maps = pathlib.Path(maps)
     head = dataset_template(captures)
     key = template_store.key(head) if head is not None else ""
     train = open_source(captures, "train")
-    n = min(len(train), SHAPE_RECORDS)
-    geos = np.stack([np.asarray(train[i]["uv_geometry"], np.float32) for i in range(n)])
-    atlas = np.asarray(train[0]["uv_mask"])  # as the refiner's export builds its space
+    geos, atlas = training_geometries(train)  # as the refiner's export builds its space
+    n = len(geos)
     fold_of = {str(train[i]["identity"]): i % min(n, FOLDS) for i in range(n)}
     spaces: dict = {}
 
@@ -62,8 +80,7 @@ def fit_sample_maps(maps: str | os.PathLike, captures: str | os.PathLike, keep: 
         fold = fold_of.get(name, -1)  # -1: not a training identity, the whole space
         if (fold, r) not in spaces:
             rows = [i for i in range(n) if i % min(n, FOLDS) != fold]
-            g = np.stack([T.resize_uv(x, r) for x in geos[rows]])
-            spaces[fold, r] = shape_space(g, T.resize_uv(atlas, r), SHAPE_COMPONENTS)
+            spaces[fold, r] = space_at(geos[rows], atlas, r)
         return spaces[fold, r]
 
     fitted, skipped, rms = 0, {}, []

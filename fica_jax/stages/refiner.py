@@ -63,10 +63,10 @@ from data_pipelines.pipeline import CaptureData, open_source
 from data_pipelines.shards import template_stats
 from fica_jax import config
 from fica_jax.errors import UserError
-from fica_jax.geometry.shape_fit import SHAPE_COMPONENTS, SHAPE_RECORDS, shape_space
 from fica_jax.geometry.uvmaps import uv_laplacian
 from fica_jax.infer.evidence import portrait_light, training_gain
 from fica_jax.infer.refine import refine, render_view
+from fica_jax.infer.shape_samples import space_at, training_geometries
 from fica_jax.models.refiner import VARIANTS, Refiner, RefinerConfig
 from fica_jax.preview import write_step_sheet
 from fica_jax.quality import image as metrics
@@ -406,11 +406,7 @@ def export_stats(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
     except (UserError, OSError):  # no training captures beside the run: no transfer, no fit
         return stats, arrays
     gain = training_gain(str(cfg.data.dir))
-    r = int(cfg.data.uv_resolution)
-    geo = lambda i: T.resize_uv(np.asarray(src[i]["uv_geometry"], np.float32), r)
-    geometries = np.stack([geo(i) for i in range(min(len(src), SHAPE_RECORDS))])
-    mask = T.resize_uv(np.asarray(src[0]["uv_mask"]), r)
-    space = shape_space(geometries, mask, SHAPE_COMPONENTS)
+    space = space_at(*training_geometries(src), int(cfg.data.uv_resolution))
     arrays = arrays | {f"stats.shape_{k}": v for k, v in space.items()}
     return stats | {"transfer_gain": [float(g) for g in gain]}, arrays
 
